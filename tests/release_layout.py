@@ -30,14 +30,19 @@ def real_vocab_file(name):
 
 
 def random_checkpoint_tensors(n_layer, n_embd, n_ctx=1024, seed=0):
-    """{checkpoint variable name: float32 array} in the release's shapes. Gains and biases are random too,
-    so a loader that swapped or dropped one would be caught."""
+    """{checkpoint variable name: float32 array} in the release's shapes.
+
+    The embeddings use GPT-2's initialization scale (std 0.02), so logits are a few units in size. The block
+    weights keep the variance of their inputs (std 1/sqrt(n_in)): each block then moves the residual stream as
+    much as the embeddings do, and greedy generation does more than repeat the prompt's last token. Layer norm
+    gains and all biases are random too, so a loader that swapped or dropped one would be caught.
+    """
     rng = np.random.default_rng(seed)
 
     def normal(*shape, mean=0.0, std=0.02):
         return (mean + std * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
 
-    tensors = {"model/wte": normal(N_VOCAB, n_embd, std=0.1), "model/wpe": normal(n_ctx, n_embd, std=0.05),
+    tensors = {"model/wte": normal(N_VOCAB, n_embd), "model/wpe": normal(n_ctx, n_embd, std=0.05),
                "model/ln_f/g": normal(n_embd, mean=1.0, std=0.1), "model/ln_f/b": normal(n_embd, std=0.1)}
     for i in range(n_layer):
         h = f"model/h{i}"
@@ -46,7 +51,7 @@ def random_checkpoint_tensors(n_layer, n_embd, n_ctx=1024, seed=0):
             tensors[f"{h}/{ln}/b"] = normal(n_embd, std=0.1)
         for name, n_in, n_out in (("attn/c_attn", n_embd, 3 * n_embd), ("attn/c_proj", n_embd, n_embd),
                                   ("mlp/c_fc", n_embd, 4 * n_embd), ("mlp/c_proj", 4 * n_embd, n_embd)):
-            tensors[f"{h}/{name}/w"] = normal(1, n_in, n_out, std=0.1 / np.sqrt(n_in))
+            tensors[f"{h}/{name}/w"] = normal(1, n_in, n_out, std=1 / np.sqrt(n_in))
             tensors[f"{h}/{name}/b"] = normal(n_out, std=0.05)
     return tensors
 
@@ -75,7 +80,10 @@ def write_model_dir(model_dir, n_layer, n_embd, n_head, n_ctx=1024, seed=0, pref
 
 
 def hf_model(tensors, hparams):
-    """HF transformers' GPT2LMHeadModel holding the same weights (gelu_new: GPT-2's tanh GELU)."""
+    """HF transformers' GPT2LMHeadModel holding the same weights (gelu_new: GPT-2's tanh GELU).
+
+    tensors: by checkpoint name ("model/h0/attn/c_attn/w", [1, in, out]) or as utils.load_params gives them.
+    """
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -89,7 +97,7 @@ def hf_model(tensors, hparams):
         path = [f"h.{p[1:]}" if p.startswith("h") else p for p in path]  # h3 -> h.3
         leaf = {"g": "weight", "w": "weight", "b": "bias"}.get(leaf, f"{leaf}.weight")  # wte -> wte.weight
         key = ".".join(["transformer", *path, leaf])
-        state[key] = torch.from_numpy(array[0] if array.ndim == 3 else array)  # HF's Conv1D is [in, out] too
+        state[key] = torch.from_numpy(np.array(array[0] if array.ndim == 3 else array))  # HF's Conv1D is [in, out] too
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     model.tie_weights()

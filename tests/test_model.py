@@ -49,6 +49,6 @@ def test_greedy_tokens_match_hf(loaded):
         out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                           max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
     expected = out[0, len(ids):].tolist()
-    assert len(expected) == 20
+    assert len(expected) == 20 and len(set(expected)) >= 5  # a degenerate model would make this test weak
     assert gpt2.generate(ids, params, hparams["n_head"], 20) == expected
     assert gpt2_pico.generate(ids, params, hparams["n_head"], 20) == expected

@@ -1,0 +1,182 @@
+"""Speed and memory of gpt2.py, measured side by side in one run against its peers and the hardware ceiling.
+
+    python bench.py [--models_dir DIR] [--new_tokens 100] [--skip_hf] [--skip_pico]
+
+It writes a checkpoint with GPT-2 124M's shapes and random weights, in OpenAI's release layout, under
+--models_dir (default: a folder in the system temp dir; OpenAI's weights are not needed), then prints:
+- decode tok/s (greedy, 10-token prompt, --new_tokens new tokens, prefill excluded) for gpt2.py with its KV
+  cache, for gpt2_pico.py (no cache, recomputes the sequence every token) and for HF transformers on PyTorch
+  with its KV cache;
+- the hardware ceiling: the best tok/s that streaming all the weights through a float32 GEMV allows;
+- time to read a 1000-token prompt (prefill), gpt2.py vs HF;
+- wall time and peak RSS of a whole `python gpt2.py ... --n_tokens_to_generate 1` process, cold (first run:
+  TensorFlow reads the checkpoint) and warm (converted params mapped from disk).
+Every figure is the best of a few repetitions; the machine is shared, so only ratios taken in one run mean much.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import gpt2
+import gpt2_pico
+from encoder import get_encoder
+from utils import load_params, nest
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PROMPT = "Alan Turing theorized that computers would one day become"
+MODEL = "bench-124M"
+
+
+def best_time(fn, repeat=3):
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def decode_rate(generate, new_tokens, repeat=3):
+    """tok/s of the decode steps alone: generating 1 + new_tokens minus generating 1 cancels the prefill."""
+    generate(2)  # warm-up
+    return new_tokens / (best_time(lambda: generate(1 + new_tokens), repeat) - best_time(lambda: generate(1), repeat))
+
+
+def gemv_seconds(weight_bytes, n_embd):
+    """A function timing one float32 matrix-vector product over a weight-sized matrix, the faster of the two
+    orientations: the least time that streaming every weight once can take."""
+    w = np.full((weight_bytes // 4 // n_embd, n_embd), 0.5, dtype=np.float32)
+    w_t = np.ascontiguousarray(w.T)
+    x = np.ones(n_embd, dtype=np.float32)
+    return lambda: min(best_time(lambda: w @ x, 5), best_time(lambda: x @ w_t, 5))
+
+
+# Runs a command and reports its wall time and peak RSS. It runs in a fresh, small Python process because Linux
+# carries a parent's peak RSS over into a forked child's rusage: forking the CLI straight from this process
+# would report this process's memory, not the CLI's.
+MEASURE = """
+import os, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(time.perf_counter() - start, usage.ru_maxrss * 1024,  # KiB on Linux
+      os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_cli(models_dir):
+    """Wall seconds and peak RSS bytes of one whole CLI process generating one token."""
+    cmd = [sys.executable, os.path.join(ROOT, "gpt2.py"), PROMPT, "--n_tokens_to_generate", "1",
+           "--model_size", MODEL, "--models_dir", models_dir]
+    result = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True)
+    wall, rss, code = result.stdout.split()[-3:]
+    if code != "0":
+        sys.exit(f"bench: {' '.join(cmd)} failed: {result.stderr}")
+    return float(wall), int(rss)
+
+
+def hf_generator(flat, hparams, ids):
+    import torch
+
+    from tests.release_layout import hf_model
+
+    torch.set_num_threads(os.cpu_count())
+    model = hf_model(flat, hparams)
+    x = torch.tensor([ids])
+
+    def generate(n):
+        with torch.no_grad():
+            return model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, use_cache=True, pad_token_id=0)
+    return generate
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models_dir", default=os.path.join(tempfile.gettempdir(), "gpt2-bench"))
+    parser.add_argument("--new_tokens", type=int, default=100)
+    parser.add_argument("--skip_hf", action="store_true", help="do not compare with HF transformers")
+    parser.add_argument("--skip_pico", action="store_true", help="do not time the slow no-cache path")
+    args = parser.parse_args()
+
+    from tests.release_layout import write_model_dir
+
+    model_dir = os.path.join(args.models_dir, MODEL)
+    shape = dict(n_layer=12, n_embd=768, n_head=12)
+    if not os.path.exists(os.path.join(model_dir, "checkpoint")):
+        print(f"writing a random-weight checkpoint with 124M's shapes to {model_dir}", file=sys.stderr)
+        write_model_dir(model_dir, **shape)
+    def report(name, value, note=""):
+        print(f"{name:44s} {value:>12s}  {note}", flush=True)
+
+    forced = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
+    print(f"numpy {np.__version__}, {os.cpu_count()} cores" + (f"; BLAS kernels forced by {forced}" if forced else ""))
+
+    # Whole-process start-up first, while nothing else holds memory.
+    shutil.rmtree(os.path.join(model_dir, "numpy-params"), ignore_errors=True)
+    cold_wall, cold_rss = run_cli(args.models_dir)
+    warm_wall, warm_rss = run_cli(args.models_dir)
+
+    with open(os.path.join(model_dir, "hparams.json"), encoding="utf-8") as f:
+        hparams = json.load(f)
+    n_head, n_embd = hparams["n_head"], hparams["n_embd"]
+    flat = load_params(model_dir, hparams["n_layer"])
+    weight_bytes = sum(a.nbytes for a in flat.values())
+    params = nest(flat, hparams["n_layer"])
+    encoder = get_encoder(MODEL, args.models_dir)
+    ids = encoder.encode(PROMPT)
+
+    # The ceiling and our decode are measured in alternation, best of three rounds each, so that a busy moment
+    # on a shared machine does not land on one side only.
+    gemv = gemv_seconds(weight_bytes, n_embd)
+    ours, ceiling = 0.0, 0.0
+    for _ in range(3):
+        ceiling = max(ceiling, 1 / gemv())
+        ours = max(ours, decode_rate(lambda n: gpt2.generate(ids, params, n_head, n), args.new_tokens, repeat=1))
+    gbps = ceiling * weight_bytes / 1e9
+    report("hardware ceiling (float32 GEMV)", f"{ceiling:.1f} tok/s",
+           f"{gbps:.1f} GB/s over {weight_bytes / 1e6:.0f} MB of weights")
+    report("gpt2.py decode (KV cache)", f"{ours:.1f} tok/s", f"{ours / ceiling:.0%} of ceiling (target >= 80%)")
+
+    hf_generate = None
+    if not args.skip_hf:
+        try:
+            hf_generate = hf_generator(flat, hparams, ids)
+        except ImportError as e:
+            print(f"HF transformers not compared: {e}", file=sys.stderr)
+    if hf_generate:
+        hf = decode_rate(hf_generate, args.new_tokens)
+        report("HF transformers decode (KV cache)", f"{hf:.1f} tok/s", f"gpt2.py is {ours / hf:.2f}x (target >= 1.5x)")
+
+    if not args.skip_pico:
+        pico_seconds = best_time(lambda: gpt2_pico.generate(ids, params, n_head, args.new_tokens), repeat=1)
+        ours_seconds = best_time(lambda: gpt2.generate(ids, params, n_head, args.new_tokens))
+        report(f"gpt2_pico.py, no cache, {args.new_tokens} tokens", f"{args.new_tokens / pico_seconds:.1f} tok/s",
+               f"gpt2.py is {pico_seconds / ours_seconds:.1f}x (target >= 20x)")
+
+    long_prompt = list(np.random.default_rng(0).integers(0, hparams["n_vocab"], 1000))
+    ours_prefill = best_time(lambda: gpt2.generate(long_prompt, params, n_head, 1))
+    report("gpt2.py prefill, 1000 tokens", f"{ours_prefill:.2f} s")
+    if hf_generate:
+        hf_long = hf_generator(flat, hparams, long_prompt)
+        hf_prefill = best_time(lambda: hf_long(1))
+        report("HF transformers prefill, 1000 tokens", f"{hf_prefill:.2f} s",
+               f"gpt2.py takes {ours_prefill / hf_prefill:.2f}x HF's time (target <= 1)")
+
+    report("CLI, 1 token, cold (TensorFlow)", f"{cold_wall:.2f} s", f"peak RSS {cold_rss / 1e6:.0f} MB")
+    report("CLI, 1 token, warm (mapped .npy)", f"{warm_wall:.2f} s",
+           f"{warm_wall / cold_wall:.2f}x cold (target <= 0.35x); peak RSS {warm_rss / 1e6:.0f} MB = "
+           f"{warm_rss / weight_bytes:.2f}x weights (target <= 1.3x)")
+
+
+if __name__ == "__main__":
+    main()

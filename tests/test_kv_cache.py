@@ -1,0 +1,69 @@
+"""The KV cache: same logits as recomputing everything, one position's work per step, float32 throughout."""
+import numpy as np
+import pytest
+
+import gpt2
+from utils import load_encoder_hparams_and_params
+
+
+@pytest.fixture(scope="module", params=["tiny_model", "wide_model"])
+def model(request):
+    m = request.getfixturevalue(request.param)
+    encoder, hparams, params = load_encoder_hparams_and_params(m.name, m.models_dir)
+    return encoder, hparams, params
+
+
+def test_cached_logits_match_uncached_at_every_step_of_50(model):
+    encoder, hparams, params = model
+    n_head = hparams["n_head"]
+    ids = encoder.encode("Alan Turing theorized that computers would one day become")
+    kv_cache = gpt2.new_kv_cache(params, n_head, capacity=len(ids) + 50)
+    logits = gpt2.gpt2(ids, **params, n_head=n_head, kv_cache=kv_cache)  # the prompt, all positions
+    np.testing.assert_allclose(logits, gpt2.gpt2(ids, **params, n_head=n_head), atol=1e-5, rtol=0)
+    for step in range(50):
+        ids.append(int(np.argmax(logits[-1])))
+        logits = gpt2.gpt2(ids[-1:], **params, n_head=n_head, kv_cache=kv_cache)
+        uncached = gpt2.gpt2(ids, **params, n_head=n_head)
+        assert logits.dtype == np.float32 and logits.shape == (1, hparams["n_vocab"])
+        diff = np.abs(logits[-1] - uncached[-1]).max()
+        assert diff <= 1e-5, f"step {step}: max |cached - uncached| = {diff}"
+    assert all(c.length == len(ids) for c in kv_cache)
+    assert all(c.keys.dtype == np.float32 and c.values.dtype == np.float32 for c in kv_cache)
+
+
+def test_generate_matches_recomputing_without_cache(model):
+    encoder, hparams, params = model
+    ids = encoder.encode("The meaning of life is")
+    expected = []
+    for _ in range(15):
+        expected.append(int(np.argmax(gpt2.gpt2(ids + expected, **params, n_head=hparams["n_head"])[-1])))
+    assert gpt2.generate(ids, params, hparams["n_head"], 15) == expected
+
+
+def test_long_prompt_read_in_chunks_matches_one_pass(tiny_model):
+    _, hparams, params = load_encoder_hparams_and_params(tiny_model.name, tiny_model.models_dir)
+    ids = list(np.random.default_rng(0).integers(0, hparams["n_vocab"], gpt2.PREFILL_CHUNK * 2 + 17))
+    expected = int(np.argmax(gpt2.gpt2(ids, **params, n_head=hparams["n_head"])[-1]))
+    assert gpt2.generate(ids, params, hparams["n_head"], 1) == [expected]
+
+
+def test_last_only_is_the_last_row(tiny_model):
+    _, hparams, params = load_encoder_hparams_and_params(tiny_model.name, tiny_model.models_dir)
+    ids = [464, 3139, 286, 1204, 318]
+    full = gpt2.gpt2(ids, **params, n_head=hparams["n_head"])
+    last = gpt2.gpt2(ids, **params, n_head=hparams["n_head"], last_only=True)
+    assert last.shape == (1, hparams["n_vocab"]) and last.dtype == np.float32
+    np.testing.assert_allclose(last[0], full[-1], atol=1e-6, rtol=0)
+
+
+def test_cache_writes_in_place_and_never_copies_history():
+    cache = gpt2.KVCache((2, 8, 4))
+    buffer = cache.keys
+    for step in range(8):
+        k = np.full((2, 1, 4), step, dtype=np.float32)
+        keys, values = cache.append(k, -k)
+        assert cache.keys is buffer and np.shares_memory(keys, buffer)  # views of one buffer, not copies
+        assert keys.shape == (2, step + 1, 4)
+    np.testing.assert_array_equal(cache.keys[0, :, 0], np.arange(8))
+    with pytest.raises(ValueError, match="holds 8 positions"):
+        cache.append(k, k)

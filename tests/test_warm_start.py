@@ -1,0 +1,80 @@
+"""Converted params kept beside the checkpoint: later runs map them without TensorFlow, and rebuild them
+whenever they no longer match the checkpoint."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import utils
+from tests.conftest import ROOT
+from tests.release_layout import write_model_dir
+
+CONVERTED = "numpy-params"
+
+
+@pytest.fixture
+def model_copy(tmp_path, tiny_model):
+    shutil.copytree(tiny_model.path, tmp_path / "tiny", ignore=shutil.ignore_patterns(CONVERTED))
+    return tmp_path
+
+
+def run_cli_without_tensorflow(models_dir):
+    """The real CLI, in a process where `import tensorflow` fails."""
+    blocker = os.path.join(models_dir, "no_tf")
+    os.makedirs(blocker, exist_ok=True)
+    with open(os.path.join(blocker, "tensorflow.py"), "w") as f:
+        f.write("raise ImportError('tensorflow was imported')\n")
+    env = {**os.environ, "PYTHONPATH": blocker}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "gpt2.py"), "Hello", "--n_tokens_to_generate", "3",
+                           "--model_size", "tiny", "--models_dir", str(models_dir)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_second_run_does_not_import_tensorflow(model_copy):
+    first = run_cli_without_tensorflow(model_copy)
+    assert first.returncode != 0 and "tensorflow was imported" in first.stderr  # the first run needs it
+    utils.load_encoder_hparams_and_params("tiny", str(model_copy))  # converts, with TensorFlow
+    second = run_cli_without_tensorflow(model_copy)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip()
+
+
+def test_converted_params_are_memory_mapped_float32(model_copy, tiny_model):
+    utils.load_encoder_hparams_and_params("tiny", str(model_copy))
+    _, _, params = utils.load_encoder_hparams_and_params("tiny", str(model_copy))
+    w = params["blocks"][0]["attn"]["c_attn"]["w"]
+    assert isinstance(w.base, np.memmap) and w.dtype == np.float32
+    np.testing.assert_array_equal(w, tiny_model.tensors["model/h0/attn/c_attn/w"][0])
+
+
+def load_wte(models_dir):
+    return utils.load_encoder_hparams_and_params("tiny", str(models_dir))[2]["wte"]
+
+
+def test_changed_checkpoint_is_converted_again(model_copy):
+    before = load_wte(model_copy).copy()
+    # a fine-tuning run overwrites the checkpoint in place
+    _, tensors = write_model_dir(str(model_copy / "tiny"), n_layer=2, n_embd=64, n_head=4, seed=7)
+    after = load_wte(model_copy)
+    np.testing.assert_array_equal(after, tensors["model/wte"])
+    assert not np.array_equal(after, before)
+
+
+@pytest.mark.parametrize("damage", ["truncate_npy", "delete_npy", "garbage_manifest", "delete_manifest"])
+def test_damaged_conversion_is_rebuilt_not_used(model_copy, tiny_model, damage):
+    load_wte(model_copy)
+    converted = model_copy / "tiny" / CONVERTED
+    npy = converted / "wte.npy"
+    if damage == "truncate_npy":
+        os.truncate(npy, os.path.getsize(npy) // 2)
+    elif damage == "delete_npy":
+        os.remove(npy)
+    elif damage == "garbage_manifest":
+        (converted / "manifest.json").write_text("{not json")
+    else:
+        os.remove(converted / "manifest.json")
+    np.testing.assert_array_equal(load_wte(model_copy), tiny_model.tensors["model/wte"])
+    assert os.path.getsize(npy) > tiny_model.tensors["model/wte"].nbytes  # rebuilt whole
