@@ -9,6 +9,7 @@ It writes a checkpoint with GPT-2 124M's shapes and random weights, in OpenAI's 
   with its KV cache;
 - the hardware ceiling: the best tok/s that streaming all the weights through a float32 GEMV allows;
 - time to read a 1000-token prompt (prefill), gpt2.py vs HF;
+- the time of 8 sampled continuations computed as one batch, against one;
 - wall time and peak RSS of a whole `python gpt2.py ... --n_tokens_to_generate 1` process, cold (first run:
   TensorFlow reads the checkpoint) and warm (converted params mapped from disk).
 Every figure is the best of a few repetitions; the machine is shared, so only ratios taken in one run mean much.
@@ -162,6 +163,14 @@ def main():
         ours_seconds = best_time(lambda: gpt2.generate(ids, params, n_head, args.new_tokens))
         report(f"gpt2_pico.py, no cache, {args.new_tokens} tokens", f"{args.new_tokens / pico_seconds:.1f} tok/s",
                f"gpt2.py is {pico_seconds / ours_seconds:.1f}x (target >= 20x)")
+
+    def sampled(n_samples):
+        return gpt2.generate(ids, params, n_head, args.new_tokens, temperature=1.0, seed=0, num_samples=n_samples)
+
+    sampled(8)  # warm-up
+    one, eight = best_time(lambda: sampled(1)), best_time(lambda: sampled(8))
+    report(f"8 samples vs 1, {args.new_tokens} tokens, sampled", f"{eight / one:.2f}x",
+           f"{one:.2f} s for 1, {eight:.2f} s for 8 in one batch (target <= 2x)")
 
     long_prompt = list(np.random.default_rng(0).integers(0, hparams["n_vocab"], 1000))
     ours_prefill = best_time(lambda: gpt2.generate(long_prompt, params, n_head, 1))

@@ -4,11 +4,18 @@ Every function takes its own weights by the names the checkpoint uses, so `**blo
 model and the params dict is the call tree. Shapes are commented where they change; n_seq is the number of
 positions, and any leading batch axes ride along untouched.
 """
+import codecs
+import functools
 import math
+import numbers
+import re
 import sys
 
 import fire
 import numpy as np
+
+import utils
+from encoder import get_encoder
 
 
 def gelu(x):
@@ -34,7 +41,9 @@ def layer_norm(x, g, b, eps=1e-5):
 
 
 def linear(x, w, b):  # [n_seq, n_in] -> [n_seq, n_out]
-    return x @ w + b
+    # One matrix product over every position of every sample: given a batch axis, NumPy would multiply
+    # sample by sample and read w from memory once per sample.
+    return (x.reshape(-1, x.shape[-1]) @ w + b).reshape(*x.shape[:-1], w.shape[-1])
 
 
 def ffn(x, c_fc, c_proj):  # [n_seq, n_embd] -> [n_seq, n_embd]
@@ -84,6 +93,14 @@ class KVCache:
         self.values[..., start:self.length, :] = v
         return self.keys[..., :self.length, :], self.values[..., :self.length, :]
 
+    def repeat(self, n_samples):  # [n_head, capacity, d_head] -> [n_samples, n_head, capacity, d_head]
+        """Copies of this history for n_samples continuations that will go their own ways."""
+        batched = KVCache((n_samples, *self.keys.shape))
+        batched.keys[..., :self.length, :] = self.keys[..., :self.length, :]
+        batched.values[..., :self.length, :] = self.values[..., :self.length, :]
+        batched.length = self.length
+        return batched
+
 
 def mha(x, c_attn, c_proj, n_head, cache=None):  # [n_seq, n_embd] -> [n_seq, n_embd]
     qkv = linear(x, **c_attn)  # [n_seq, n_embd] -> [n_seq, 3*n_embd]
@@ -106,7 +123,7 @@ def gpt2(inputs, wte, wpe, blocks, ln_f, n_head, kv_cache=None, last_only=False)
 
     kv_cache: optional list of one KVCache per block. With it, inputs are only the positions the caches have
     not seen yet; each call appends their keys and values, so generating a token costs one position's work.
-    last_only: return only the last position's logits ([1, n_vocab]), all that generation needs.
+    last_only: return only the last position's logits ([n_vocab]), all that generation needs.
     """
     inputs = np.asarray(inputs)
     start = kv_cache[0].length if kv_cache else 0
@@ -115,16 +132,44 @@ def gpt2(inputs, wte, wpe, blocks, ln_f, n_head, kv_cache=None, last_only=False)
     for block, cache in zip(blocks, kv_cache or [None] * len(blocks)):
         x = transformer_block(x, **block, n_head=n_head, cache=cache)
     if last_only:
-        x = x[..., -1:, :]  # [n_seq, n_embd] -> [1, n_embd]
+        x = x[..., -1, :]  # [n_seq, n_embd] -> [n_embd]
     x = layer_norm(x, **ln_f)
     # The output projection is the token embedding itself (weight tying): a logit is the similarity between
     # the final hidden state and a token's input vector.
     return x @ wte.T  # [n_seq, n_embd] -> [n_seq, n_vocab]
 
 
-def new_kv_cache(params, n_head, capacity, batch=()):
+def new_kv_cache(params, n_head, capacity):
     d_head = params["wte"].shape[1] // n_head
-    return [KVCache((*batch, n_head, capacity, d_head)) for _ in params["blocks"]]
+    return [KVCache((n_head, capacity, d_head)) for _ in params["blocks"]]
+
+
+def sample(logits, rngs, temperature=0.0, top_k=0, top_p=1.0):  # [n_samples, n_vocab] -> [n_samples]
+    """Each sample's next token: the most likely one when temperature is 0, otherwise a draw from
+    softmax(logits / temperature) restricted to the top_k most likely tokens (0: all) and then to the nucleus,
+    the fewest most likely tokens whose probabilities add up to top_p (1.0: all). Tokens tied with the last
+    one kept are kept too. Sample i draws one number from rngs[i], so it gets the same token whether it is
+    sampled alone or in a batch."""
+    if temperature == 0:
+        return np.argmax(logits, axis=-1)
+    logits = logits / temperature
+    if top_k:
+        kth_largest = np.partition(logits, -top_k, axis=-1)[:, -top_k, None]
+        logits = np.where(logits < kth_largest, -np.inf, logits)
+    probs = softmax(logits).astype(np.float64)  # float64: running sums over 50257 float32 values would drift
+    if top_p < 1.0:
+        descending = -np.sort(-probs, axis=-1)
+        n_before = np.sum(np.cumsum(descending, axis=-1) < top_p, axis=-1)  # tokens before the one reaching top_p
+        smallest_kept = np.take_along_axis(descending, np.minimum(n_before, probs.shape[-1] - 1)[:, None], axis=-1)
+        probs = np.where(probs < smallest_kept, 0.0, probs)
+    cdf = np.cumsum(probs, axis=-1)
+    draws = np.array([rng.random() for rng in rngs])[:, None] * cdf[:, -1:]
+    return np.minimum(np.sum(cdf <= draws, axis=-1), probs.shape[-1] - 1)  # first token whose cdf passes the draw
+
+
+def sampling_rngs(seed, n_samples):
+    """One independent random stream per sample; the same seed gives the same streams."""
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(n_samples)]
 
 
 # A long prompt is read into the cache this many positions at a time: each chunk attends only to the chunks
@@ -132,35 +177,169 @@ def new_kv_cache(params, n_head, capacity, batch=()):
 PREFILL_CHUNK = 256
 
 
-def generate(inputs, params, n_head, n_tokens_to_generate):
-    """Greedy decoding: append the most likely next token, n_tokens_to_generate times; returns the new ids."""
+def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperature=0.0, top_k=0, top_p=1.0):
+    """Yields the next token of each of len(rngs) samples of one prompt, step by step: [n_samples] ids.
+
+    The samples run as one batch: the prompt is read once, then every step is a single forward pass for all
+    of them, which costs little more than for one because decoding is bound by reading the weights.
+    """
     kv_cache = new_kv_cache(params, n_head, capacity=len(inputs) + n_tokens_to_generate)
     for start in range(0, len(inputs), PREFILL_CHUNK):
         logits = gpt2(inputs[start:start + PREFILL_CHUNK], **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
-    new_ids = []
-    for _ in range(n_tokens_to_generate):
-        if new_ids:  # every earlier position is in the cache: only the newest token goes through the model
-            logits = gpt2(new_ids[-1:], **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
-        new_ids.append(int(np.argmax(logits[-1])))
-    return new_ids
+    kv_cache = [cache.repeat(len(rngs)) for cache in kv_cache]  # from here on, each sample has its own history
+    logits = np.broadcast_to(logits, (len(rngs), logits.shape[-1]))  # [n_vocab] -> [n_samples, n_vocab]
+    for step in range(n_tokens_to_generate):
+        if step:  # every earlier position is in the cache: only the newest tokens go through the model
+            logits = gpt2(next_ids[:, None], **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
+        next_ids = sample(logits, rngs, temperature, top_k, top_p)
+        yield next_ids
 
 
-def main(prompt, n_tokens_to_generate=40, model_size="124M", models_dir="models"):
-    from utils import load_encoder_hparams_and_params
+def generate(inputs, params, n_head, n_tokens_to_generate, temperature=0.0, top_k=0, top_p=1.0, seed=None,
+             num_samples=None):
+    """The new ids: greedy by default (temperature 0), sampled otherwise (see `sample`). With num_samples=N,
+    a list of N such lists, computed as one batch."""
+    rngs = sampling_rngs(seed, num_samples or 1)
+    steps = list(generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperature, top_k, top_p))
+    samples = np.array(steps, dtype=np.int64).reshape(-1, len(rngs)).T.tolist()  # [n_steps, N] -> N lists
+    return samples if num_samples else samples[0]
 
-    encoder, hparams, params = load_encoder_hparams_and_params(model_size, models_dir)
-    input_ids = encoder.encode(prompt)
-    output_ids = generate(input_ids, params, hparams["n_head"], n_tokens_to_generate)
-    return encoder.decode(output_ids)
+
+ENDOFTEXT = 50256  # GPT-2's document separator; the official code also starts unconditional samples from it
+
+
+class UsageError(ValueError):
+    """An argument that cannot work; the command line prints the message and exits with 2."""
+
+
+def check(ok, message):
+    if not ok:
+        raise UsageError(message)
+
+
+def is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def read_prompt(prompt, prompt_file):
+    check(isinstance(prompt, str), f"the prompt must be text, got {prompt!r}")
+    if prompt_file is None:
+        return sys.stdin.read() if prompt == "-" else prompt
+    check(prompt == "", "give either a prompt or --prompt_file, not both")
+    try:
+        with open(prompt_file, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise UsageError(f"--prompt_file {prompt_file}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--prompt_file {prompt_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UsageError(f"--prompt_file {prompt_file}: {e.strerror}") from None
+
+
+def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="models", temperature=0.0, top_k=0,
+         top_p=1.0, seed=None, num_samples=1, stop_at_endoftext=False, prompt_file=None, *, stream=False):
+    """Continue a prompt with GPT-2.
+
+    Args:
+        prompt: the text to continue; "" generates unconditionally (from <|endoftext|>); "-" reads standard input
+        n_tokens_to_generate: how many tokens to add (at most the model's context, 1024, with the prompt)
+        model_size: 124M, 355M, 774M or 1558M (downloaded if missing), or a model folder under models_dir
+        models_dir: where model folders live
+        temperature: 0 picks the most likely token every time; above 0, samples from softmax(logits / temperature)
+        top_k: sample only from the top_k most likely tokens (0: no limit)
+        top_p: sample only from the fewest most likely tokens whose probabilities add up to top_p (1.0: no limit)
+        seed: makes sampling repeatable: the same seed gives the same text
+        num_samples: how many continuations of the prompt to generate, as one batch
+        stop_at_endoftext: end a sample when it generates <|endoftext|>
+        prompt_file: read the prompt from this UTF-8 file instead
+        stream: print the text to stdout as it is generated (the command line always does)
+    Returns:
+        The continuation, or a list of num_samples continuations if num_samples > 1.
+    """
+    check(is_int(n_tokens_to_generate) and n_tokens_to_generate >= 1,
+          f"--n_tokens_to_generate must be a whole number >= 1, got {n_tokens_to_generate!r}")
+    check(is_number(temperature) and temperature >= 0, f"--temperature must be a number >= 0, got {temperature!r}")
+    check(is_int(top_k) and top_k >= 0, f"--top_k must be a whole number >= 0 (0: off), got {top_k!r}")
+    check(is_number(top_p) and 0 < top_p <= 1, f"--top_p must be a number in (0, 1] (1: off), got {top_p!r}")
+    check(seed is None or (is_int(seed) and seed >= 0), f"--seed must be a whole number >= 0, got {seed!r}")
+    check(is_int(num_samples) and num_samples >= 1, f"--num_samples must be a whole number >= 1, got {num_samples!r}")
+    check(isinstance(stop_at_endoftext, bool), f"--stop_at_endoftext must be True or False, got {stop_at_endoftext!r}")
+    prompt = read_prompt(prompt, prompt_file)
+
+    model_dir = utils.prepare_model(model_size, models_dir)
+    encoder, hparams = get_encoder(model_size, models_dir), utils.load_hparams(model_dir)
+    input_ids = encoder.encode(prompt) or [ENDOFTEXT]
+    check(len(input_ids) + n_tokens_to_generate <= hparams["n_ctx"],
+          f"the prompt is {len(input_ids)} tokens and --n_tokens_to_generate is {n_tokens_to_generate}: "
+          f"together {len(input_ids) + n_tokens_to_generate}, more than the model's context of {hparams['n_ctx']}")
+    params = utils.nest(utils.load_params(model_dir, hparams["n_layer"]), hparams["n_layer"])
+
+    samples = [[] for _ in range(num_samples)]
+    finished = [False] * num_samples
+    text_so_far = encoder.stream_decoder()  # holds back a character until all of its bytes have arrived
+    steps = generate_steps(input_ids, params, hparams["n_head"], n_tokens_to_generate,
+                           sampling_rngs(seed, num_samples), temperature, top_k, top_p)
+    for next_ids in steps:
+        for i, token in enumerate(next_ids.tolist()):
+            if finished[i]:
+                continue
+            if stop_at_endoftext and token == ENDOFTEXT:
+                finished[i] = True  # the separator ends the sample; it is not part of its text
+                continue
+            samples[i].append(token)
+            if stream and num_samples == 1:
+                print(text_so_far.decode(encoder.decode_bytes([token])), end="", flush=True)
+        if all(finished):
+            break
+    texts = [encoder.decode(ids) for ids in samples]
+    if stream:
+        if num_samples == 1:
+            print(text_so_far.decode(b"", final=True))
+        else:  # the samples advance together, so each is printed whole, under its own heading
+            for i, text in enumerate(texts, 1):
+                print(f"{'=' * 30} sample {i} of {num_samples} {'=' * 30}\n{text}", flush=True)
+    return texts[0] if num_samples == 1 else texts
+
+
+def prompt_as_text(argv):
+    """fire would read the prompt 2024 as a number, 1,2 as a tuple and True as a bool. Handed over as a quoted
+    Python string instead, it reaches main exactly as typed. The prompt is the value of --prompt or else the
+    first argument that is not a flag or a flag's value (fire gives a flag without "=" the argument after it;
+    arguments after a lone "--" are fire's own)."""
+    argv = list(argv)
+    i = 0
+    while i < len(argv) and argv[i] != "--":
+        if argv[i].startswith("--prompt="):
+            argv[i] = "--prompt=" + repr(argv[i].removeprefix("--prompt="))
+            break
+        if argv[i] == "--prompt" and i + 1 < len(argv):
+            argv[i + 1] = repr(argv[i + 1])
+            break
+        if not re.match(r"--?[A-Za-z_]", argv[i]):  # not a flag: "-" (stdin) and "-5" are prompts too
+            argv[i] = repr(argv[i])
+            break
+        i += 1 if "=" in argv[i] else 2
+    return argv
 
 
 def cli():
-    from utils import ModelError
+    def print_as_generated(*args, **kwargs):
+        main(*args, **kwargs, stream=True)
 
+    functools.update_wrapper(print_as_generated, main)  # the same flags and --help as main
     try:
-        fire.Fire(main)
-    except ModelError as e:
-        sys.exit(f"error: {e}")  # one line on stderr and exit code 1, no traceback
+        fire.Fire(print_as_generated, command=prompt_as_text(sys.argv[1:]))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except utils.ModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

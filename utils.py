@@ -146,11 +146,21 @@ def load_params(model_dir, n_layer):
     return flat
 
 
-def load_encoder_hparams_and_params(model_size, models_dir):
+def prepare_model(model_size, models_dir):
+    """The model's folder, with a release model's files downloaded if they are missing."""
     model_dir = os.path.join(models_dir, model_size)
     if model_size in RELEASE_SIZES:
         download_release(model_size, model_dir)
-    encoder = get_encoder(model_size, models_dir)
+    return model_dir
+
+
+def load_hparams(model_dir):
     with open(os.path.join(model_dir, "hparams.json"), encoding="utf-8") as f:
-        hparams = json.load(f)
-    return encoder, hparams, nest(load_params(model_dir, hparams["n_layer"]), hparams["n_layer"])
+        return json.load(f)
+
+
+def load_encoder_hparams_and_params(model_size, models_dir):
+    model_dir = prepare_model(model_size, models_dir)
+    hparams = load_hparams(model_dir)
+    params = nest(load_params(model_dir, hparams["n_layer"]), hparams["n_layer"])
+    return get_encoder(model_size, models_dir), hparams, params
