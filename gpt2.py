@@ -208,13 +208,9 @@ def generate(inputs, params, n_head, n_tokens_to_generate, temperature=0.0, top_
 ENDOFTEXT = 50256  # GPT-2's document separator; the official code also starts unconditional samples from it
 
 
-class UsageError(ValueError):
-    """An argument that cannot work; the command line prints the message and exits with 2."""
-
-
 def check(ok, message):
     if not ok:
-        raise UsageError(message)
+        raise utils.UsageError(message)
 
 
 def is_int(value):
@@ -227,18 +223,19 @@ def is_number(value):
 
 def read_prompt(prompt, prompt_file):
     check(isinstance(prompt, str), f"the prompt must be text, got {prompt!r}")
-    if prompt_file is None:
-        return sys.stdin.read() if prompt == "-" else prompt
-    check(prompt == "", "give either a prompt or --prompt_file, not both")
+    if prompt_file is None and prompt != "-":
+        return prompt
+    check(prompt_file is None or prompt == "", "give either a prompt or --prompt_file, not both")
+    source = "the prompt on standard input" if prompt_file is None else f"--prompt_file {prompt_file}"
     try:
-        with open(prompt_file, encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise UsageError(f"--prompt_file {prompt_file}: no such file") from None
+        if prompt_file is None:
+            return sys.stdin.buffer.read().decode("utf-8")
+        with open(prompt_file, "rb") as f:
+            return f.read().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UsageError(f"--prompt_file {prompt_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise utils.UsageError(f"{source} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
     except OSError as e:
-        raise UsageError(f"--prompt_file {prompt_file}: {e.strerror}") from None
+        raise utils.UsageError(f"{source}: {e.strerror}") from None
 
 
 def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="models", temperature=0.0, top_k=0,
@@ -277,7 +274,7 @@ def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="mode
     check(len(input_ids) + n_tokens_to_generate <= hparams["n_ctx"],
           f"the prompt is {len(input_ids)} tokens and --n_tokens_to_generate is {n_tokens_to_generate}: "
           f"together {len(input_ids) + n_tokens_to_generate}, more than the model's context of {hparams['n_ctx']}")
-    params = utils.nest(utils.load_params(model_dir, hparams["n_layer"]), hparams["n_layer"])
+    params = utils.load_model_params(model_size, models_dir, hparams["n_layer"])
 
     samples = [[] for _ in range(num_samples)]
     finished = [False] * num_samples
@@ -334,12 +331,15 @@ def cli():
     functools.update_wrapper(print_as_generated, main)  # the same flags and --help as main
     try:
         fire.Fire(print_as_generated, command=prompt_as_text(sys.argv[1:]))
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except utils.UsageError as e:
+        sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
     except utils.ModelError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
+    except KeyboardInterrupt:  # downloads in flight keep only their .part files
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

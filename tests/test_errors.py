@@ -1,0 +1,120 @@
+"""Every bad input and broken model folder: one clear line on stderr, the right exit code, nothing half-loaded."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import gpt2
+import utils
+from tests.conftest import ROOT
+
+OFFLINE = {"GPT2_MODELS_URL": "http://127.0.0.1:9"}  # a download attempt would fail with a different message
+
+
+def run_cli(*args, stdin=None, models_dir=None):
+    cmd = [sys.executable, os.path.join(ROOT, "gpt2.py"), *args]
+    if models_dir:
+        cmd += ["--models_dir", str(models_dir)]
+    return subprocess.run(cmd, capture_output=True, input=stdin, env={**os.environ, **OFFLINE}, timeout=300)
+
+
+def assert_one_line_error(result, code, *fragments):
+    stderr = result.stderr.decode()
+    assert result.returncode == code, stderr
+    assert result.stdout == b""
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+BAD_ARGUMENTS = [
+    (["--n_tokens_to_generate", "0"], "--n_tokens_to_generate must be a whole number >= 1, got 0"),
+    (["--n_tokens_to_generate", "2.5"], "--n_tokens_to_generate must be a whole number >= 1, got 2.5"),
+    (["--temperature", "-1"], "--temperature must be a number >= 0, got -1"),
+    (["--temperature", "hot"], "--temperature must be a number >= 0, got 'hot'"),
+    (["--top_k", "-1"], "--top_k must be a whole number >= 0 (0: off), got -1"),
+    (["--top_p", "0"], "--top_p must be a number in (0, 1] (1: off), got 0"),
+    (["--top_p", "1.5"], "--top_p must be a number in (0, 1] (1: off), got 1.5"),
+    (["--num_samples", "0"], "--num_samples must be a whole number >= 1, got 0"),
+    (["--seed", "-3"], "--seed must be a whole number >= 0, got -3"),
+    (["--stop_at_endoftext", "maybe"], "--stop_at_endoftext must be True or False, got 'maybe'"),
+    (["--prompt_file", "/nonexistent/prompt.txt"], "--prompt_file /nonexistent/prompt.txt: No such file"),
+    (["--model_size", "../124M"], "--model_size must be a release size or the name of a folder in"),
+    (["--model_size", "a/b"], "not a path: got 'a/b'"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_bad_argument_is_one_line_exit_2_before_any_download(tmp_path, args, message):
+    assert_one_line_error(run_cli("Hello", *args, models_dir=tmp_path) if "--prompt_file" not in args
+                          else run_cli(*args, models_dir=tmp_path), 2, message)
+    assert not os.path.exists(tmp_path / "124M")  # nothing was downloaded or created
+
+
+@pytest.mark.parametrize("args, message", BAD_ARGUMENTS[:10], ids=[" ".join(a) for a, _ in BAD_ARGUMENTS[:10]])
+def test_library_callers_get_a_value_error_with_the_same_message(tmp_path, args, message):
+    name, value = args[0].removeprefix("--"), args[1]
+    try:
+        value = json.loads(value)
+    except ValueError:
+        pass
+    with pytest.raises(ValueError) as error:
+        gpt2.main("Hello", models_dir=str(tmp_path), **{name: value})
+    assert message in str(error.value)
+
+
+def test_prompt_and_prompt_file_together(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("hi")
+    assert_one_line_error(run_cli("Hello", "--prompt_file", str(path), models_dir=tmp_path), 2,
+                          "either a prompt or --prompt_file, not both")
+
+
+def test_non_utf8_prompt_file_and_stdin(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("café".encode("latin-1"))
+    assert_one_line_error(run_cli("--prompt_file", str(path), models_dir=tmp_path), 2, "is not UTF-8 text")
+    assert_one_line_error(run_cli("-", stdin="café".encode("latin-1"), models_dir=tmp_path), 2,
+                          "the prompt on standard input is not UTF-8 text")
+
+
+def test_prompt_too_long_names_the_numbers_and_the_limit(tiny_model):
+    result = run_cli(" ".join(["word"] * 1020), "--n_tokens_to_generate", "10", "--model_size", tiny_model.name,
+                     models_dir=tiny_model.models_dir)
+    assert_one_line_error(result, 2, "the prompt is 1020 tokens and --n_tokens_to_generate is 10: together 1030, "
+                                     "more than the model's context of 1024")
+
+
+def test_unknown_model_lists_release_sizes_and_local_folders(tmp_path, tiny_model):
+    shutil.copytree(tiny_model.path, tmp_path / "run1")
+    os.makedirs(tmp_path / "not-a-model")
+    result = run_cli("Hello", "--model_size", "run2", models_dir=tmp_path)
+    assert_one_line_error(result, 2, "unknown model 'run2'", "124M, 355M, 774M, 1558M", "(found: run1)")
+
+
+@pytest.fixture
+def local_model(tmp_path, tiny_model):
+    shutil.copytree(tiny_model.path, tmp_path / "run1", ignore=shutil.ignore_patterns("numpy-params"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: os.remove(d / "model.ckpt.index"), "model.ckpt.index missing"),
+    (lambda d: open(d / "vocab.bpe", "w").close(), "vocab.bpe empty"),
+    (lambda d: (d / "hparams.json").write_text("{"), "hparams.json not valid JSON"),
+    (lambda d: (d / "hparams.json").write_text('{"n_layer": 2}'), "hparams.json needs n_ctx, n_embd"),
+    (lambda d: (d / "checkpoint").write_text("nothing here"), "checkpoint names no checkpoint"),
+    (lambda d: os.truncate(d / "model.ckpt.data-00000-of-00001", 1000), "cannot read the checkpoint"),
+], ids=["missing index", "empty vocab", "bad hparams", "hparams keys", "bad checkpoint file", "truncated data"])
+def test_broken_local_model_is_reported_never_half_loaded(local_model, damage, message):
+    damage(local_model / "run1")
+    result = run_cli("Hello", "--model_size", "run1", models_dir=local_model)
+    assert_one_line_error(result, 1, f"{local_model / 'run1'}", message)
+    assert not os.path.exists(local_model / "run1" / "numpy-params")
+    with pytest.raises(utils.ModelError, match=message):
+        utils.load_encoder_hparams_and_params("run1", str(local_model))
