@@ -172,6 +172,8 @@ def sampling_rngs(seed, n_samples):
     return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(n_samples)]
 
 
+ENDOFTEXT = 50256  # GPT-2's document separator; the official code also starts unconditional samples from it
+
 # A long prompt is read into the cache this many positions at a time: each chunk attends only to the chunks
 # before it, so the masked-out half of the score matrix is never computed, and a chunk's arrays stay in cache.
 PREFILL_CHUNK = 256
@@ -181,8 +183,10 @@ def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperatu
     """Yields the next token of each of len(rngs) samples of one prompt, step by step: [n_samples] ids.
 
     The samples run as one batch: the prompt is read once, then every step is a single forward pass for all
-    of them, which costs little more than for one because decoding is bound by reading the weights.
+    of them, which reads the weights from memory once instead of once per sample.
     """
+    if len(inputs) == 0:
+        raise ValueError("inputs must hold at least one token; unconditional generation starts from [ENDOFTEXT]")
     kv_cache = new_kv_cache(params, n_head, capacity=len(inputs) + n_tokens_to_generate)
     for start in range(0, len(inputs), PREFILL_CHUNK):
         logits = gpt2(inputs[start:start + PREFILL_CHUNK], **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
@@ -203,9 +207,6 @@ def generate(inputs, params, n_head, n_tokens_to_generate, temperature=0.0, top_
     steps = list(generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperature, top_k, top_p))
     samples = np.array(steps, dtype=np.int64).reshape(-1, len(rngs)).T.tolist()  # [n_steps, N] -> N lists
     return samples if num_samples else samples[0]
-
-
-ENDOFTEXT = 50256  # GPT-2's document separator; the official code also starts unconditional samples from it
 
 
 def check(ok, message):
