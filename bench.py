@@ -35,28 +35,25 @@ PROMPT = "Alan Turing theorized that computers would one day become"
 MODEL = "bench-124M"
 
 
-def best_time(fn, repeat=3):
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def alternating_best(*fns, rounds=3):
+    """Each function's best wall time, running them in turn, round after round: a busy moment on a shared
+    machine then slows one round of every side, not one side."""
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
-def decode_rate(generate, new_tokens, repeat=3):
-    """tok/s of the decode steps alone: generating 1 + new_tokens minus generating 1 cancels the prefill."""
-    generate(2)  # warm-up
-    return new_tokens / (best_time(lambda: generate(1 + new_tokens), repeat) - best_time(lambda: generate(1), repeat))
-
-
-def gemv_seconds(weight_bytes, n_embd):
-    """A function timing one float32 matrix-vector product over a weight-sized matrix, the faster of the two
-    orientations: the least time that streaming every weight once can take."""
+def weight_sized_gemvs(weight_bytes, n_embd):
+    """Float32 matrix-vector products over a weight-sized matrix, in both orientations: the fastest one is
+    the least time that streaming every weight once can take."""
     w = np.full((weight_bytes // 4 // n_embd, n_embd), 0.5, dtype=np.float32)
     w_t = np.ascontiguousarray(w.T)
     x = np.ones(n_embd, dtype=np.float32)
-    return lambda: min(best_time(lambda: w @ x, 5), best_time(lambda: x @ w_t, 5))
+    return lambda: w @ x, lambda: x @ w_t
 
 
 # Runs a command and reports its wall time and peak RSS. It runs in a fresh, small Python process because Linux
@@ -85,16 +82,17 @@ def run_cli(models_dir):
     return float(wall), int(rss)
 
 
-def hf_generator(flat, hparams, ids):
+def hf_generator(flat, hparams):
+    """generate(ids, n): HF transformers' greedy generate with its KV cache, on the same weights, all cores."""
     import torch
 
     from tests.release_layout import hf_model
 
     torch.set_num_threads(os.cpu_count())
     model = hf_model(flat, hparams)
-    x = torch.tensor([ids])
 
-    def generate(n):
+    def generate(ids, n):
+        x = torch.tensor([ids])
         with torch.no_grad():
             return model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
                                   do_sample=False, use_cache=True, pad_token_id=0)
@@ -116,6 +114,7 @@ def main():
     if not os.path.exists(os.path.join(model_dir, "checkpoint")):
         print(f"writing a random-weight checkpoint with 124M's shapes to {model_dir}", file=sys.stderr)
         write_model_dir(model_dir, **shape)
+
     def report(name, value, note=""):
         print(f"{name:44s} {value:>12s}  {note}", flush=True)
 
@@ -136,50 +135,55 @@ def main():
     encoder = get_encoder(MODEL, args.models_dir)
     ids = encoder.encode(PROMPT)
 
-    # The ceiling and our decode are measured in alternation, best of three rounds each, so that a busy moment
-    # on a shared machine does not land on one side only.
-    gemv = gemv_seconds(weight_bytes, n_embd)
-    ours, ceiling = 0.0, 0.0
-    for _ in range(3):
-        ceiling = max(ceiling, 1 / gemv())
-        ours = max(ours, decode_rate(lambda n: gpt2.generate(ids, params, n_head, n), args.new_tokens, repeat=1))
-    gbps = ceiling * weight_bytes / 1e9
-    report("hardware ceiling (float32 GEMV)", f"{ceiling:.1f} tok/s",
-           f"{gbps:.1f} GB/s over {weight_bytes / 1e6:.0f} MB of weights")
-    report("gpt2.py decode (KV cache)", f"{ours:.1f} tok/s", f"{ours / ceiling:.0%} of ceiling (target >= 80%)")
-
-    hf_generate = None
+    hf = None
     if not args.skip_hf:
         try:
-            hf_generate = hf_generator(flat, hparams, ids)
+            hf = hf_generator(flat, hparams)
         except ImportError as e:
             print(f"HF transformers not compared: {e}", file=sys.stderr)
-    if hf_generate:
-        hf = decode_rate(hf_generate, args.new_tokens)
-        report("HF transformers decode (KV cache)", f"{hf:.1f} tok/s", f"gpt2.py is {ours / hf:.2f}x (target >= 1.5x)")
+    n = args.new_tokens
+
+    def ours(prompt, n_tokens):
+        return lambda: gpt2.generate(prompt, params, n_head, n_tokens)
+
+    # Decode: generating 1 + n tokens minus generating 1 leaves the n decode steps, without the prefill.
+    ours(ids, 2)()  # warm-up
+    sides = [*weight_sized_gemvs(weight_bytes, n_embd), ours(ids, 1), ours(ids, 1 + n)]
+    if hf:
+        hf(ids, 2)
+        sides += [lambda: hf(ids, 1), lambda: hf(ids, 1 + n)]
+    times = alternating_best(*sides)
+    ceiling = 1 / min(times[:2])
+    decode = n / (times[3] - times[2])
+    report("hardware ceiling (float32 GEMV)", f"{ceiling:.1f} tok/s",
+           f"{weight_bytes / min(times[:2]) / 1e9:.1f} GB/s over {weight_bytes / 1e6:.0f} MB of weights")
+    report("gpt2.py decode (KV cache)", f"{decode:.1f} tok/s", f"{decode / ceiling:.0%} of ceiling (target >= 80%)")
+    if hf:
+        hf_decode = n / (times[5] - times[4])
+        report("HF transformers decode (KV cache)", f"{hf_decode:.1f} tok/s",
+               f"gpt2.py is {decode / hf_decode:.2f}x (target >= 1.5x)")
 
     if not args.skip_pico:
-        pico_seconds = best_time(lambda: gpt2_pico.generate(ids, params, n_head, args.new_tokens), repeat=1)
-        ours_seconds = best_time(lambda: gpt2.generate(ids, params, n_head, args.new_tokens))
-        report(f"gpt2_pico.py, no cache, {args.new_tokens} tokens", f"{args.new_tokens / pico_seconds:.1f} tok/s",
-               f"gpt2.py is {pico_seconds / ours_seconds:.1f}x (target >= 20x)")
+        pico_time, ours_time = alternating_best(lambda: gpt2_pico.generate(ids, params, n_head, n), ours(ids, n),
+                                                rounds=1)
+        report(f"gpt2_pico.py, no cache, {n} tokens", f"{n / pico_time:.1f} tok/s",
+               f"gpt2.py is {pico_time / ours_time:.1f}x (target >= 20x)")
 
     def sampled(n_samples):
-        return gpt2.generate(ids, params, n_head, args.new_tokens, temperature=1.0, seed=0, num_samples=n_samples)
+        return lambda: gpt2.generate(ids, params, n_head, n, temperature=1.0, seed=0, num_samples=n_samples)
 
-    sampled(8)  # warm-up
-    one, eight = best_time(lambda: sampled(1)), best_time(lambda: sampled(8))
-    report(f"8 samples vs 1, {args.new_tokens} tokens, sampled", f"{eight / one:.2f}x",
+    sampled(8)()  # warm-up
+    one, eight = alternating_best(sampled(1), sampled(8))
+    report(f"8 samples vs 1, {n} tokens, sampled", f"{eight / one:.2f}x",
            f"{one:.2f} s for 1, {eight:.2f} s for 8 in one batch (target <= 2x)")
 
-    long_prompt = list(np.random.default_rng(0).integers(0, hparams["n_vocab"], 1000))
-    ours_prefill = best_time(lambda: gpt2.generate(long_prompt, params, n_head, 1))
-    report("gpt2.py prefill, 1000 tokens", f"{ours_prefill:.2f} s")
-    if hf_generate:
-        hf_long = hf_generator(flat, hparams, long_prompt)
-        hf_prefill = best_time(lambda: hf_long(1))
-        report("HF transformers prefill, 1000 tokens", f"{hf_prefill:.2f} s",
-               f"gpt2.py takes {ours_prefill / hf_prefill:.2f}x HF's time (target <= 1)")
+    long_prompt = [int(i) for i in np.random.default_rng(0).integers(0, hparams["n_vocab"], 1000)]
+    if hf:
+        ours_prefill, hf_prefill = alternating_best(ours(long_prompt, 1), lambda: hf(long_prompt, 1))
+        report("gpt2.py prefill, 1000 tokens", f"{ours_prefill:.2f} s",
+               f"{ours_prefill / hf_prefill:.2f}x HF's {hf_prefill:.2f} s (target <= 1)")
+    else:
+        report("gpt2.py prefill, 1000 tokens", f"{alternating_best(ours(long_prompt, 1))[0]:.2f} s")
 
     report("CLI, 1 token, cold (TensorFlow)", f"{cold_wall:.2f} s", f"peak RSS {cold_rss / 1e6:.0f} MB")
     report("CLI, 1 token, warm (mapped .npy)", f"{warm_wall:.2f} s",

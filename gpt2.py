@@ -4,7 +4,6 @@ Every function takes its own weights by the names the checkpoint uses, so `**blo
 model and the params dict is the call tree. Shapes are commented where they change; n_seq is the number of
 positions, and any leading batch axes ride along untouched.
 """
-import codecs
 import functools
 import math
 import numbers
@@ -193,10 +192,10 @@ def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperatu
     kv_cache = [cache.repeat(len(rngs)) for cache in kv_cache]  # from here on, each sample has its own history
     logits = np.broadcast_to(logits, (len(rngs), logits.shape[-1]))  # [n_vocab] -> [n_samples, n_vocab]
     for step in range(n_tokens_to_generate):
-        if step:  # every earlier position is in the cache: only the newest tokens go through the model
-            logits = gpt2(next_ids[:, None], **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
         next_ids = sample(logits, rngs, temperature, top_k, top_p)
         yield next_ids
+        if step + 1 < n_tokens_to_generate:  # every earlier position is cached: only the new tokens go through
+            logits = gpt2(next_ids[:, None], **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
 
 
 def generate(inputs, params, n_head, n_tokens_to_generate, temperature=0.0, top_k=0, top_p=1.0, seed=None,
@@ -327,7 +326,7 @@ def prompt_as_text(argv):
 
 def cli():
     def print_as_generated(*args, **kwargs):
-        main(*args, **kwargs, stream=True)
+        main(*args, **{**kwargs, "stream": True})
 
     functools.update_wrapper(print_as_generated, main)  # the same flags and --help as main
     try:

@@ -19,9 +19,10 @@ RELEASE_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-
                  "model.ckpt.index", "model.ckpt.meta", "vocab.bpe")
 RELEASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 
+HPARAMS = {"n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"}
+
 # Checkpoint variable names below "model/"; every block "h{i}/" holds the same twelve.
 TOP_TENSORS = ("wte", "wpe", "ln_f/g", "ln_f/b")
-HPARAMS = {"n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"}
 BLOCK_TENSORS = ("ln_1/g", "ln_1/b", "attn/c_attn/w", "attn/c_attn/b", "attn/c_proj/w", "attn/c_proj/b",
                  "ln_2/g", "ln_2/b", "mlp/c_fc/w", "mlp/c_fc/b", "mlp/c_proj/w", "mlp/c_proj/b")
 
@@ -66,6 +67,9 @@ def fetch(url, partial):
             raise ModelError(f"could not download {url}: HTTP {response.status_code} {response.reason}")
         if response.status_code != 206:  # the server sent the whole file, not the rest of it
             have = 0
+        elif not response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+            os.remove(partial)
+            raise TransientError("the server resumed at the wrong place")
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
         with open(partial, "ab" if have else "wb") as f, tqdm(
@@ -96,10 +100,10 @@ def download_file(url, path):
     raise ModelError(f"could not download {url} after {DOWNLOAD_ATTEMPTS} attempts: {failure}")
 
 
-def download_release(model_size, model_dir, filenames=RELEASE_FILES):
+def download_release(model_size, model_dir):
     """Download those of the release's files that the model folder lacks."""
     os.makedirs(model_dir, exist_ok=True)
-    for filename in filenames:
+    for filename in RELEASE_FILES:
         path = os.path.join(model_dir, filename)
         if not os.path.exists(path) or os.path.getsize(path) == 0:
             download_file(f"{models_url()}/{model_size}/{filename}", path)
@@ -250,8 +254,8 @@ def model_dir_problems(model_dir):
             return "empty"
         return None
 
-    problems = {name: problem(name) for name in ("checkpoint", "hparams.json", "encoder.json", "vocab.bpe")}
-    problems = {name: reason for name, reason in problems.items() if reason}
+    names = ("checkpoint", "hparams.json", "encoder.json", "vocab.bpe")
+    problems = {name: reason for name in names if (reason := problem(name))}
     if problems:
         return problems
     try:
@@ -265,9 +269,8 @@ def model_dir_problems(model_dir):
     if not isinstance(hparams, dict) or not HPARAMS <= set(hparams):
         problems["hparams.json"] = f"needs {', '.join(sorted(HPARAMS))}"
     data_files = glob.glob(glob.escape(os.path.join(model_dir, prefix)) + ".data-*")
-    for name in [prefix + ".index", *(os.path.basename(f) for f in data_files)]:
-        if problem(name):
-            problems[name] = problem(name)
+    data_files = [os.path.relpath(path, model_dir) for path in data_files]
+    problems.update({name: reason for name in [prefix + ".index", *data_files] if (reason := problem(name))})
     if not data_files:
         problems[prefix + ".data-00000-of-00001"] = "missing"
     return problems

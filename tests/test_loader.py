@@ -1,6 +1,4 @@
 """Loading release-layout checkpoints into the params tree."""
-import os
-import shutil
 
 import numpy as np
 
