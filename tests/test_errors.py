@@ -51,8 +51,8 @@ BAD_ARGUMENTS = [
 
 @pytest.mark.parametrize("args, message", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
 def test_bad_argument_is_one_line_exit_2_before_any_download(tmp_path, args, message):
-    assert_one_line_error(run_cli("Hello", *args, models_dir=tmp_path) if "--prompt_file" not in args
-                          else run_cli(*args, models_dir=tmp_path), 2, message)
+    prompt = [] if "--prompt_file" in args else ["Hello"]
+    assert_one_line_error(run_cli(*prompt, *args, models_dir=tmp_path), 2, message)
     assert not os.path.exists(tmp_path / "124M")  # nothing was downloaded or created
 
 
