@@ -34,9 +34,9 @@ def softmax(x):
 
 
 def layer_norm(x, g, b, eps=1e-5):
-    mean = np.mean(x, axis=-1, keepdims=True)
-    variance = np.var(x, axis=-1, keepdims=True)
-    return g * (x - mean) / np.sqrt(variance + eps) + b  # normalize each position, then scale and shift
+    x = x - np.mean(x, axis=-1, keepdims=True)  # center each position
+    variance = np.mean(x * x, axis=-1, keepdims=True)
+    return g * x / np.sqrt(variance + eps) + b  # scale to unit variance, then by the learned gain and shift
 
 
 def linear(x, w, b):  # [n_seq, n_in] -> [n_seq, n_out]
