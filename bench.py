@@ -12,7 +12,8 @@ It writes a checkpoint with GPT-2 124M's shapes and random weights, in OpenAI's 
 - the time of 8 sampled continuations computed as one batch, against one;
 - wall time and peak RSS of a whole `python gpt2.py ... --n_tokens_to_generate 1` process, cold (first run:
   TensorFlow reads the checkpoint) and warm (converted params mapped from disk).
-Every figure is the best of a few repetitions; the machine is shared, so only ratios taken in one run mean much.
+Each comparison runs its sides in alternating rounds and keeps each side's best: the machine is shared, so only
+ratios taken in one run mean much.
 """
 import argparse
 import json

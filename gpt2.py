@@ -152,7 +152,7 @@ def sample(logits, rngs, temperature=0.0, top_k=0, top_p=1.0):  # [n_samples, n_
     if temperature == 0:
         return np.argmax(logits, axis=-1)
     logits = logits / temperature
-    if top_k:
+    if 0 < top_k < logits.shape[-1]:  # a top_k as large as the vocabulary keeps every token
         kth_largest = np.partition(logits, -top_k, axis=-1)[:, -top_k, None]
         logits = np.where(logits < kth_largest, -np.inf, logits)
     probs = softmax(logits).astype(np.float64)  # float64: running sums over 50257 float32 values would drift
@@ -331,12 +331,9 @@ def cli():
     functools.update_wrapper(print_as_generated, main)  # the same flags and --help as main
     try:
         fire.Fire(print_as_generated, command=prompt_as_text(sys.argv[1:]))
-    except utils.UsageError as e:
+    except (utils.UsageError, utils.ModelError) as e:  # a bad argument exits with 2, a model that fails with 1
         sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
-    except utils.ModelError as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, utils.UsageError) else 1)
     except KeyboardInterrupt:  # downloads in flight keep only their .part files
         sys.stderr.write("interrupted\n")
         sys.exit(130)

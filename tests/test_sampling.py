@@ -74,6 +74,11 @@ def test_token_frequencies_match_softmax(temperature):
     assert np.all(np.abs(counts - n * expected) <= tolerance), (counts, n * expected)
 
 
+def test_top_k_beyond_the_vocabulary_keeps_every_token(next_token_logits):
+    unlimited = draw(next_token_logits, 500, seed=9, temperature=1.0)
+    assert np.array_equal(draw(next_token_logits, 500, seed=9, temperature=1.0, top_k=60000), unlimited)
+
+
 def test_top_k_1_and_a_tiny_top_p_are_greedy(tiny):
     _, params, n_head, ids = tiny
     greedy = gpt2.generate(ids, params, n_head, 20)
