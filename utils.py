@@ -5,6 +5,7 @@ per model folder lets one of them download the model's files or write its conver
 wait, then use what it wrote.
 """
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -473,6 +474,9 @@ def save_converted(converted_dir, fingerprint, flat):
     Written into a temporary folder that is renamed into place, every file fsynced first: a folder under the
     final name is always complete, even after a crash. The temporary folder is removed on any failure, Ctrl-C or
     SIGTERM. The caller holds the model's lock."""
+    need = sum(array.nbytes for array in flat.values())
+    if shutil.disk_usage(os.path.dirname(converted_dir)).free < need:  # better than gigabytes written for nothing
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: the copy needs {need / 1e6:.0f} MB")
     tmp_dir = f"{converted_dir}.tmp{os.getpid()}"
     try:
         os.makedirs(tmp_dir)

@@ -10,6 +10,7 @@ import pytest
 import utils
 from tests.conftest import ROOT
 from tests.loopback import serve_release
+from tests.mounts import small_disk
 
 
 @pytest.fixture
@@ -197,19 +198,9 @@ def test_models_dir_that_is_a_file_is_one_line_exit_1(tmp_path, server):
     assert server.requests == []
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 4 MiB file system: the vocabulary fits, the tiny model's 13 MB data file does not."""
-    path = tmp_path / "small_disk"
-    os.makedirs(path)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)], capture_output=True).returncode:
-        pytest.skip("mounting a small tmpfs needs root")
-    yield path
-    subprocess.run(["umount", "-l", str(path)], check=True)
-
-
-def test_full_disk_during_download_is_one_line_exit_1_and_nothing_partial(small_disk, server):
-    result = run_cli(small_disk, server.url)
-    assert_one_line_error(result, 1, f"could not write {small_disk / '124M' / DATA}: No space left on device")
-    names = os.listdir(small_disk / "124M")
+def test_full_disk_during_download_is_one_line_exit_1_and_nothing_partial(tmp_path, server):
+    with small_disk(tmp_path / "disk", "4m") as disk:  # the vocabulary fits, the 13 MB data file does not
+        result = run_cli(disk, server.url)
+        assert_one_line_error(result, 1, f"could not write {disk / '124M' / DATA}: No space left on device")
+        names = os.listdir(disk / "124M")
     assert DATA not in names and not [n for n in names if n.endswith(".part")]
