@@ -142,6 +142,8 @@ def fsync_file(f):
 
 def fsync_dir(path):
     """Make a rename inside path durable: without it, a crash may forget the rename."""
+    if os.name == "nt":  # Windows cannot open a folder as a file, and makes renames durable by itself
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -183,7 +185,9 @@ def encoder_problem(path):
         encoder = read_json(path)
     except ValueError as e:
         return f"not valid JSON ({e})"
-    if not isinstance(encoder, dict) or len(encoder) != N_VOCAB:
+    if not isinstance(encoder, dict):
+        return "is not a JSON object"
+    if len(encoder) != N_VOCAB:
         return f"holds {len(encoder)} entries, not {N_VOCAB}"
 
 
@@ -440,7 +444,7 @@ def checkpoint_fingerprint(prefix):
 
 def checksum(array):
     """The array's bytes summed as 64-bit words, modulo 2**64. One pass at memory speed (about 25 ms for 124M,
-    whose pages the first token reads anyway), where a sha256 takes ten times as long. It is no defence against
+    whose pages the first token reads anyway), where a sha256 takes over ten times as long. It is no defence against
     an attacker (who could as well replace the checkpoint), but a zeroed tail or a NaN written over a weight
     changes it."""
     words = array.ravel(order="K")  # memory order: a view for row- and column-major arrays alike

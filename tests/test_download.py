@@ -162,6 +162,7 @@ def test_html_answering_mirror_fails_in_one_line_then_a_good_mirror_recovers(tmp
 
 @pytest.mark.parametrize("name, content, problem", [
     ("encoder.json", b'{"a": 0}', "encoder.json holds 1 entries, not 50257"),
+    ("encoder.json", b"5", "encoder.json is not a JSON object"),
     ("vocab.bpe", b"#version: 0.2\na b\n", "vocab.bpe holds 1 lines, not 50000 merges of two symbols"),
     ("vocab.bpe", b"a b\n", "vocab.bpe does not start with its #version line"),
     ("checkpoint", b"<html></html>", "checkpoint names no checkpoint"),
