@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from filelock import FileLock
@@ -109,10 +110,13 @@ def test_download_killed_midway_then_a_normal_run_succeeds(tmp_path, server, exp
     server.faults = {utils.DATA: ["pause"]}  # half the data file, then the server waits
     killed = Run(tmp_path, "124M", server.url)
     assert server.paused.wait(timeout=TIMEOUT), killed.finish()
+    partial = tmp_path / "124M" / (utils.DATA + ".part")
+    while not (partial.exists() and partial.stat().st_size >= 1 << 20):  # the client wrote the first MiB
+        assert killed.process.poll() is None, killed.finish()
+        time.sleep(0.1)
     killed.process.kill()  # SIGKILL: no cleanup of any kind, its lock still "held" as it dies
     killed.finish()
     server.resume.set()
-    assert os.path.getsize(tmp_path / "124M" / (utils.DATA + ".part")) > 0
     code, stdout, stderr = Run(tmp_path, "124M", server.url).finish()
     assert code == 0 and stdout == expected_stdout, stderr
     assert WAITING not in stderr  # the dead process's lock did not block
