@@ -40,6 +40,15 @@ def test_missing_release_model_is_downloaded_from_GPT2_MODELS_URL(tmp_path, tiny
     np.testing.assert_array_equal(params["wte"], tiny_model.tensors["model/wte"])
 
 
+def test_prepare_tokenizer_fetches_only_the_small_files(tmp_path, server):
+    """So that the CLI can check the prompt against the context before the big download starts."""
+    model_dir = utils.prepare_tokenizer("124M", str(tmp_path))
+    assert sorted(os.listdir(model_dir)) == sorted(utils.TOKENIZER_FILES)
+    assert sorted(server.names_requested()) == sorted(utils.TOKENIZER_FILES)
+    utils.prepare_model("124M", str(tmp_path))
+    assert sorted(server.names_requested()) == sorted(utils.RELEASE_FILES)  # the rest, and only the rest
+
+
 def test_503_is_retried(tmp_path, server):
     server.faults = {"hparams.json": ["503", "503"], DATA: ["503"]}
     utils.prepare_model("124M", str(tmp_path))
