@@ -101,3 +101,17 @@ def test_damaged_conversion_is_rebuilt_not_used(model_copy, tiny_model, damage):
         os.remove(converted / "manifest.json")
     np.testing.assert_array_equal(load_wte(model_copy), tiny_model.tensors["model/wte"])
     assert os.path.getsize(npy) > tiny_model.tensors["model/wte"].nbytes  # rebuilt whole
+
+
+@pytest.mark.parametrize("shape, order", [((6, 4), "C"), ((6, 4), "F"), ((3, 5), "F"), ((7,), "C")],
+                         ids=["even C", "even F", "odd F", "odd 1-d"])
+def test_checksum_sees_every_word_of_either_layout(shape, order):
+    array = np.asarray(np.random.default_rng(0).standard_normal(shape, dtype=np.float32), order=order)
+    assert utils.checksum(array) == utils.checksum(array.copy(order=order))
+    for index in [(0,) * len(shape), tuple(n - 1 for n in shape)]:  # the first and the last word in memory
+        damaged = array.copy(order=order)
+        damaged[index] = np.nan
+        assert utils.checksum(damaged) != utils.checksum(array)
+    zeroed = array.copy(order=order)
+    zeroed.reshape(-1, order="A")[-2:] = 0  # the tail, in memory order
+    assert utils.checksum(zeroed) != utils.checksum(array)
