@@ -275,6 +275,7 @@ def fetch(url, partial):
         if response.status_code != 206:  # the server sent the whole file, not the rest of it
             have = 0
         elif compressed or not response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+            # (a compressed range counts the bytes of a compressed stream, not of the file)
             os.remove(partial)
             raise TransientError("the server resumed at the wrong place")
         length = response.headers.get("Content-Length")
