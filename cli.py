@@ -150,8 +150,8 @@ def parse_argv(argv, main):
         if not has_value:
             if is_bool_flag(flags[name]):  # a bare boolean flag is True; only True/False after it is its value
                 value = args.pop(0) if args and args[0].lower() in ("true", "false") else "True"
-            else:
-                check(bool(args), f"--{name} needs a value")
+            else:  # the next argument, unless it is another flag: -1 can be a value, --seed cannot
+                check(bool(args) and not args[0].startswith("--"), f"--{name} needs a value")
                 value = args.pop(0)
         if is_bool_flag(flags[name]) and value.lower() in ("true", "false"):
             value = value.capitalize()
