@@ -9,8 +9,7 @@ import pytest
 
 import gpt2
 from tests.conftest import ROOT
-
-OFFLINE = {"GPT2_MODELS_URL": "http://127.0.0.1:9"}  # a download attempt would fail with a different message
+from tests.test_errors import OFFLINE, assert_one_line_error
 
 
 def run_cli(script, *args, stdin=None, cwd=ROOT, env=None, **kwargs):
@@ -18,28 +17,9 @@ def run_cli(script, *args, stdin=None, cwd=ROOT, env=None, **kwargs):
                           cwd=cwd, env={**os.environ, **OFFLINE, **(env or {})}, timeout=300, **kwargs)
 
 
-def assert_one_line_error(result, code, *fragments):
-    stderr = result.stderr.decode(errors="replace")
-    assert result.returncode == code, stderr
-    assert result.stdout == b""
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
-@pytest.fixture(scope="module")
-def unloadable(tmp_path_factory, tiny_model):
-    """A model folder whose weights are missing: a check that passes here ran before loading (loading fails
-    with exit 1 and another message)."""
-    models_dir = tmp_path_factory.mktemp("unloadable")
-    shutil.copytree(tiny_model.path, models_dir / "run1", ignore=shutil.ignore_patterns("numpy-params"))
-    os.remove(models_dir / "run1" / "model.ckpt.data-00000-of-00001")
-    return ["--model_size", "run1", "--models_dir", str(models_dir)]
-
-
-def test_loading_the_unloadable_model_fails_differently(unloadable):
-    assert_one_line_error(run_cli("gpt2.py", "Hello", *unloadable), 1, "model.ckpt.data-00000-of-00001 missing")
+def test_loading_the_unloadable_model_fails_differently(unloadable_model):
+    result = run_cli("gpt2.py", "Hello", "--model_size", "run1", "--models_dir", unloadable_model.models_dir)
+    assert_one_line_error(result, 1, "model.ckpt.data-00000-of-00001 missing")
 
 
 # (scripts, argv, the error line's fragments; SCRIPT is the script's name)
@@ -64,8 +44,9 @@ ARGV_ERRORS = [
 @pytest.mark.parametrize("script, argv, message", [
     pytest.param(script, argv, message.replace("SCRIPT", script), id=f"{script} {' '.join(argv)}")
     for scripts, argv, message in ARGV_ERRORS for script in scripts])
-def test_argv_mistakes_are_one_line_exit_2_before_loading(unloadable, script, argv, message):
-    assert_one_line_error(run_cli(script, *argv, *unloadable), 2, message)
+def test_argv_mistakes_are_one_line_exit_2_before_loading(unloadable_model, script, argv, message):
+    result = run_cli(script, *argv, "--model_size", "run1", "--models_dir", unloadable_model.models_dir)
+    assert_one_line_error(result, 2, message)
 
 
 @pytest.mark.parametrize("script", ["gpt2.py", "gpt2_pico.py"])

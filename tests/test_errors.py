@@ -85,16 +85,6 @@ def test_non_utf8_prompt_file_and_stdin(tmp_path):
                           "the prompt on standard input is not UTF-8 text")
 
 
-@pytest.fixture(scope="module")
-def unloadable(tmp_path_factory, tiny_model):
-    """A model folder whose weights are missing: a check that fails here ran before loading (loading fails with
-    exit 1 and another message)."""
-    models_dir = tmp_path_factory.mktemp("unloadable")
-    shutil.copytree(tiny_model.path, models_dir / "run1", ignore=shutil.ignore_patterns("numpy-params"))
-    os.remove(models_dir / "run1" / "model.ckpt.data-00000-of-00001")
-    return models_dir
-
-
 @pytest.mark.parametrize("args, message", [
     ([" ".join(["word"] * 1020), "--n_tokens_to_generate", "6"], "the prompt is 1020 tokens and "
      "--n_tokens_to_generate is 6: together they need 1025 positions, more than the model's context of 1024"),
@@ -103,9 +93,10 @@ def unloadable(tmp_path_factory, tiny_model):
     (["Hello", "--num_samples", "1000000000", "--temperature", "1"],
      "--num_samples 1000000000 needs about 1535922.3 GiB for its caches, more than this machine's"),
 ], ids=["prompt too long", "n too long", "interactive n too long", "num_samples too many"])
-def test_checks_that_need_the_tokenizer_run_before_loading(unloadable, args, message):
-    assert_one_line_error(run_cli(*args, "--model_size", "run1", models_dir=unloadable), 2, message)
-    assert not os.path.exists(unloadable / "run1" / "numpy-params")
+def test_checks_that_need_the_tokenizer_run_before_loading(unloadable_model, args, message):
+    result = run_cli(*args, "--model_size", unloadable_model.name, models_dir=unloadable_model.models_dir)
+    assert_one_line_error(result, 2, message)
+    assert not os.path.exists(os.path.join(unloadable_model.path, "numpy-params"))
 
 
 def test_release_model_fetches_only_the_tokenizer_before_refusing_a_long_run(tmp_path, tiny_model):
