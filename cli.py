@@ -87,8 +87,9 @@ def read_prompt(prompt, prompt_file=None):
 def check_fits(n_prompt, n_tokens_to_generate, n_ctx):
     # The last new token is returned, never fed back, so it takes no position of the context.
     check(n_prompt + n_tokens_to_generate - 1 <= n_ctx,
-          f"the prompt is {n_prompt} tokens and --n_tokens_to_generate is {n_tokens_to_generate}: together they "
-          f"need {n_prompt + n_tokens_to_generate - 1} positions, more than the model's context of {n_ctx}")
+          f"the prompt is {n_prompt} token{'s' * (n_prompt != 1)} and --n_tokens_to_generate is "
+          f"{n_tokens_to_generate}: together they need {n_prompt + n_tokens_to_generate - 1} positions, more than "
+          f"the model's context of {n_ctx}")
 
 
 def check_memory(hparams, num_samples, n_positions):

@@ -31,7 +31,8 @@ ARGV_ERRORS = [
      "the prompt must be one argument, got 3 words; quote it: python SCRIPT 'Alan Turing theorized'"),
     (BOTH, ["Hello", "--prompt", "again"], "give the prompt once"),
     (BOTH, ["Hello", "--n_tokens_to_generate"], "--n_tokens_to_generate needs a value"),
-    (BOTH, ["Hello", "--n_tokens_to_generate", "1,2"], "--n_tokens_to_generate must be a whole number >= 1, got (1, 2)"),
+    (BOTH, ["Hello", "--n_tokens_to_generate", "1,2"],
+     "--n_tokens_to_generate must be a whole number >= 1, got (1, 2)"),
     (BOTH, ["caf\udce9"], "the prompt is not valid UTF-8 text (character 3 cannot be encoded)"),  # argv b"caf\xe9"
     (PICO, [], "give a prompt"),  # gpt2.py's prompt defaults to ""
     (GPT2, ["-n", "3"], "unknown flag -n;"),  # -n could be --n_tokens_to_generate or --num_samples
