@@ -52,8 +52,9 @@ def check_arguments(n_tokens_to_generate=40, temperature=0.0, top_k=0, top_p=1.0
         unused = [f"--{name}" for name, off in (("top_k", top_k == 0), ("top_p", top_p == 1), ("seed", seed is None),
                                                 ("num_samples", num_samples == 1)) if not off]
         if unused:
-            warnings.warn(f"{', '.join(unused)} only matter when sampling, and --temperature is 0 (greedy): "
-                          f"every sample is the same most-likely text; add --temperature 1 to sample")
+            warnings.warn(f"{', '.join(unused)} only matter{'s' * (len(unused) == 1)} when sampling, and "
+                          f"--temperature is 0 (greedy): every sample is the same most-likely text; add "
+                          f"--temperature 1 to sample")
 
 
 def check_text(text, source):

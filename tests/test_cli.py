@@ -30,6 +30,7 @@ ARGV_ERRORS = [
     (BOTH, ["Alan", "Turing", "theorized"],
      "the prompt must be one argument, got 3 words; quote it: python SCRIPT 'Alan Turing theorized'"),
     (BOTH, ["Hello", "--prompt", "again"], "give the prompt once"),
+    (BOTH, ["Hello", "--model_size", "nope"], "unknown model 'nope': use one of 124M, 355M, 774M, 1558M"),
     (BOTH, ["Hello", "--n_tokens_to_generate"], "--n_tokens_to_generate needs a value"),
     (BOTH, ["Hello", "--n_tokens_to_generate", "1,2"],
      "--n_tokens_to_generate must be a whole number >= 1, got (1, 2)"),
@@ -46,8 +47,16 @@ ARGV_ERRORS = [
     pytest.param(script, argv, message.replace("SCRIPT", script), id=f"{script} {' '.join(argv)}")
     for scripts, argv, message in ARGV_ERRORS for script in scripts])
 def test_argv_mistakes_are_one_line_exit_2_before_loading(unloadable_model, script, argv, message):
-    result = run_cli(script, *argv, "--model_size", "run1", "--models_dir", unloadable_model.models_dir)
+    result = run_cli(script, "--model_size", "run1", "--models_dir", unloadable_model.models_dir, *argv)
     assert_one_line_error(result, 2, message)
+
+
+@pytest.mark.parametrize("script", ["gpt2.py", "gpt2_pico.py"])
+def test_a_run_too_long_for_the_context_is_one_line_on_both_scripts(tiny_model, script):
+    result = run_cli(script, "", "--n_tokens_to_generate", "1025", "--model_size", tiny_model.name, "--models_dir",
+                     tiny_model.models_dir)
+    assert_one_line_error(result, 2, "the prompt is 1 token and --n_tokens_to_generate is 1025: together they need "
+                                     "1025 positions, more than the model's context of 1024")
 
 
 @pytest.mark.parametrize("script", ["gpt2.py", "gpt2_pico.py"])

@@ -118,10 +118,11 @@ def test_stop_at_endoftext_ends_each_sample(run, scripted_tokens):
     eot = gpt2.ENDOFTEXT
     hello, world = 15496, 995  # "Hello", " world"
     scripted_tokens([hello, eot, world, world], [hello, world, world, eot])
-    assert run("x", n_tokens_to_generate=4, num_samples=2, stop_at_endoftext=True) == ["Hello", "Hello world world"]
+    assert run("x", n_tokens_to_generate=4, num_samples=2, temperature=1.0, stop_at_endoftext=True) == [
+        "Hello", "Hello world world"]
     scripted_tokens([hello, eot, world, world], [hello, world, world, eot])
-    assert run("x", n_tokens_to_generate=4, num_samples=2) == ["Hello<|endoftext|> world world",
-                                                               "Hello world world<|endoftext|>"]
+    assert run("x", n_tokens_to_generate=4, num_samples=2, temperature=1.0) == [
+        "Hello<|endoftext|> world world", "Hello world world<|endoftext|>"]
 
 
 def test_stop_at_endoftext_stops_generating_once_every_sample_has_stopped(run, scripted_tokens, monkeypatch):
