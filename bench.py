@@ -115,7 +115,7 @@ def write_bench_model(models_dir, **shape):
     partial = f"{model_dir}.part-{os.getpid()}"
     try:
         write_model_dir(partial, **shape, vocab_dir=vocab_dir)
-        shutil.rmtree(model_dir, ignore_errors=True)  # an incomplete folder from before this fix
+        shutil.rmtree(model_dir, ignore_errors=True)  # a folder an older bench.py left incomplete
         os.rename(partial, model_dir)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
@@ -135,7 +135,6 @@ def main():
     model_dir = os.path.join(args.models_dir, MODEL)
     if not os.path.exists(os.path.join(model_dir, "checkpoint")):
         print(f"writing a random-weight checkpoint with 124M's shapes to {model_dir}", file=sys.stderr)
-        os.makedirs(args.models_dir, exist_ok=True)
         write_bench_model(args.models_dir, n_layer=12, n_embd=768, n_head=12)
 
     def report(name, value, note=""):
