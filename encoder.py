@@ -63,18 +63,18 @@ class Encoder:
         symbols = list(word)  # symbols[i] is None once it has been merged into the symbol on its left
         after = [*range(1, len(word)), None]  # index of the next live symbol
         before = [None, *range(len(word) - 1)]  # index of the previous live symbol
-        candidates = []  # heap of (rank, i): symbols[i] and symbols[after[i]] could merge
+        n = len(word)
 
-        def add_candidate(i):
-            if i is not None and after[i] is not None:
-                rank = self.bpe_ranks.get((symbols[i], symbols[after[i]]))
-                if rank is not None:
-                    heapq.heappush(candidates, (rank, i))
+        def candidate(i):  # the pair starting at symbols[i] as one heap key, or None if it is not ranked
+            if i is None or after[i] is None:
+                return None
+            rank = self.bpe_ranks.get((symbols[i], symbols[after[i]]))
+            return None if rank is None else rank * n + i  # one int orders by rank, then position, and fast
 
-        for i in range(len(word)):
-            add_candidate(i)
+        candidates = [key for key in map(candidate, range(n)) if key is not None]
+        heapq.heapify(candidates)
         while candidates:
-            rank, i = heapq.heappop(candidates)
+            rank, i = divmod(heapq.heappop(candidates), n)
             j = after[i]
             if symbols[i] is None or j is None or self.bpe_ranks.get((symbols[i], symbols[j])) != rank:
                 continue  # stale: one side of this pair has been merged into another symbol since
@@ -82,8 +82,9 @@ class Encoder:
             after[i] = after[j]
             if after[j] is not None:
                 before[after[j]] = i
-            add_candidate(before[i])  # the merged symbol pairs anew with both neighbours
-            add_candidate(i)
+            for key in (candidate(before[i]), candidate(i)):  # the merged symbol pairs anew with both neighbours
+                if key is not None:
+                    heapq.heappush(candidates, key)
         return [s for s in symbols if s is not None]
 
     def encode(self, text, max_tokens=None):
