@@ -47,9 +47,9 @@ class Encoder:
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self.bpe_ranks = {pair: rank for rank, pair in enumerate(bpe_merges)}
-        # word -> its symbols. Prose repeats words, so most lookups hit; the least recently used words are
+        # word -> its ids. Prose repeats words, so most lookups hit; the least recently used words are
         # dropped beyond CACHED_WORDS, so a long-lived Encoder that meets millions of words stays small.
-        self.cached_bpe = functools.lru_cache(maxsize=CACHED_WORDS)(self.bpe)
+        self.cached_word_ids = functools.lru_cache(maxsize=CACHED_WORDS)(self.word_ids)
 
     def bpe(self, word):
         """Merge the characters of one pre-tokenized word into GPT-2 symbols.
@@ -87,15 +87,19 @@ class Encoder:
                     heapq.heappush(candidates, key)
         return [s for s in symbols if s is not None]
 
+    def word_ids(self, word):
+        """The ids of one pre-tokenized word: its UTF-8 bytes spelled in printable characters, then merged."""
+        spelled = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+        return [self.encoder[symbol] for symbol in self.bpe(spelled)]
+
     def encode(self, text, max_tokens=None):
         """The token ids of text. With max_tokens, stop early once more than max_tokens ids are produced: the
         result is then a prefix of the full encoding, longer than max_tokens, and a huge text is refused
         without encoding all of it."""
         ids = []
-        for word in PRETOKENIZE.finditer(text):  # finditer, not findall: the words are cut only as needed
-            spelled = "".join(self.byte_encoder[b] for b in word[0].encode("utf-8"))
-            symbols = self.cached_bpe(spelled) if len(spelled) <= CACHED_WORD_LENGTH else self.bpe(spelled)
-            ids.extend(self.encoder[symbol] for symbol in symbols)
+        for match in PRETOKENIZE.finditer(text):  # finditer, not findall: the words are cut only as needed
+            word = match[0]
+            ids.extend(self.cached_word_ids(word) if len(word) <= CACHED_WORD_LENGTH else self.word_ids(word))
             if max_tokens is not None and len(ids) > max_tokens:
                 break
         return ids

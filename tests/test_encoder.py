@@ -130,16 +130,16 @@ def test_bpe_merges_the_lowest_ranked_pair_first_and_the_leftmost_of_equals():
 
 
 def test_word_cache_stays_bounded(encoder):
-    encoder.cached_bpe.cache_clear()
+    encoder.cached_word_ids.cache_clear()
     letters = "abcdefghijklmnopqrstuvwxyz"
     words = [" " + "".join(letters[i // 26**k % 26] for k in range(4)) for i in range(encoder_module.CACHED_WORDS + 500)]
     encoder.encode("".join(words))
-    info = encoder.cached_bpe.cache_info()
+    info = encoder.cached_word_ids.cache_info()
     assert info.currsize == encoder_module.CACHED_WORDS and info.misses == len(words)
     long_word = "x" * (encoder_module.CACHED_WORD_LENGTH + 1)
     encoder.encode(long_word)
     encoder.encode(long_word)
-    assert encoder.cached_bpe.cache_info().misses == len(words)  # the long word was never looked up in the cache
+    assert encoder.cached_word_ids.cache_info().misses == len(words)  # the long word was never looked up in the cache
 
 
 @pytest.mark.parametrize("max_tokens", [0, 1, 7, 30, 1000])
@@ -156,8 +156,8 @@ def test_max_tokens_gives_a_prefix_longer_than_max_tokens(encoder, max_tokens):
 
 def test_max_tokens_stops_early_on_a_huge_text(encoder, monkeypatch):
     words_merged = []
-    bpe = encoder.bpe
-    monkeypatch.setattr(encoder, "cached_bpe", lambda word: words_merged.append(word) or bpe(word))
+    word_ids = encoder.word_ids
+    monkeypatch.setattr(encoder, "cached_word_ids", lambda word: words_merged.append(word) or word_ids(word))
     huge = "one two three four five six " * 1_000_000  # 6 million words
     ids = encoder.encode(huge, max_tokens=1024)
     assert len(words_merged) == 1025  # every word here is one token: nothing after the stop was encoded
