@@ -303,3 +303,16 @@ def test_generate_without_num_samples_returns_one_list(tiny):
     one = gpt2.generate(ids, params, n_head, 5, temperature=1.0, seed=2)
     assert isinstance(one, list) and all(isinstance(t, int) for t in one)
     assert gpt2.generate(ids, params, n_head, 5, temperature=1.0, seed=2, num_samples=1) == [one]
+
+
+@pytest.mark.filterwarnings("error")
+def test_realistic_logits_sample_cleanly_and_tiny_temperatures_are_greedy(realistic_model):
+    # logits of real GPT-2's size (about -90 to 90): the draws are peaked, never NaN, never a warning
+    encoder, hparams, params = load_encoder_hparams_and_params(realistic_model.name, realistic_model.models_dir)
+    ids, n_head = encoder.encode(PROMPT), hparams["n_head"]
+    greedy = gpt2.generate(ids, params, n_head, 10)
+    assert gpt2.generate(ids, params, n_head, 10, temperature=1e-30, seed=0) == greedy
+    sampled = gpt2.generate(ids, params, n_head, 10, temperature=1.0, top_k=40, top_p=0.9, seed=0, num_samples=3)
+    assert all(len(s) == 10 and all(0 <= t < hparams["n_vocab"] for t in s) for s in sampled)
+    logits = gpt2.gpt2(ids, **params, n_head=n_head, last_only=True)
+    assert {s[0] for s in sampled} <= set(np.argsort(-logits)[:40].tolist())
