@@ -93,9 +93,21 @@ def test_top_p_keeps_exactly(top_p, expected):
     assert kept(mask[0]) == expected
 
 
+def test_top_p_keeps_what_rounding_would_hide():
+    # 1.0 is off even where the running sum reaches 1 before the tail; and a top_p the sum never reaches
+    # (its last bits lost to rounding) keeps every token rather than none
+    assert kept(gpt2.top_p_mask(np.array([[0.5, 0.5, 1e-20]]), 1.0)[0]) == {0, 1, 2}
+    assert kept(gpt2.top_p_mask(np.array([[0.5, 0.25, 0.25 - 1e-12]]), 1 - 1e-13)[0]) == {0, 1, 2}
+
+
 def test_top_p_works_row_by_row():
     mask = gpt2.top_p_mask(np.array([PROBS, PROBS[::-1]]), 0.8)
     assert kept(mask[0]) == {0, 1, 3} and kept(mask[1]) == {1, 3, 4}
+
+
+def test_temperature_0_is_argmax_row_by_row():
+    logits = np.array([[1.0, 3.0, 2.0, 0.0], [4.0, -1.0, 0.0, 4.5]], dtype=np.float32)
+    assert gpt2.sample(logits, gpt2.sampling_rngs(0, 2), temperature=0, top_k=1, top_p=0.1).tolist() == [1, 3]
 
 
 # the draw alone: inverse CDF
