@@ -34,7 +34,8 @@ def offline_tiktoken_gpt2(cache_dir):
     the names it looks for (the sha1 of their original URLs)."""
     base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
     for name in ("vocab.bpe", "encoder.json"):
-        shutil.copyfile(real_vocab_file(name), os.path.join(cache_dir, hashlib.sha1((base + name).encode()).hexdigest()))
+        cached_name = hashlib.sha1((base + name).encode()).hexdigest()
+        shutil.copyfile(real_vocab_file(name), os.path.join(cache_dir, cached_name))
     os.environ["TIKTOKEN_CACHE_DIR"] = str(cache_dir)
     import tiktoken
 

@@ -132,7 +132,8 @@ def test_bpe_merges_the_lowest_ranked_pair_first_and_the_leftmost_of_equals():
 def test_word_cache_stays_bounded(encoder):
     encoder.cached_word_ids.cache_clear()
     letters = "abcdefghijklmnopqrstuvwxyz"
-    words = [" " + "".join(letters[i // 26**k % 26] for k in range(4)) for i in range(encoder_module.CACHED_WORDS + 500)]
+    n_words = encoder_module.CACHED_WORDS + 500
+    words = [" " + "".join(letters[i // 26**k % 26] for k in range(4)) for i in range(n_words)]  # all different
     encoder.encode("".join(words))
     info = encoder.cached_word_ids.cache_info()
     assert info.currsize == encoder_module.CACHED_WORDS and info.misses == len(words)

@@ -68,7 +68,7 @@ def test_layer_norm_matches_torch():
     x = rng.standard_normal((2, 6, 64)) * 30 + 7  # a batch axis rides along; the offset must be removed
     x[0, 0] = 1e-3 * rng.standard_normal(64)  # variance 1e-6, where eps (1e-5) matters
     x[1, 1] = -40.0  # no variance at all: eps alone keeps it finite
-    x, g, b = x.astype(np.float32), rng.standard_normal(64).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+    x, g, b = (a.astype(np.float32) for a in (x, rng.standard_normal(64), rng.standard_normal(64)))
     ours = gpt2.layer_norm(x, g, b)
     expected = torch.nn.functional.layer_norm(torch.from_numpy(x), (64,), torch.from_numpy(g), torch.from_numpy(b),
                                               eps=1e-5).numpy()
@@ -98,7 +98,8 @@ def test_kv_cache_appends_in_place_and_repeats():
     cache.append(k1, v1)
     keys, values = cache.append(k2, v2)
     assert cache.length == 3
-    assert np.array_equal(keys, np.concatenate([k1, k2], axis=1)) and np.array_equal(values, np.concatenate([v1, v2], axis=1))
+    assert np.array_equal(keys, np.concatenate([k1, k2], axis=1))
+    assert np.array_equal(values, np.concatenate([v1, v2], axis=1))
     assert np.shares_memory(keys, cache.keys) and np.shares_memory(values, cache.values)  # views, never copies
 
     batched = cache.repeat(4)  # [4, n_head, capacity, d_head], each a copy of the history
