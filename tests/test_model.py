@@ -114,5 +114,5 @@ def test_kv_cache_appends_in_place_and_repeats():
 
     keys, _ = cache.append(new(2, 2, 3), new(2, 2, 3))  # exactly to capacity
     assert cache.length == 5 and keys.shape == (2, 5, 3)
-    with pytest.raises(ValueError, match="holds 5 positions"):
+    with pytest.raises(ValueError):  # (its wording, and what length says afterwards, are test_kv_cache.py's)
         cache.append(new(2, 1, 3), new(2, 1, 3))

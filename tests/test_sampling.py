@@ -108,6 +108,7 @@ def test_top_p_works_row_by_row():
 def test_temperature_0_is_argmax_row_by_row():
     logits = np.array([[1.0, 3.0, 2.0, 0.0], [4.0, -1.0, 0.0, 4.5]], dtype=np.float32)
     assert gpt2.sample(logits, gpt2.sampling_rngs(0, 2), temperature=0, top_k=1, top_p=0.1).tolist() == [1, 3]
+    assert gpt2.sample(logits, gpt2.sampling_rngs(0, 2)).tolist() == [1, 3]  # greedy is the default
 
 
 # the draw alone: inverse CDF
