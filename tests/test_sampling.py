@@ -1,6 +1,5 @@
 """Sampling: each filter alone on hand-made distributions and against HF's warpers, token frequencies after
 every filter, extreme temperatures; then seeds and batched samples on the tiny checkpoint."""
-import warnings
 
 import numpy as np
 import pytest
