@@ -1,6 +1,6 @@
 """Speed and memory of gpt2.py, measured side by side in one run against its peers and the hardware ceiling.
 
-    python bench.py [--models_dir DIR] [--new_tokens 100] [--skip_hf] [--skip_pico]
+    python bench.py [--models_dir DIR] [--new_tokens 100] [--skip_hf] [--skip_pico] [--only {model,tokenizer}]
 
 It writes a checkpoint with GPT-2 124M's shapes and random weights, in OpenAI's release layout, under
 --models_dir (default: a folder in the system temp dir; OpenAI's weights are not needed), then prints:
@@ -12,12 +12,16 @@ It writes a checkpoint with GPT-2 124M's shapes and random weights, in OpenAI's 
 - the time of 8 sampled continuations computed as one batch, against one;
 - wall time and peak RSS of a whole `python gpt2.py ... --n_tokens_to_generate 1` process, cold (first run:
   TensorFlow reads the checkpoint) and warm (converted params mapped from disk).
+and, for the tokenizer (`--only tokenizer` runs just this part; it needs no checkpoint, torch or TensorFlow),
+encoder.py against tiktoken: one 100,000-letter random word, and MB/s on ordinary text (Python's own
+documentation, from the standard library's pydoc_data), each with a cold word cache.
 Each comparison runs its sides in alternating rounds and keeps each side's best: the machine is shared, so only
 ratios taken in one run mean much.
 """
 import argparse
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -25,6 +29,7 @@ import tempfile
 import time
 
 import numpy as np
+import pydoc_data.topics
 
 import gpt2
 import gpt2_pico
@@ -182,6 +187,46 @@ def write_bench_model(models_dir, **shape):
     return model_dir
 
 
+def tokenizer_bench(report):
+    """encoder.py against tiktoken, on the worst case for BPE (one long word) and on ordinary text."""
+    from tests.release_layout import offline_tiktoken_gpt2, real_vocab_file
+
+    try:
+        with tempfile.TemporaryDirectory() as vocab_dir:  # get_encoder reads a model folder: give it one
+            os.makedirs(os.path.join(vocab_dir, "vocab"))
+            for name in ("encoder.json", "vocab.bpe"):
+                shutil.copyfile(real_vocab_file(name), os.path.join(vocab_dir, "vocab", name))
+            ours = get_encoder("vocab", vocab_dir)
+    except ImportError as e:
+        print(f"tokenizer not measured: the real vocabulary comes with the dev requirements ({e})", file=sys.stderr)
+        return
+    try:
+        with tempfile.TemporaryDirectory() as cache:
+            tiktoken = offline_tiktoken_gpt2(cache)
+    except ImportError as e:
+        tiktoken = None
+        print(f"tiktoken not compared (a dev requirement): {e}", file=sys.stderr)
+
+    def cold(text):  # the word cache emptied first, so every word is merged
+        return lambda: (ours.cached_word_ids.cache_clear(), ours.encode(text))
+
+    word = "".join(random.Random(0).choices("abcdefghijklmnopqrstuvwxyz", k=100_000))
+    text = "\n".join(pydoc_data.topics.topics.values())
+    megabytes = len(text.encode("utf-8")) / 1e6
+    if tiktoken:
+        assert ours.encode(word) == tiktoken.encode(word) and ours.encode(text) == tiktoken.encode(text)
+        ours_word, tik_word, ours_text, tik_text = alternating_best(
+            cold(word), lambda: tiktoken.encode(word), cold(text), lambda: tiktoken.encode(text))
+        report("tokenizer, one 100,000-letter word", f"{ours_word:.2f} s",
+               f"tiktoken {tik_word:.3f} s, {ours_word / tik_word:.0f}x (target: under 1 s)")
+        report(f"tokenizer, ordinary text ({megabytes:.2f} MB)", f"{megabytes / ours_text:.2f} MB/s",
+               f"tiktoken {megabytes / tik_text:.2f} MB/s, {tik_text / ours_text:.2f}x its speed")
+    else:
+        ours_word, ours_text = alternating_best(cold(word), cold(text))
+        report("tokenizer, one 100,000-letter word", f"{ours_word:.2f} s", "(target: under 1 s)")
+        report(f"tokenizer, ordinary text ({megabytes:.2f} MB)", f"{megabytes / ours_text:.2f} MB/s")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models_dir", default=os.path.join(tempfile.gettempdir(), "gpt2-bench"))
@@ -189,17 +234,23 @@ def main():
     parser.add_argument("--skip_hf", action="store_true", help="do not compare with HF transformers")
     parser.add_argument("--skip_pico", action="store_true", help="do not time the slow no-cache path")
     parser.add_argument("--skip_backward", action="store_true", help="do not time train.py's forward + backward")
+    parser.add_argument("--only", choices=["model", "tokenizer"], help="run one part of the benchmark")
     args = parser.parse_args()
     if args.new_tokens < 1:
         parser.error(f"--new_tokens must be at least 1, got {args.new_tokens}")
+
+    def report(name, value, note=""):
+        print(f"{name:44s} {value:>12s}  {note}", flush=True)
+
+    if args.only != "model":
+        tokenizer_bench(report)
+    if args.only == "tokenizer":
+        return
 
     model_dir = os.path.join(args.models_dir, MODEL)
     if not os.path.exists(os.path.join(model_dir, "checkpoint")):
         print(f"writing a random-weight checkpoint with 124M's shapes to {model_dir}", file=sys.stderr)
         write_bench_model(args.models_dir, n_layer=12, n_embd=768, n_head=12)
-
-    def report(name, value, note=""):
-        print(f"{name:44s} {value:>12s}  {note}", flush=True)
 
     forced = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
     print(f"numpy {np.__version__}, {os.cpu_count()} cores" + (f"; BLAS kernels forced by {forced}" if forced else ""))

@@ -5,6 +5,8 @@ characters, and adjacent symbols are merged pairwise, lowest-ranked merge first,
 left. Each final symbol is one token id from encoder.json.
 """
 import codecs
+import functools
+import heapq
 import json
 import os
 
@@ -13,6 +15,11 @@ import regex
 # GPT-2's pre-tokenizer: contractions, letters, numbers, other symbols, each optionally led by one
 # space; whitespace runs give all but their last space to the preceding run so " word" stays together.
 PRETOKENIZE = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+
+# The word cache's bounds: this many words, each of at most this many characters (longer words are rare, and
+# caching them would let a few runs of random text fill memory).
+CACHED_WORDS = 50_000
+CACHED_WORD_LENGTH = 100
 
 
 def bytes_to_unicode():
@@ -40,35 +47,61 @@ class Encoder:
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self.bpe_ranks = {pair: rank for rank, pair in enumerate(bpe_merges)}
-        self.cache = {}  # word -> its symbols; prose repeats words, so most lookups hit
+        # word -> its ids. Prose repeats words, so most lookups hit; the least recently used words are
+        # dropped beyond CACHED_WORDS, so a long-lived Encoder that meets millions of words stays small.
+        self.cached_word_ids = functools.lru_cache(maxsize=CACHED_WORDS)(self.word_ids)
 
     def bpe(self, word):
-        """Merge the characters of one pre-tokenized word into GPT-2 symbols."""
-        if word in self.cache:
-            return self.cache[word]
-        symbols = list(word)
-        while len(symbols) > 1:
-            pairs = set(zip(symbols, symbols[1:]))
-            best = min(pairs, key=lambda pair: self.bpe_ranks.get(pair, float("inf")))
-            if best not in self.bpe_ranks:
-                break
-            merged, i = [], 0
-            while i < len(symbols):  # merge every occurrence of `best`, left to right
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
-        self.cache[word] = symbols
-        return symbols
+        """Merge the characters of one pre-tokenized word into GPT-2 symbols.
 
-    def encode(self, text):
+        The adjacent pair ranked lowest in vocab.bpe is merged first (the leftmost, if it occurs more than
+        once), then the next lowest, until no adjacent pair is ranked. Rescanning the word for the best pair
+        after each merge would cost O(n^2) on a long word; instead the candidate pairs wait in a heap ordered
+        by (rank, position) and the symbols form a linked list, so each merge only re-pairs its two new
+        neighbours: O(n log n).
+        """
+        symbols = list(word)  # symbols[i] is None once it has been merged into the symbol on its left
+        after = [*range(1, len(word)), None]  # index of the next live symbol
+        before = [None, *range(len(word) - 1)]  # index of the previous live symbol
+        n = len(word)
+
+        def candidate(i):  # the pair starting at symbols[i] as one heap key, or None if it is not ranked
+            if i is None or after[i] is None:
+                return None
+            rank = self.bpe_ranks.get((symbols[i], symbols[after[i]]))
+            return None if rank is None else rank * n + i  # one int orders by rank, then position, and fast
+
+        candidates = [key for key in map(candidate, range(n)) if key is not None]
+        heapq.heapify(candidates)
+        while candidates:
+            rank, i = divmod(heapq.heappop(candidates), n)
+            j = after[i]
+            if symbols[i] is None or j is None or self.bpe_ranks.get((symbols[i], symbols[j])) != rank:
+                continue  # stale: one side of this pair has been merged into another symbol since
+            symbols[i], symbols[j] = symbols[i] + symbols[j], None  # j joins i
+            after[i] = after[j]
+            if after[j] is not None:
+                before[after[j]] = i
+            for key in (candidate(before[i]), candidate(i)):  # the merged symbol pairs anew with both neighbours
+                if key is not None:
+                    heapq.heappush(candidates, key)
+        return [s for s in symbols if s is not None]
+
+    def word_ids(self, word):
+        """The ids of one pre-tokenized word: its UTF-8 bytes spelled in printable characters, then merged."""
+        spelled = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+        return [self.encoder[symbol] for symbol in self.bpe(spelled)]
+
+    def encode(self, text, max_tokens=None):
+        """The token ids of text. With max_tokens, stop early once more than max_tokens ids are produced: the
+        result is then a prefix of the full encoding, longer than max_tokens, and a huge text is refused
+        without encoding all of it."""
         ids = []
-        for word in PRETOKENIZE.findall(text):
-            spelled = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
-            ids.extend(self.encoder[symbol] for symbol in self.bpe(spelled))
+        for match in PRETOKENIZE.finditer(text):  # finditer, not findall: the words are cut only as needed
+            word = match[0]
+            ids.extend(self.cached_word_ids(word) if len(word) <= CACHED_WORD_LENGTH else self.word_ids(word))
+            if max_tokens is not None and len(ids) > max_tokens:
+                break
         return ids
 
     def decode_bytes(self, ids):

@@ -140,27 +140,54 @@ def new_kv_cache(params, n_head, capacity):
     return [KVCache((n_head, capacity, d_head)) for _ in params["blocks"]]
 
 
+def top_k_mask(logits, top_k):  # [n_samples, n_vocab] -> [n_samples, n_vocab] of bool
+    """The tokens top_k keeps: each row's top_k largest logits, and any tied with the k-th (top_k 0: all)."""
+    if not 0 < top_k < logits.shape[-1]:  # a top_k as large as the vocabulary keeps every token
+        return np.ones(logits.shape, dtype=bool)
+    kth_largest = np.partition(logits, -top_k, axis=-1)[:, -top_k, None]
+    return logits >= kth_largest
+
+
+def top_p_mask(probs, top_p):  # [n_samples, n_vocab] -> [n_samples, n_vocab] of bool
+    """The tokens the nucleus keeps: each row's fewest most likely tokens whose probabilities add up to top_p
+    (so the token that crosses top_p is kept), and any tied with the last of them (top_p 1.0: all)."""
+    if top_p >= 1.0:
+        return np.ones(probs.shape, dtype=bool)
+    descending = -np.sort(-probs, axis=-1)
+    n_before = np.sum(np.cumsum(descending, axis=-1) < top_p, axis=-1)  # tokens before the one reaching top_p
+    smallest_kept = np.take_along_axis(descending, np.minimum(n_before, probs.shape[-1] - 1)[:, None], axis=-1)
+    return probs >= smallest_kept
+
+
+def draw(probs, uniforms):  # [n_samples, n_vocab], [n_samples] -> [n_samples]
+    """Inverse-CDF sampling: for u in [0, 1), the first token whose cumulative probability passes u * total.
+    The probabilities need not add up to 1, and a token of probability 0 is never drawn."""
+    tokens = []
+    for cdf, u in zip(np.cumsum(probs, axis=-1), uniforms):
+        last = np.searchsorted(cdf, cdf[-1])  # the last token of nonzero probability, in case u * total rounds up
+        tokens.append(min(np.searchsorted(cdf, u * cdf[-1], side="right"), last))
+    return np.array(tokens)
+
+
 def sample(logits, rngs, temperature=0.0, top_k=0, top_p=1.0):  # [n_samples, n_vocab] -> [n_samples]
     """Each sample's next token: the most likely one when temperature is 0, otherwise a draw from
-    softmax(logits / temperature) restricted to the top_k most likely tokens (0: all) and then to the nucleus,
-    the fewest most likely tokens whose probabilities add up to top_p (1.0: all). Tokens tied with the last
-    one kept are kept too. Sample i draws one number from rngs[i], so it gets the same token whether it is
-    sampled alone or in a batch."""
+    softmax(logits / temperature) restricted to the top_k most likely tokens and then to the nucleus of
+    top_p (HF transformers' order). Sample i draws one number from rngs[i], so it gets the same token
+    whether it is sampled alone or in a batch."""
     if temperature == 0:
         return np.argmax(logits, axis=-1)
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:  # a top_k as large as the vocabulary keeps every token
-        kth_largest = np.partition(logits, -top_k, axis=-1)[:, -top_k, None]
-        logits = np.where(logits < kth_largest, -np.inf, logits)
-    probs = softmax(logits).astype(np.float64)  # float64: running sums over 50257 float32 values would drift
-    if top_p < 1.0:
-        descending = -np.sort(-probs, axis=-1)
-        n_before = np.sum(np.cumsum(descending, axis=-1) < top_p, axis=-1)  # tokens before the one reaching top_p
-        smallest_kept = np.take_along_axis(descending, np.minimum(n_before, probs.shape[-1] - 1)[:, None], axis=-1)
-        probs = np.where(probs < smallest_kept, 0.0, probs)
-    cdf = np.cumsum(probs, axis=-1)
-    draws = np.array([rng.random() for rng in rngs])[:, None] * cdf[:, -1:]
-    return np.minimum(np.sum(cdf <= draws, axis=-1), probs.shape[-1] - 1)  # first token whose cdf passes the draw
+    # float64, and the largest logit subtracted before dividing: a tiny temperature then sends every other
+    # logit to -inf (probability 0: greedy) rather than all of them to +-inf (inf - inf = nan), and the running
+    # sums over 50257 probabilities do not drift.
+    probs = logits.astype(np.float64)  # the steps below work in place: each fresh array costs page faults
+    probs -= np.max(probs, axis=-1, keepdims=True)
+    with np.errstate(over="ignore"):  # that overflow to -inf is the intended result
+        probs /= temperature
+    np.exp(probs, out=probs)
+    probs[~top_k_mask(logits, top_k)] = 0.0
+    probs /= np.sum(probs, axis=-1, keepdims=True)  # the largest logit's weight is 1: never 0 / 0
+    probs[~top_p_mask(probs, top_p)] = 0.0
+    return draw(probs, [rng.random() for rng in rngs])
 
 
 def sampling_rngs(seed, n_samples):

@@ -1,6 +1,4 @@
-import hashlib
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 
@@ -11,7 +9,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project is a folder of modules, not an installed package
 
-from tests.release_layout import real_vocab_file, write_model_dir  # noqa: E402
+from tests.release_layout import offline_tiktoken_gpt2, write_model_dir  # noqa: E402
 
 
 @dataclass
@@ -55,13 +53,27 @@ def wide_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiktoken_gpt2(tmp_path_factory):
-    """tiktoken's "gpt2" encoding, offline: its cache is filled with the real files under the names it looks for."""
-    cache = tmp_path_factory.mktemp("tiktoken_cache")
-    base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-    for name in ("vocab.bpe", "encoder.json"):
-        shutil.copyfile(real_vocab_file(name), cache / hashlib.sha1((base + name).encode()).hexdigest())
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
-    import tiktoken
+def realistic_model(tmp_path_factory):
+    """The tiny shape with logits of real GPT-2's size (about -100 to 100, where the others' are 1 to 3)."""
+    return make_model(tmp_path_factory, "realistic", n_layer=2, n_embd=64, n_head=4, seed=2, logit_scale=120.0)
 
-    return tiktoken.get_encoding("gpt2")
+
+@pytest.fixture(scope="session")
+def tiktoken_gpt2(tmp_path_factory):
+    """tiktoken's "gpt2" encoding, offline (see release_layout.offline_tiktoken_gpt2)."""
+    return offline_tiktoken_gpt2(tmp_path_factory.mktemp("tiktoken_cache"))
+
+
+MODEL_FIXTURES = {"tiny_model", "wide_model", "realistic_model"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "checkpoint: the test writes a model checkpoint first (slow to set up)")
+
+
+def pytest_collection_modifyitems(items):
+    # Lets a run pick the fast tests alone (`-m "not checkpoint"`), as the mutation testing in setup.cfg does.
+    for item in items:
+        params = getattr(item, "callspec", None) and item.callspec.params.values()
+        if MODEL_FIXTURES & set(item.fixturenames) or MODEL_FIXTURES & set(map(str, params or ())):
+            item.add_marker("checkpoint")

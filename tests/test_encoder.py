@@ -1,9 +1,11 @@
 """Our BPE against tiktoken's "gpt2" encoding, token for token."""
 import os
+import random
 
 import pytest
 
-from encoder import bytes_to_unicode, get_encoder
+import encoder as encoder_module
+from encoder import Encoder, bytes_to_unicode, get_encoder
 from tests.release_layout import real_vocab_file
 
 CORPUS = [
@@ -87,3 +89,77 @@ def test_invalid_utf8_decodes_to_replacement_character(encoder):
     ids = encoder.encode("🙂")
     assert len(ids) > 1
     assert encoder.decode(ids[:1]) == "\ufffd"
+
+
+ALPHABETS = {
+    "latin": "abcdefghijklmnopqrstuvwxyz",
+    "mixed case and digits": "aAbBeEsStT0123456789",
+    "greek": "αβγδεζηθικλμνξοπρστυφχψω",
+    "cyrillic": "абвгдеёжзийклмнопрстуфхцчшщ",
+    "cjk": "的一是不了人我在有他这中大来上国个到说们",
+    "emoji": "🙂🙃😀😂👍🏻👍🏿🇯🇵❤️",
+    "bytes": "".join(map(chr, range(0x80, 0x100))),
+}
+
+
+@pytest.mark.parametrize("alphabet", ALPHABETS.values(), ids=ALPHABETS.keys())
+def test_long_random_words_match_tiktoken(encoder, tiktoken_gpt2, alphabet):
+    # Long words are where the merge order matters most: thousands of candidate pairs, many of equal rank
+    rng = random.Random(len(alphabet))
+    for length in (1, 2, 3, 50, 1000, 20_000):
+        word = "".join(rng.choices(alphabet, k=length))
+        assert encoder.encode(word) == tiktoken_gpt2.encode(word, disallowed_special=()), (alphabet, length)
+
+
+@pytest.mark.parametrize("run", ["a" * 20_001, "ab" * 10_000, "aab" * 7000, "\u00e9" * 9999, "1" * 5000 + "x"])
+def test_long_runs_match_tiktoken(encoder, tiktoken_gpt2, run):
+    # Runs of one pattern are the worst case for "merge the leftmost of equal pairs first"
+    assert encoder.encode(run) == tiktoken_gpt2.encode(run, disallowed_special=())
+
+
+def test_bpe_merges_the_lowest_ranked_pair_first_and_the_leftmost_of_equals():
+    # A toy vocabulary, where the answer can be worked out by hand
+    merges = [("b", "c"), ("a", "b"), ("a", "a"), ("aa", "a"), ("a", "bc")]
+    toy = Encoder({}, merges)
+    assert toy.bpe("abc") == ["abc"]  # (b, c) outranks (a, b), so a + bc, not ab + c
+    assert toy.bpe("aaa") == ["aaa"]  # (a, a) leftmost first: aa + a, which is ranked
+    assert toy.bpe("aaaa") == ["aa", "aa"]  # then the next pair of a's, and (aa, aa) is not ranked
+    assert toy.bpe("abab") == ["ab", "ab"]
+    assert toy.bpe("cab") == ["c", "ab"]
+    assert toy.bpe("") == [] and toy.bpe("x") == ["x"] and toy.bpe("xy") == ["x", "y"]
+
+
+def test_word_cache_stays_bounded(encoder):
+    encoder.cached_word_ids.cache_clear()
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    n_words = encoder_module.CACHED_WORDS + 500
+    words = [" " + "".join(letters[i // 26**k % 26] for k in range(4)) for i in range(n_words)]  # all different
+    encoder.encode("".join(words))
+    info = encoder.cached_word_ids.cache_info()
+    assert info.currsize == encoder_module.CACHED_WORDS and info.misses == len(words)
+    long_word = "x" * (encoder_module.CACHED_WORD_LENGTH + 1)
+    encoder.encode(long_word)
+    encoder.encode(long_word)
+    assert encoder.cached_word_ids.cache_info().misses == len(words)  # the long word was never looked up in the cache
+
+
+@pytest.mark.parametrize("max_tokens", [0, 1, 7, 30, 1000])
+def test_max_tokens_gives_a_prefix_longer_than_max_tokens(encoder, max_tokens):
+    text = CORPUS[0] + " " + CORPUS[3] + " " + CORPUS[26]
+    full = encoder.encode(text)
+    assert len(full) < 1000
+    assert encoder.encode(text, max_tokens=1000) == full  # never reached: the whole encoding
+    if max_tokens < len(full):
+        ids = encoder.encode(text, max_tokens=max_tokens)
+        assert max_tokens < len(ids) < len(full)
+        assert ids == full[:len(ids)]
+
+
+def test_max_tokens_stops_early_on_a_huge_text(encoder, monkeypatch):
+    words_merged = []
+    word_ids = encoder.word_ids
+    monkeypatch.setattr(encoder, "cached_word_ids", lambda word: words_merged.append(word) or word_ids(word))
+    huge = "one two three four five six " * 1_000_000  # 6 million words
+    ids = encoder.encode(huge, max_tokens=1024)
+    assert len(words_merged) == 1025  # every word here is one token: nothing after the stop was encoded
+    assert len(ids) == 1025 and ids == encoder.encode(huge[:10_000])[:1025]

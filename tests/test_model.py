@@ -1,4 +1,5 @@
-"""Logits and greedy tokens against HF transformers' GPT2LMHeadModel holding the same weights."""
+"""Logits and greedy tokens against HF transformers' GPT2LMHeadModel holding the same weights, at the test models'
+small logits and at real GPT-2's magnitude; and the model's pieces (layer_norm, attention, KVCache) alone."""
 import numpy as np
 import pytest
 import torch
@@ -12,7 +13,7 @@ PROMPT_30 = ("Alan Turing theorized that computers would one day become the most
              "and he was right about that, as it turned out.")
 
 
-@pytest.fixture(scope="module", params=["tiny_model", "wide_model"])
+@pytest.fixture(scope="module", params=["tiny_model", "wide_model", "realistic_model"])
 def loaded(request):
     model = request.getfixturevalue(request.param)
     encoder, hparams, params = load_encoder_hparams_and_params(model.name, model.models_dir)
@@ -31,15 +32,15 @@ def test_prompt_is_30_tokens(loaded):
 
 @pytest.mark.parametrize("impl", [gpt2, gpt2_pico], ids=["gpt2", "gpt2_pico"])
 def test_logits_match_hf(loaded, impl):
-    _, encoder, hparams, params, hf = loaded
+    model, encoder, hparams, params, hf = loaded
     ids = encoder.encode(PROMPT_30)
     logits = impl.gpt2(ids, **params, n_head=hparams["n_head"])
     expected = hf_logits(hf, ids)
     assert logits.dtype == np.float32
     assert logits.shape == (30, hparams["n_vocab"])
-    diff = np.abs(logits - expected).max()
-    print(f"max |logits - HF| = {diff:.3g} ({impl.__name__}, n_embd {hparams['n_embd']})")
-    assert diff <= 1e-4
+    diff, magnitude = np.abs(logits - expected).max(), np.abs(expected).max()
+    print(f"max |logits - HF| = {diff:.3g} of logits up to {magnitude:.3g} ({impl.__name__}, {model.name})")
+    assert diff <= 1e-4 * max(1.0, magnitude / 30)  # float32 rounding grows with the logits' size
 
 
 def test_greedy_tokens_match_hf(loaded):
@@ -52,3 +53,66 @@ def test_greedy_tokens_match_hf(loaded):
     assert len(expected) == 20 and len(set(expected)) >= 5  # a degenerate model would make this test weak
     assert gpt2.generate(ids, params, hparams["n_head"], 20) == expected
     assert gpt2_pico.generate(ids, params, hparams["n_head"], 20) == expected
+
+
+def test_realistic_model_has_real_gpt2_magnitudes(realistic_model):
+    encoder, hparams, params = load_encoder_hparams_and_params(realistic_model.name, realistic_model.models_dir)
+    logits = gpt2.gpt2(encoder.encode(PROMPT_30), **params, n_head=hparams["n_head"])
+    assert 50 < np.abs(logits).max() < 200 and logits.std() > 10
+
+
+# the pieces alone, against PyTorch (fast: no checkpoint)
+
+def test_layer_norm_matches_torch():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 6, 64)) * 30 + 7  # a batch axis rides along; the offset must be removed
+    x[0, 0] = 1e-3 * rng.standard_normal(64)  # variance 1e-6, where eps (1e-5) matters
+    x[1, 1] = -40.0  # no variance at all: eps alone keeps it finite
+    x, g, b = (a.astype(np.float32) for a in (x, rng.standard_normal(64), rng.standard_normal(64)))
+    ours = gpt2.layer_norm(x, g, b)
+    expected = torch.nn.functional.layer_norm(torch.from_numpy(x), (64,), torch.from_numpy(g), torch.from_numpy(b),
+                                              eps=1e-5).numpy()
+    assert ours.dtype == np.float32 and ours.shape == x.shape
+    np.testing.assert_allclose(ours, expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_q, n_k", [(7, 7), (3, 7), (1, 7), (1, 1)])
+def test_attention_matches_torch(n_q, n_k):
+    # n_q < n_k: the queries are the last n_q positions, as with a cache; scores of GPT-2's size (tens)
+    rng = np.random.default_rng(n_q * 10 + n_k)
+    q, k, v = (rng.standard_normal((4, n, 16)).astype(np.float32) * 3 for n in (n_q, n_k, n_k))
+    may_see = np.tril(np.ones((n_q, n_k), dtype=bool), k=n_k - n_q)  # query i sits at position n_k - n_q + i
+    expected = torch.nn.functional.scaled_dot_product_attention(*map(torch.from_numpy, (q, k, v)),
+                                                                attn_mask=torch.from_numpy(may_see)).numpy()
+    ours = gpt2.attention(q, k, v)
+    assert ours.dtype == np.float32 and ours.shape == (4, n_q, 16)
+    np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_appends_in_place_and_repeats():
+    rng = np.random.default_rng(0)
+    new = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    cache = gpt2.KVCache((2, 5, 3))  # [n_head, capacity, d_head]
+    assert cache.length == 0 and cache.keys.dtype == cache.values.dtype == np.float32
+    k1, v1, k2, v2 = new(2, 2, 3), new(2, 2, 3), new(2, 1, 3), new(2, 1, 3)
+    cache.append(k1, v1)
+    keys, values = cache.append(k2, v2)
+    assert cache.length == 3
+    assert np.array_equal(keys, np.concatenate([k1, k2], axis=1))
+    assert np.array_equal(values, np.concatenate([v1, v2], axis=1))
+    assert np.shares_memory(keys, cache.keys) and np.shares_memory(values, cache.values)  # views, never copies
+
+    batched = cache.repeat(4)  # [4, n_head, capacity, d_head], each a copy of the history
+    assert batched.length == 3 and batched.keys.shape == (4, 2, 5, 3) and batched.keys.dtype == np.float32
+    k3, v3 = new(4, 2, 1, 3), new(4, 2, 1, 3)
+    keys, values = batched.append(k3, v3)
+    assert batched.length == 4 and keys.shape == values.shape == (4, 2, 4, 3)
+    for i in range(4):
+        assert np.array_equal(keys[i], np.concatenate([k1, k2, k3[i]], axis=1))
+        assert np.array_equal(values[i], np.concatenate([v1, v2, v3[i]], axis=1))
+    assert cache.length == 3 and np.array_equal(cache.keys[:, 2:3], k2)  # the original goes on untouched
+
+    keys, _ = cache.append(new(2, 2, 3), new(2, 2, 3))  # exactly to capacity
+    assert cache.length == 5 and keys.shape == (2, 5, 3)
+    with pytest.raises(ValueError):  # (its wording, and what length says afterwards, are test_kv_cache.py's)
+        cache.append(new(2, 1, 3), new(2, 1, 3))
