@@ -86,6 +86,8 @@ def read_prompt(prompt, prompt_file=None):
 
 
 def check_fits(n_prompt, n_tokens_to_generate, n_ctx):
+    """n_prompt above n_ctx may be a count that stopped early (Encoder.encode's max_tokens)."""
+    check(n_prompt <= n_ctx, f"the prompt is more than {n_ctx} tokens, the model's whole context")
     # The last new token is returned, never fed back, so it takes no position of the context.
     check(n_prompt + n_tokens_to_generate - 1 <= n_ctx,
           f"the prompt is {n_prompt} token{'s' * (n_prompt != 1)} and --n_tokens_to_generate is "

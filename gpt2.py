@@ -277,7 +277,8 @@ def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="mode
     encoder, hparams = get_encoder(model_size, models_dir), utils.load_hparams(model_dir)
 
     def prompt_ids(text):
-        ids = encoder.encode(check_text(text, "the prompt")) or [ENDOFTEXT]
+        # Encoding stops past the context, so a prompt file of any size is refused at once.
+        ids = encoder.encode(check_text(text, "the prompt"), max_tokens=hparams["n_ctx"]) or [ENDOFTEXT]
         check_fits(len(ids), n_tokens_to_generate, hparams["n_ctx"])
         check_memory(hparams, num_samples, len(ids) + n_tokens_to_generate - 1)
         return ids

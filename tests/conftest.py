@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 

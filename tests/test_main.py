@@ -145,3 +145,15 @@ def test_prompt_too_long_for_the_context_fails_before_loading_weights(run, monke
     with pytest.raises(ValueError, match=r"the prompt is 1000 tokens .* 40: together they need 1039 positions, "
                                          r"more than .* 1024"):
         run(" a" * 1000)
+
+
+def test_a_huge_prompt_is_refused_without_encoding_all_of_it(tiny_model, monkeypatch):
+    import encoder
+
+    merged = []
+    word_ids = encoder.Encoder.word_ids
+    monkeypatch.setattr(encoder.Encoder, "word_ids", lambda self, word: merged.append(word) or word_ids(self, word))
+    prompt = " ".join(f"w{i}" for i in range(200_000))  # distinct words, so no cache hides the work
+    with pytest.raises(ValueError, match=r"^the prompt is more than 1024 tokens, the model's whole context$"):
+        gpt2.main(prompt, model_size=tiny_model.name, models_dir=tiny_model.models_dir)
+    assert 0 < len(merged) <= 1025  # each word is at least one token: encoding stopped right after the context
