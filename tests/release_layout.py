@@ -79,14 +79,18 @@ def hf_model(tensors, hparams):
                         n_layer=hparams["n_layer"], n_head=hparams["n_head"], activation_function="gelu_new",
                         layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(config).eval()
-    state = {}
-    for name, array in tensors.items():
-        *path, leaf = name.removeprefix("model/").split("/")
-        path = [f"h.{p[1:]}" if p.startswith("h") else p for p in path]  # h3 -> h.3
-        leaf = {"g": "weight", "w": "weight", "b": "bias"}.get(leaf, f"{leaf}.weight")  # wte -> wte.weight
-        key = ".".join(["transformer", *path, leaf])
-        state[key] = torch.from_numpy(np.array(array[0] if array.ndim == 3 else array))  # HF's Conv1D is [in, out] too
+    # HF's Conv1D weights are [in, out] too
+    state = {hf_name(name): torch.from_numpy(np.array(array[0] if array.ndim == 3 else array))
+             for name, array in tensors.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     model.tie_weights()
     return model
+
+
+def hf_name(name):
+    """HF's parameter name for a checkpoint variable: model/h3/ln_1/g -> transformer.h.3.ln_1.weight."""
+    *path, leaf = name.removeprefix("model/").split("/")
+    path = [f"h.{p[1:]}" if p.startswith("h") else p for p in path]  # h3 -> h.3
+    leaf = {"g": "weight", "w": "weight", "b": "bias"}.get(leaf, f"{leaf}.weight")  # wte -> wte.weight
+    return ".".join(["transformer", *path, leaf])

@@ -1,0 +1,111 @@
+"""The hand-written backward pass (train.py) against PyTorch autograd and against finite differences."""
+import numpy as np
+import pytest
+
+import train
+from tests.release_layout import hf_model, hf_name
+from utils import nest
+
+
+def params_of(model, dtype=np.float32):
+    """The params tree of a test checkpoint, as writable arrays of dtype."""
+    flat = {name.removeprefix("model/"): np.array(a[0] if a.ndim == 3 else a, dtype=dtype)
+            for name, a in model.tensors.items()}
+    return nest(flat, model.hparams["n_layer"])
+
+
+def flatten(tree, prefix=""):
+    """{"h0/attn/c_attn/w": array, ...}: the checkpoint's names for the leaves of a params-shaped tree."""
+    if isinstance(tree, np.ndarray):
+        return {prefix.rstrip("/"): tree}
+    if isinstance(tree, list):  # the blocks: block i's names start with h{i}/
+        return {name: leaf for i, block in enumerate(tree) for name, leaf in flatten(block, f"h{i}/").items()}
+    return {name: leaf for key, sub in tree.items() for name, leaf in flatten(sub, f"{prefix}{key}/").items()}
+
+
+def random_batch(n_vocab, batch, seq, seed=0):
+    tokens = np.random.default_rng(seed).integers(0, n_vocab, size=(batch, seq + 1))
+    return tokens[:, :-1], tokens[:, 1:]  # the targets are the inputs shifted by one
+
+
+def torch_loss_and_grads(model, inputs, targets):
+    import torch
+
+    hf = hf_model(model.tensors, model.hparams)
+    logits = hf(torch.from_numpy(inputs)).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.from_numpy(targets).reshape(-1))
+    loss.backward()
+    grads = dict(hf.named_parameters())
+    return loss.item(), {name.removeprefix("model/"): grads[hf_name(name)].grad.numpy() for name in model.tensors}
+
+
+@pytest.mark.parametrize("model_name", ["tiny_model", "wide_model"])
+def test_gradients_equal_pytorch_autograd(request, model_name):
+    model = request.getfixturevalue(model_name)
+    inputs, targets = random_batch(model.hparams["n_vocab"], batch=3, seq=24)
+    loss, grads = train.loss_and_grads(params_of(model), inputs, targets, model.hparams["n_head"])
+    torch_loss, torch_grads = torch_loss_and_grads(model, inputs, targets)
+
+    assert isinstance(loss, float) and loss == pytest.approx(torch_loss, abs=1e-5)
+    ours = flatten(grads)
+    assert set(ours) == set(torch_grads)
+    worst = {}
+    for name, expected in torch_grads.items():
+        assert ours[name].dtype == np.float32 and ours[name].shape == expected.shape, name
+        worst[name] = np.max(np.abs(ours[name] - expected)) / np.max(np.abs(expected))
+    print(f"\n{model_name}: loss {loss:.6f} vs torch {torch_loss:.6f}; worst relative gradient difference "
+          f"{max(worst.values()):.2e} ({max(worst, key=worst.get)})")
+    assert max(worst.values()) <= 1e-4, worst
+
+
+def test_gradients_keep_the_params_tree(tiny_model):
+    params = params_of(tiny_model)
+    inputs, targets = random_batch(tiny_model.hparams["n_vocab"], batch=2, seq=5)
+    _, grads = train.loss_and_grads(params, inputs, targets, tiny_model.hparams["n_head"])
+    assert {k: v.shape for k, v in flatten(grads).items()} == {k: v.shape for k, v in flatten(params).items()}
+    assert isinstance(grads["blocks"], list) and len(grads["blocks"]) == len(params["blocks"])
+
+
+def test_lm_loss_is_the_training_loss(tiny_model):
+    params = params_of(tiny_model)
+    inputs, targets = random_batch(tiny_model.hparams["n_vocab"], batch=2, seq=9, seed=3)
+    loss, _ = train.loss_and_grads(params, inputs, targets, tiny_model.hparams["n_head"])
+    assert train.lm_loss(params, inputs, targets, tiny_model.hparams["n_head"]) == pytest.approx(loss, rel=1e-6)
+
+
+def test_gradients_equal_finite_differences_in_float64(tiny_model):
+    params = params_of(tiny_model, np.float64)
+    n_head = tiny_model.hparams["n_head"]
+    inputs, targets = random_batch(tiny_model.hparams["n_vocab"], batch=2, seq=6, seed=1)
+    _, grads = train.loss_and_grads(params, inputs, targets, n_head)
+    grads = flatten(grads)
+    assert all(g.dtype == np.float64 for g in grads.values())
+    rng = np.random.default_rng(0)
+    h = 1e-5  # in float64 the loss (about 11) is exact to about 1e-14, so a difference quotient to about 1e-9
+    for name, leaf in flatten(params).items():
+        coordinates = [tuple(rng.integers(0, n) for n in leaf.shape) for _ in range(3)]
+        if name == "wte":  # rows the inputs look up get both uses' gradient; others only the LM head's
+            coordinates += [(inputs[0, 0], 5), (inputs[1, 2], 0)]
+        if name == "wpe":  # positions past the sequence get no gradient at all
+            coordinates += [(0, 3), (5, 1), (6, 2)]
+        for index in coordinates:
+            saved = leaf[index]
+            leaf[index] = saved + h
+            above = train.lm_loss(params, inputs, targets, n_head)
+            leaf[index] = saved - h
+            below = train.lm_loss(params, inputs, targets, n_head)
+            leaf[index] = saved
+            numeric = (above - below) / (2 * h)
+            assert grads[name][index] == pytest.approx(numeric, rel=1e-5, abs=1e-8), (name, index)
+
+
+def test_a_batch_gradient_is_the_mean_of_its_examples(tiny_model):
+    params = params_of(tiny_model, np.float64)
+    n_head = tiny_model.hparams["n_head"]
+    inputs, targets = random_batch(tiny_model.hparams["n_vocab"], batch=3, seq=7, seed=2)
+    loss, grads = train.loss_and_grads(params, inputs, targets, n_head)
+    alone = [train.loss_and_grads(params, inputs[i:i + 1], targets[i:i + 1], n_head) for i in range(3)]
+    assert loss == pytest.approx(np.mean([one_loss for one_loss, _ in alone]), rel=1e-12)
+    for name, batch_grad in flatten(grads).items():
+        mean_grad = np.mean([flatten(g)[name] for _, g in alone], axis=0)
+        np.testing.assert_allclose(batch_grad, mean_grad, rtol=1e-9, atol=1e-14, err_msg=name)
