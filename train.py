@@ -230,7 +230,6 @@ def lm_loss(params, inputs, targets, n_head):
 import csv
 import hashlib
 import json
-import math
 import os
 import shutil
 import signal
@@ -239,10 +238,8 @@ import time
 
 import filelock
 import fire
-import numpy as np
 from tqdm import tqdm
 
-import gpt2
 import utils
 from encoder import get_encoder
 
@@ -347,10 +344,11 @@ def tree_map(fn, *trees):
 
 
 def leaves(tree, name=""):
-    """(checkpoint name, array) for every array in the tree: "h3/attn/c_attn/w" for blocks[3]["attn"]..."""
+    """(checkpoint name, array) for every array in the tree: "h3/attn/c_attn/w" for blocks[3]["attn"]... Keys go
+    in sorted order, so that two trees of the same shape (params and grads) give their arrays in the same order."""
     if isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from leaves(value, f"{name}/{key}" if name else key)
+        for key in sorted(tree):
+            yield from leaves(tree[key], f"{name}/{key}" if name else key)
     elif isinstance(tree, list):
         for i, value in enumerate(tree):
             yield from leaves(value, f"h{i}")
