@@ -78,12 +78,21 @@ def gelu_backward(dout, x):
     return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * math.sqrt(2.0 / math.pi) * (1.0 + 3 * 0.044715 * x2))
 
 
+def matmul(a, b):  # [..., n, k] @ [..., k, m] -> [..., n, m]
+    """a @ b for stacks of matrices, at BLAS speed. NumPy hands a stack to BLAS only when the stack has a single
+    leading axis and both operands are contiguous; [batch, n_head, ...] stacks and transposed views fall back to
+    a loop about 10x slower. So both are copied contiguous and flattened to one leading axis first."""
+    lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a, b = (np.ascontiguousarray(np.broadcast_to(t, (*lead, *t.shape[-2:]))).reshape(-1, *t.shape[-2:]) for t in (a, b))
+    return (a @ b).reshape(*lead, a.shape[-2], b.shape[-1])
+
+
 def attention_forward(q, k, v):  # 3 x [batch, n_head, seq, d_head] -> [batch, n_head, seq, d_head]
-    scores = q @ k.swapaxes(-1, -2)  # -> [batch, n_head, seq, seq]
+    scores = matmul(q, k.swapaxes(-1, -2))  # -> [batch, n_head, seq, seq]
     scores /= math.sqrt(q.shape[-1])
     scores += causal_mask(q.shape[-2], k.shape[-2])
     weights = softmax(scores)
-    return weights @ v, (q, k, v, weights)
+    return matmul(weights, v), (q, k, v, weights)
 
 
 def attention_backward(dout, cache):  # [batch, n_head, seq, d_head] -> 3 x [batch, n_head, seq, d_head]
@@ -93,12 +102,12 @@ def attention_backward(dout, cache):  # [batch, n_head, seq, d_head] -> 3 x [bat
     # scores = q @ k.T / sqrt(d): dq = dscores @ k / sqrt(d),   dk = dscores.T @ q / sqrt(d)
     # The causal mask is a constant: a masked weight is 0, so its dscores is 0 and no gradient leaks to the future.
     q, k, v, weights = cache
-    dv = weights.swapaxes(-1, -2) @ dout
-    dscores = dout @ v.swapaxes(-1, -2)  # dweights, turned into dscores in place:
+    dv = matmul(weights.swapaxes(-1, -2), dout)
+    dscores = matmul(dout, v.swapaxes(-1, -2))  # dweights, turned into dscores in place:
     dscores -= np.sum(dscores * weights, axis=-1, keepdims=True)
     dscores *= weights
     dscores /= math.sqrt(q.shape[-1])
-    return dscores @ k, dscores.swapaxes(-1, -2) @ q, dv
+    return matmul(dscores, k), matmul(dscores.swapaxes(-1, -2), q), dv
 
 
 def mha_forward(x, c_attn, c_proj, n_head):  # [batch, seq, C] -> [batch, seq, C]
