@@ -584,40 +584,48 @@ def check_out_name(out_name, models_dir, resume, overwrite):
     return run_dir
 
 
-def source_model(init_from, models_dir, flags):
-    """(hparams, folder holding the weights or None for scratch, folder holding encoder.json and vocab.bpe)."""
+def check_init_from(init_from, models_dir, flags):
+    """What can be known about --init_from and the model's shape before anything is downloaded."""
     if init_from == "scratch":
         check(flags["n_embd"] % flags["n_head"] == 0,
               f"--n_embd {flags['n_embd']} must be divisible by --n_head {flags['n_head']}")
         check(flags["block_size"] <= flags["n_ctx"], f"--block_size {flags['block_size']} is longer than --n_ctx "
                                                      f"{flags['n_ctx']}, the model's context")
-        hparams = {"n_vocab": 50257, **{k: flags[k] for k in ("n_ctx", "n_embd", "n_head", "n_layer")}}
-        return hparams, None, gpt2_vocabulary(models_dir)
+        return
     check(isinstance(init_from, str) and init_from and init_from == os.path.basename(init_from)
           and init_from not in (".", ".."),
           f"--init_from must be scratch, a release size or a model folder in {models_dir}, got {init_from!r}")
     check(init_from in utils.RELEASE_SIZES or os.path.isdir(os.path.join(models_dir, init_from)),
           f"unknown --init_from {init_from!r}: use scratch, one of {', '.join(utils.RELEASE_SIZES)} (downloaded "
           f"if missing) or a model folder in {models_dir}")
-    if init_from in utils.RELEASE_SIZES:  # every release model reads 1024 positions: say so before downloading
+    if init_from in utils.RELEASE_SIZES:  # every release model reads 1024 positions
         check(flags["block_size"] <= 1024, f"--block_size {flags['block_size']} is longer than {init_from}'s "
                                            f"context of 1024")
-    model_dir = utils.prepare_model(init_from, models_dir)
-    hparams = utils.load_hparams(model_dir)
-    check(flags["block_size"] <= hparams["n_ctx"], f"--block_size {flags['block_size']} is longer than "
-                                                   f"{init_from}'s context of {hparams['n_ctx']}")
-    return hparams, model_dir, model_dir
 
 
-def gpt2_vocabulary(models_dir):
-    """A folder with GPT-2's encoder.json and vocab.bpe, for a model trained from scratch: 124M's, downloading
-    only those two files if they are missing."""
-    vocab_dir = os.path.join(models_dir, "124M")
+def vocabulary_dir(init_from, models_dir):
+    """The folder whose encoder.json and vocab.bpe tokenize the dataset: a model folder's own, or a release's
+    (124M's for a model from scratch), of which only those two small files are downloaded now: the dataset is
+    checked before the weights are fetched."""
+    if init_from != "scratch" and init_from not in utils.RELEASE_SIZES:
+        return utils.prepare_model(init_from, models_dir)
+    size = "124M" if init_from == "scratch" else init_from
+    vocab_dir = os.path.join(models_dir, size)
     os.makedirs(vocab_dir, exist_ok=True)
     for name in ("encoder.json", "vocab.bpe"):
         if not os.path.exists(os.path.join(vocab_dir, name)):
-            utils.download_file(f"{utils.models_url()}/124M/{name}", os.path.join(vocab_dir, name))
+            utils.download_file(f"{utils.models_url()}/{size}/{name}", os.path.join(vocab_dir, name))
     return vocab_dir
+
+
+def model_hparams(init_from, models_dir, flags):
+    """The hparams of the model to train: the flags' shape from scratch, else the (downloaded) model's."""
+    if init_from == "scratch":
+        return {"n_vocab": 50257, **{k: flags[k] for k in ("n_ctx", "n_embd", "n_head", "n_layer")}}
+    hparams = utils.load_hparams(utils.prepare_model(init_from, models_dir))
+    check(flags["block_size"] <= hparams["n_ctx"], f"--block_size {flags['block_size']} is longer than "
+                                                   f"{init_from}'s context of {hparams['n_ctx']}")
+    return hparams
 
 
 def split_tokens(tokens, val_tokens, block_size):
@@ -648,17 +656,20 @@ def main(dataset, out_name, val_dataset=None, init_from="124M", n_layer=12, n_he
     texts = dataset_texts(dataset, "--dataset")
     val_texts = dataset_texts(val_dataset, "--val_dataset") if val_dataset is not None else None
     if resume:
-        hparams, weights_dir, vocab_dir = utils.load_hparams(run_dir), run_dir, run_dir
+        hparams, vocab_dir = utils.load_hparams(run_dir), run_dir
         check(block_size <= hparams["n_ctx"], f"--block_size {block_size} is longer than the run's context of "
                                               f"{hparams['n_ctx']}")
     else:
-        hparams, weights_dir, vocab_dir = source_model(init_from, models_dir, flags)
+        check_init_from(init_from, models_dir, flags)
+        vocab_dir = vocabulary_dir(init_from, models_dir)
 
     encoder = get_encoder(os.path.basename(vocab_dir), os.path.dirname(vocab_dir))
     cache_dir = os.path.join(models_dir, "token-cache")
     tokens = tokenize(texts, encoder, cache_dir)
     val_tokens = tokenize(val_texts, encoder, cache_dir) if val_texts is not None else None
     train_tokens, val_tokens = split_tokens(tokens, val_tokens, block_size)
+    if not resume:
+        hparams = model_hparams(init_from, models_dir, flags)
 
     lock = lock_run(run_dir)  # held until the process exits
     if not resume:  # checked again now that no other run can create the folder
@@ -673,7 +684,7 @@ def main(dataset, out_name, val_dataset=None, init_from="124M", n_layer=12, n_he
         params, optimizer, step, rng = load_run(run_dir, weight_decay)
     else:
         init_rng, data_seed = np.random.SeedSequence(seed).spawn(2)
-        if weights_dir is None:
+        if init_from == "scratch":
             params = init_params(hparams["n_layer"], hparams["n_head"], hparams["n_embd"], hparams["n_ctx"],
                                  np.random.default_rng(init_rng))
         else:  # the loaded weights are read-only memory maps: training needs its own copy

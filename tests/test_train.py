@@ -169,6 +169,21 @@ def test_the_saved_run_reads_back_under_the_official_names_and_shapes(models_dir
     assert np.all(params["blocks"][0]["ln_1"]["g"] != 1.0)  # trained, not the initialization
 
 
+def test_fine_tuning_starts_from_a_model_folder_and_keeps_its_shape(models_dir, paragraph):
+    from tests.release_layout import write_model_dir
+
+    hparams, tensors = write_model_dir(os.path.join(models_dir, "base"), n_layer=1, n_embd=32, n_head=2, n_ctx=48)
+    train.main(paragraph, "tuned", init_from="base", block_size=16, batch_size=2, max_steps=1, learning_rate=1e-3,
+               warmup_steps=0, eval_every=0, models_dir=models_dir)
+    _, tuned_hparams, params = utils.load_encoder_hparams_and_params("tuned", models_dir)
+    assert tuned_hparams == hparams
+    for name, array in train.leaves(params):
+        before = tensors[f"model/{name}"]
+        before = before[0] if before.ndim == 3 else before
+        # One AdamW step moves each weight by about the learning rate, no more: it started from the folder's.
+        assert 0 < np.abs(array - before).max() < 2e-3, name
+
+
 def test_resuming_gives_the_same_weights_as_one_uninterrupted_run(models_dir, paragraph):
     common = dict(init_from="scratch", n_layer=1, n_head=2, n_embd=32, n_ctx=64, block_size=16, batch_size=2,
                   grad_accum=2, learning_rate=1e-2, warmup_steps=2, lr_decay_steps=6, eval_every=0,
