@@ -213,7 +213,7 @@ def train_worker(side, n_layer, n_head, n_embd, batch, seq):
     if side == "ours":
         import train
 
-        params = train.init_params(n_layer, n_head, n_embd, 1024, rng)
+        params = train.init_params(n_layer, n_embd, 1024, rng)
         optimizer = train.AdamW(params, weight_decay=0.1)
 
         def step():

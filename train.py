@@ -348,7 +348,7 @@ def tree_map(fn, *trees):
     if isinstance(trees[0], dict):
         return {key: tree_map(fn, *(t[key] for t in trees)) for key in trees[0]}
     if isinstance(trees[0], list):
-        return [tree_map(fn, *leaves) for leaves in zip(*trees)]
+        return [tree_map(fn, *branches) for branches in zip(*trees)]
     return fn(*trees)
 
 
@@ -365,14 +365,14 @@ def leaves(tree, name=""):
         yield name, tree
 
 
-def init_params(n_layer, n_head, n_embd, n_ctx, rng, n_vocab=50257):
+def init_params(n_layer, n_embd, n_ctx, rng, n_vocab=50257):
     """GPT-2's initialization: weights normal with std 0.02, layer-norm gains 1, biases 0. The two projections
     that add into the residual stream (c_proj) start 1/sqrt(2 n_layer) smaller, so the stream's variance does not
     grow with depth: each of the 2 n_layer residual adds contributes a little."""
     def normal(*shape, std=0.02):
         return rng.normal(0.0, std, size=shape).astype(np.float32)
 
-    def linear(n_in, n_out, std=0.02):  # [n_in, n_out], as the checkpoint stores conv weights
+    def dense(n_in, n_out, std=0.02):  # [n_in, n_out], as the checkpoint stores conv weights
         return {"w": normal(n_in, n_out, std=std), "b": np.zeros(n_out, dtype=np.float32)}
 
     def layer_norm():
@@ -380,9 +380,9 @@ def init_params(n_layer, n_head, n_embd, n_ctx, rng, n_vocab=50257):
 
     residual_std = 0.02 / math.sqrt(2 * n_layer)
     blocks = [{"ln_1": layer_norm(),
-               "attn": {"c_attn": linear(n_embd, 3 * n_embd), "c_proj": linear(n_embd, n_embd, residual_std)},
+               "attn": {"c_attn": dense(n_embd, 3 * n_embd), "c_proj": dense(n_embd, n_embd, residual_std)},
                "ln_2": layer_norm(),
-               "mlp": {"c_fc": linear(n_embd, 4 * n_embd), "c_proj": linear(4 * n_embd, n_embd, residual_std)}}
+               "mlp": {"c_fc": dense(n_embd, 4 * n_embd), "c_proj": dense(4 * n_embd, n_embd, residual_std)}}
               for _ in range(n_layer)]
     return {"wte": normal(n_vocab, n_embd), "wpe": normal(n_ctx, n_embd), "blocks": blocks, "ln_f": layer_norm()}
 
@@ -685,7 +685,7 @@ def main(dataset, out_name, val_dataset=None, init_from="124M", n_layer=12, n_he
     else:
         init_rng, data_seed = np.random.SeedSequence(seed).spawn(2)
         if init_from == "scratch":
-            params = init_params(hparams["n_layer"], hparams["n_head"], hparams["n_embd"], hparams["n_ctx"],
+            params = init_params(hparams["n_layer"], hparams["n_embd"], hparams["n_ctx"],
                                  np.random.default_rng(init_rng))
         else:  # the loaded weights are read-only memory maps: training needs its own copy
             params = utils.load_model_params(init_from, models_dir, hparams["n_layer"])

@@ -50,6 +50,40 @@ def read_log(run_dir):
         return list(csv.DictReader(f))
 
 
+# ---------------------------------------------------------------------------------------------- data and model
+
+def test_the_dataset_is_tokenized_as_tiktoken_does_and_cached_until_it_changes(tmp_path, models_dir, tiktoken_gpt2):
+    from encoder import get_encoder
+
+    encoder = get_encoder("124M", models_dir)
+    texts = ["First document: caf\u00e9 \U0001f600.", "Second one,\nwith  two lines."]
+    cache_dir = str(tmp_path / "cache")
+    tokens = train.tokenize(texts, encoder, cache_dir)
+    expected = [t for text in texts for t in tiktoken_gpt2.encode(text) + [50256]]
+    assert tokens.dtype == np.uint16 and tokens.tolist() == expected
+    train.save_tokens(tokens, texts, cache_dir)
+    [cached] = os.listdir(cache_dir)
+    np.save(os.path.join(cache_dir, cached), tokens[:3])  # tampered, to see whether the cache is read
+    assert train.tokenize(texts, encoder, cache_dir).tolist() == expected[:3]
+    changed = [texts[0], texts[1] + "!"]
+    assert train.tokenize(changed, encoder, cache_dir).tolist() == [
+        t for text in changed for t in tiktoken_gpt2.encode(text) + [50256]]
+
+
+def test_initialization_is_gpt2s():
+    params = train.init_params(n_layer=8, n_embd=256, n_ctx=128, rng=np.random.default_rng(0))
+    assert all(a.dtype == np.float32 for _, a in train.leaves(params))
+    assert params["wte"].shape == (50257, 256) and params["wpe"].shape == (128, 256)
+    for name, array in train.leaves(params):
+        if name.endswith("/g"):
+            assert np.all(array == 1.0), name
+        elif name.endswith("/b"):
+            assert np.all(array == 0.0), name
+        else:  # the residual projections start 1/sqrt(2 n_layer) = 1/4 as large
+            std = 0.02 / 4 if name.endswith("c_proj/w") else 0.02
+            assert abs(array.mean()) < 1e-3 and array.std() == pytest.approx(std, rel=0.03), name
+
+
 # ---------------------------------------------------------------------------------------------- the optimizer
 
 def test_learning_rate_schedule_warms_up_then_follows_a_cosine_to_a_tenth():
@@ -68,7 +102,7 @@ def test_twenty_steps_match_torch_adamw_with_the_same_schedule_and_clipping():
 
     torch.manual_seed(0)
     n_layer, n_head, n_embd, n_ctx = 2, 2, 32, 32
-    params = train.init_params(n_layer, n_head, n_embd, n_ctx, np.random.default_rng(0))
+    params = train.init_params(n_layer, n_embd, n_ctx, np.random.default_rng(0))
     # Layer-norm gains and biases away from 1 and 0, so that treating them as weights (decay) would show.
     for name, array in train.leaves(params):
         if array.ndim == 1:
