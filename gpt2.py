@@ -4,16 +4,12 @@ Every function takes its own weights by the names the checkpoint uses, so `**blo
 model and the params dict is the call tree. Shapes are commented where they change; n_seq is the number of
 positions, and any leading batch axes ride along untouched.
 """
-import functools
 import math
-import numbers
-import re
-import sys
 
-import fire
 import numpy as np
 
 import utils
+from cli import check, check_arguments, check_fits, check_memory, check_text, prompt_loop, read_prompt, run
 from encoder import get_encoder
 
 
@@ -85,12 +81,13 @@ class KVCache:
         self.length = 0  # how many positions are filled
 
     def append(self, k, v):  # 2 x [n_head, n_new, d_head] -> 2 x [n_head, length, d_head]
-        start, self.length = self.length, self.length + k.shape[-2]
-        if self.length > self.keys.shape[-2]:
-            raise ValueError(f"KV cache holds {self.keys.shape[-2]} positions, {self.length} were asked for")
-        self.keys[..., start:self.length, :] = k
-        self.values[..., start:self.length, :] = v
-        return self.keys[..., :self.length, :], self.values[..., :self.length, :]
+        start, end = self.length, self.length + k.shape[-2]
+        if end > self.keys.shape[-2]:  # checked before anything changes: a refused append leaves the cache as it was
+            raise ValueError(f"KV cache holds {self.keys.shape[-2]} positions, {end} were asked for")
+        self.keys[..., start:end, :] = k
+        self.values[..., start:end, :] = v
+        self.length = end
+        return self.keys[..., :end, :], self.values[..., :end, :]
 
     def repeat(self, n_samples):  # [n_head, capacity, d_head] -> [n_samples, n_head, capacity, d_head]
         """Copies of this history for n_samples continuations that will go their own ways."""
@@ -184,9 +181,21 @@ def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperatu
     The samples run as one batch: the prompt is read once, then every step is a single forward pass for all
     of them, which reads the weights from memory once instead of once per sample.
     """
+    n_ctx = params["wpe"].shape[0]
     if len(inputs) == 0:
         raise ValueError("inputs must hold at least one token; unconditional generation starts from [ENDOFTEXT]")
-    kv_cache = new_kv_cache(params, n_head, capacity=len(inputs) + n_tokens_to_generate)
+    if len(rngs) < 1:
+        raise ValueError(f"num_samples must be at least 1, got {len(rngs)}")
+    if n_tokens_to_generate < 0:
+        raise ValueError(f"n_tokens_to_generate must be at least 0, got {n_tokens_to_generate}")
+    # The last new token is returned, never fed back: a run needs len(inputs) + n_tokens_to_generate - 1 positions.
+    capacity = len(inputs) + n_tokens_to_generate - 1
+    if capacity > n_ctx:
+        raise ValueError(f"{len(inputs)} input tokens and {n_tokens_to_generate} new ones need {capacity} positions, "
+                         f"more than the model's context of {n_ctx}")
+    if n_tokens_to_generate == 0:
+        return
+    kv_cache = new_kv_cache(params, n_head, capacity)
     for start in range(0, len(inputs), PREFILL_CHUNK):
         logits = gpt2(inputs[start:start + PREFILL_CHUNK], **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
     kv_cache = [cache.repeat(len(rngs)) for cache in kv_cache]  # from here on, each sample has its own history
@@ -202,49 +211,22 @@ def generate(inputs, params, n_head, n_tokens_to_generate, temperature=0.0, top_
              num_samples=None):
     """The new ids: greedy by default (temperature 0), sampled otherwise (see `sample`). With num_samples=N,
     a list of N such lists, computed as one batch."""
+    if num_samples is not None and num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1 (or None), got {num_samples}")
     rngs = sampling_rngs(seed, num_samples or 1)
     steps = list(generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperature, top_k, top_p))
     samples = np.array(steps, dtype=np.int64).reshape(-1, len(rngs)).T.tolist()  # [n_steps, N] -> N lists
     return samples if num_samples else samples[0]
 
 
-def check(ok, message):
-    if not ok:
-        raise utils.UsageError(message)
-
-
-def is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def is_number(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def read_prompt(prompt, prompt_file):
-    check(isinstance(prompt, str), f"the prompt must be text, got {prompt!r}")
-    if prompt_file is None and prompt != "-":
-        return prompt
-    check(prompt_file is None or prompt == "", "give either a prompt or --prompt_file, not both")
-    source = "the prompt on standard input" if prompt_file is None else f"--prompt_file {prompt_file}"
-    try:
-        if prompt_file is None:
-            return sys.stdin.buffer.read().decode("utf-8")
-        with open(prompt_file, "rb") as f:
-            return f.read().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise utils.UsageError(f"{source} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
-    except OSError as e:
-        raise utils.UsageError(f"{source}: {e.strerror}") from None
-
-
 def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="models", temperature=0.0, top_k=0,
-         top_p=1.0, seed=None, num_samples=1, stop_at_endoftext=False, prompt_file=None, *, stream=False):
+         top_p=1.0, seed=None, num_samples=1, stop_at_endoftext=False, prompt_file=None, interactive=False, *,
+         stream=False):
     """Continue a prompt with GPT-2.
 
     Args:
         prompt: the text to continue; "" generates unconditionally (from <|endoftext|>); "-" reads standard input
-        n_tokens_to_generate: how many tokens to add (at most the model's context, 1024, with the prompt)
+        n_tokens_to_generate: how many tokens to add (prompt + n_tokens_to_generate - 1 <= the context, 1024)
         model_size: 124M, 355M, 774M or 1558M (downloaded if missing), or a model folder under models_dir
         models_dir: where model folders live
         temperature: 0 picks the most likely token every time; above 0, samples from softmax(logits / temperature)
@@ -254,89 +236,63 @@ def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="mode
         num_samples: how many continuations of the prompt to generate, as one batch
         stop_at_endoftext: end a sample when it generates <|endoftext|>
         prompt_file: read the prompt from this UTF-8 file instead
+        interactive: load the model once, then continue each line typed (or piped) on standard input
         stream: print the text to stdout as it is generated (the command line always does)
     Returns:
         The continuation, or a list of num_samples continuations if num_samples > 1.
     """
-    check(is_int(n_tokens_to_generate) and n_tokens_to_generate >= 1,
-          f"--n_tokens_to_generate must be a whole number >= 1, got {n_tokens_to_generate!r}")
-    check(is_number(temperature) and temperature >= 0, f"--temperature must be a number >= 0, got {temperature!r}")
-    check(is_int(top_k) and top_k >= 0, f"--top_k must be a whole number >= 0 (0: off), got {top_k!r}")
-    check(is_number(top_p) and 0 < top_p <= 1, f"--top_p must be a number in (0, 1] (1: off), got {top_p!r}")
-    check(seed is None or (is_int(seed) and seed >= 0), f"--seed must be a whole number >= 0, got {seed!r}")
-    check(is_int(num_samples) and num_samples >= 1, f"--num_samples must be a whole number >= 1, got {num_samples!r}")
-    check(isinstance(stop_at_endoftext, bool), f"--stop_at_endoftext must be True or False, got {stop_at_endoftext!r}")
-    prompt = read_prompt(prompt, prompt_file)
-
-    model_dir = utils.prepare_model(model_size, models_dir)
+    # Everything that needs no weights is checked first, so a mistake never waits for a download.
+    check_arguments(n_tokens_to_generate, temperature, top_k, top_p, seed, num_samples, stop_at_endoftext, interactive)
+    check(not interactive or (prompt == "" and prompt_file is None),
+          "--interactive reads its prompts from standard input: give no prompt or --prompt_file")
+    prompt = "" if interactive else read_prompt(prompt, prompt_file)
+    model_dir = utils.prepare_tokenizer(model_size, models_dir)  # a few MB: enough to measure the prompt
     encoder, hparams = get_encoder(model_size, models_dir), utils.load_hparams(model_dir)
-    input_ids = encoder.encode(prompt) or [ENDOFTEXT]
-    check(len(input_ids) + n_tokens_to_generate <= hparams["n_ctx"],
-          f"the prompt is {len(input_ids)} tokens and --n_tokens_to_generate is {n_tokens_to_generate}: "
-          f"together {len(input_ids) + n_tokens_to_generate}, more than the model's context of {hparams['n_ctx']}")
+
+    def prompt_ids(text):
+        ids = encoder.encode(check_text(text, "the prompt")) or [ENDOFTEXT]
+        check_fits(len(ids), n_tokens_to_generate, hparams["n_ctx"])
+        check_memory(hparams, num_samples, len(ids) + n_tokens_to_generate - 1)
+        return ids
+
+    input_ids = prompt_ids(prompt)
+    utils.prepare_model(model_size, models_dir)
     params = utils.load_model_params(model_size, models_dir, hparams["n_layer"])
 
-    samples = [[] for _ in range(num_samples)]
-    finished = [False] * num_samples
-    text_so_far = encoder.stream_decoder()  # holds back a character until all of its bytes have arrived
-    steps = generate_steps(input_ids, params, hparams["n_head"], n_tokens_to_generate,
-                           sampling_rngs(seed, num_samples), temperature, top_k, top_p)
-    for next_ids in steps:
-        for i, token in enumerate(next_ids.tolist()):
-            if finished[i]:
-                continue
-            if stop_at_endoftext and token == ENDOFTEXT:
-                finished[i] = True  # the separator ends the sample; it is not part of its text
-                continue
-            samples[i].append(token)
-            if stream and num_samples == 1:
-                print(text_so_far.decode(encoder.decode_bytes([token])), end="", flush=True)
-        if all(finished):
-            break
-    texts = [encoder.decode(ids) for ids in samples]
-    if stream:
-        if num_samples == 1:
-            print(text_so_far.decode(b"", final=True))
-        else:  # the samples advance together, so each is printed whole, under its own heading
-            for i, text in enumerate(texts, 1):
-                print(f"{'=' * 30} sample {i} of {num_samples} {'=' * 30}\n{text}", flush=True)
-    return texts[0] if num_samples == 1 else texts
+    def continuation(ids, stream):
+        samples = [[] for _ in range(num_samples)]
+        finished = [False] * num_samples
+        text_so_far = encoder.stream_decoder()  # holds back a character until all of its bytes have arrived
+        steps = generate_steps(ids, params, hparams["n_head"], n_tokens_to_generate,
+                               sampling_rngs(seed, num_samples), temperature, top_k, top_p)
+        for next_ids in steps:
+            for i, token in enumerate(next_ids.tolist()):
+                if finished[i]:
+                    continue
+                if stop_at_endoftext and token == ENDOFTEXT:
+                    finished[i] = True  # the separator ends the sample; it is not part of its text
+                    continue
+                samples[i].append(token)
+                if stream and num_samples == 1:
+                    print(text_so_far.decode(encoder.decode_bytes([token])), end="", flush=True)
+            if all(finished):
+                break
+        texts = [encoder.decode(ids) for ids in samples]
+        if stream:
+            if num_samples == 1:
+                print(text_so_far.decode(b"", final=True), flush=True)
+            else:  # the samples advance together, so each is printed whole, under its own heading
+                for i, text in enumerate(texts, 1):
+                    print(f"{'=' * 30} sample {i} of {num_samples} {'=' * 30}\n{text}", flush=True)
+        return texts[0] if num_samples == 1 else texts
 
-
-def prompt_as_text(argv):
-    """fire would read the prompt 2024 as a number, 1,2 as a tuple and True as a bool. Handed over as a quoted
-    Python string instead, it reaches main exactly as typed. The prompt is the value of --prompt or else the
-    first argument that is not a flag or a flag's value (fire gives a flag without "=" the argument after it;
-    arguments after a lone "--" are fire's own)."""
-    argv = list(argv)
-    i = 0
-    while i < len(argv) and argv[i] != "--":
-        if argv[i].startswith("--prompt="):
-            argv[i] = "--prompt=" + repr(argv[i].removeprefix("--prompt="))
-            break
-        if argv[i] == "--prompt" and i + 1 < len(argv):
-            argv[i + 1] = repr(argv[i + 1])
-            break
-        if not re.match(r"--?[A-Za-z_]", argv[i]):  # not a flag: "-" (stdin) and "-5" are prompts too
-            argv[i] = repr(argv[i])
-            break
-        i += 1 if "=" in argv[i] else 2
-    return argv
+    if interactive:  # the same seed gives the same text for the same prompt: every prompt starts afresh
+        return prompt_loop(lambda text: continuation(prompt_ids(text), stream=True))
+    return continuation(input_ids, stream)
 
 
 def cli():
-    def print_as_generated(*args, **kwargs):
-        main(*args, **{**kwargs, "stream": True})
-
-    functools.update_wrapper(print_as_generated, main)  # the same flags and --help as main
-    try:
-        fire.Fire(print_as_generated, command=prompt_as_text(sys.argv[1:]))
-    except (utils.UsageError, utils.ModelError) as e:  # a bad argument exits with 2, a model that fails with 1
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2 if isinstance(e, utils.UsageError) else 1)
-    except KeyboardInterrupt:  # downloads in flight keep only their .part files
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+    run(main)
 
 
 if __name__ == "__main__":

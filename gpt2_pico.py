@@ -51,13 +51,17 @@ def generate(inputs, params, n_head, n_tokens_to_generate):
 
 
 def main(prompt, n_tokens_to_generate=40, model_size="124M", models_dir="models"):
+    from cli import check_fits, read_prompt
     from utils import load_encoder_hparams_and_params
 
+    prompt = read_prompt(prompt)  # "-": from standard input
     encoder, hparams, params = load_encoder_hparams_and_params(model_size, models_dir)
-    return encoder.decode(generate(encoder.encode(prompt), params, hparams["n_head"], n_tokens_to_generate))
+    ids = encoder.encode(prompt) or [50256]  # "" starts from <|endoftext|>
+    check_fits(len(ids), n_tokens_to_generate, hparams["n_ctx"])
+    return encoder.decode(generate(ids, params, hparams["n_head"], n_tokens_to_generate))
 
 
 if __name__ == "__main__":
-    import fire
+    import cli
 
-    fire.Fire(main)
+    cli.run(main)  # gpt2.py's flag checks and one-line errors

@@ -296,6 +296,31 @@ def prepare_model(model_size, models_dir):
     return model_dir
 
 
+TOKENIZER_FILES = ("hparams.json", "encoder.json", "vocab.bpe")
+
+
+def prepare_tokenizer(model_size, models_dir):
+    """The model's folder with just the small files that measure a prompt (downloaded first for a release
+    model), so a prompt too long for the context is refused before the weights are fetched."""
+    check_model_name(model_size, models_dir)
+    model_dir = os.path.join(models_dir, model_size)
+    for name in TOKENIZER_FILES:
+        path = os.path.join(model_dir, name)
+        if model_size in RELEASE_SIZES and (not os.path.exists(path) or os.path.getsize(path) == 0):
+            os.makedirs(model_dir, exist_ok=True)
+            download_file(f"{models_url()}/{model_size}/{name}", path)
+        if not os.path.exists(path) or os.path.getsize(path) == 0:
+            problem = f"{name} {'empty' if os.path.exists(path) else 'missing'}"
+            raise ModelError(f"model folder {model_dir} cannot be loaded: {problem}")
+    try:
+        hparams = load_hparams(model_dir)
+    except ValueError as e:
+        raise ModelError(f"model folder {model_dir} cannot be loaded: hparams.json not valid JSON ({e})") from None
+    if not isinstance(hparams, dict) or not HPARAMS <= set(hparams):
+        raise ModelError(f"model folder {model_dir} cannot be loaded: hparams.json needs {', '.join(sorted(HPARAMS))}")
+    return model_dir
+
+
 def load_hparams(model_dir):
     with open(os.path.join(model_dir, "hparams.json"), encoding="utf-8") as f:
         return json.load(f)

@@ -39,6 +39,16 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def unloadable_model(tmp_path_factory, tiny_model):
+    """tiny_model without its weights (no checkpoint data file): a check that fails on it ran before loading,
+    which would fail with exit 1 and another message."""
+    models_dir = str(tmp_path_factory.mktemp("unloadable"))
+    shutil.copytree(tiny_model.path, os.path.join(models_dir, "run1"), ignore=shutil.ignore_patterns("numpy-params"))
+    os.remove(os.path.join(models_dir, "run1", "model.ckpt.data-00000-of-00001"))
+    return Model(models_dir, "run1", tiny_model.hparams, {})
+
+
+@pytest.fixture(scope="session")
 def wide_model(tmp_path_factory):
     """GPT-2's real width and head size (n_embd 768, 12 heads of 64), 2 layers."""
     return make_model(tmp_path_factory, "wide", n_layer=2, n_embd=768, n_head=12, seed=1)

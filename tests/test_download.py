@@ -169,5 +169,5 @@ def test_cli_offline_reports_one_line_and_exit_1(tmp_path):
     assert result.returncode == 1
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: could not download http://127.0.0.1:9/124M/checkpoint")
+    assert len(lines) == 1 and lines[0].startswith("error: could not download http://127.0.0.1:9/124M/")
     assert "Traceback" not in result.stderr

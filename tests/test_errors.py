@@ -1,4 +1,5 @@
 """Every bad input and broken model folder: one clear line on stderr, the right exit code, nothing half-loaded."""
+import functools
 import json
 import os
 import shutil
@@ -42,7 +43,8 @@ BAD_ARGUMENTS = [
     (["--top_p", "1.5"], "--top_p must be a number in (0, 1] (1: off), got 1.5"),
     (["--num_samples", "0"], "--num_samples must be a whole number >= 1, got 0"),
     (["--seed", "-3"], "--seed must be a whole number >= 0, got -3"),
-    (["--stop_at_endoftext", "maybe"], "--stop_at_endoftext must be True or False, got 'maybe'"),
+    (["--stop_at_endoftext=maybe"], "--stop_at_endoftext must be True or False, got 'maybe'"),
+    (["--temperature", "1e999"], "--temperature must be a number >= 0, got inf"),
     (["--prompt_file", "/nonexistent/prompt.txt"], "--prompt_file /nonexistent/prompt.txt: No such file"),
     (["--model_size", "../124M"], "--model_size must be a release size or the name of a folder in"),
     (["--model_size", "a/b"], "not a path: got 'a/b'"),
@@ -56,9 +58,9 @@ def test_bad_argument_is_one_line_exit_2_before_any_download(tmp_path, args, mes
     assert not os.path.exists(tmp_path / "124M")  # nothing was downloaded or created
 
 
-@pytest.mark.parametrize("args, message", BAD_ARGUMENTS[:10], ids=[" ".join(a) for a, _ in BAD_ARGUMENTS[:10]])
+@pytest.mark.parametrize("args, message", BAD_ARGUMENTS[:11], ids=[" ".join(a) for a, _ in BAD_ARGUMENTS[:11]])
 def test_library_callers_get_a_value_error_with_the_same_message(tmp_path, args, message):
-    name, value = args[0].removeprefix("--"), args[1]
+    name, _, value = " ".join(args).removeprefix("--").replace("=", " ").partition(" ")
     try:
         value = json.loads(value)
     except ValueError:
@@ -83,11 +85,44 @@ def test_non_utf8_prompt_file_and_stdin(tmp_path):
                           "the prompt on standard input is not UTF-8 text")
 
 
-def test_prompt_too_long_names_the_numbers_and_the_limit(tiny_model):
-    result = run_cli(" ".join(["word"] * 1020), "--n_tokens_to_generate", "10", "--model_size", tiny_model.name,
-                     models_dir=tiny_model.models_dir)
-    assert_one_line_error(result, 2, "the prompt is 1020 tokens and --n_tokens_to_generate is 10: together 1030, "
-                                     "more than the model's context of 1024")
+@pytest.mark.parametrize("args, message", [
+    ([" ".join(["word"] * 1020), "--n_tokens_to_generate", "6"], "the prompt is 1020 tokens and "
+     "--n_tokens_to_generate is 6: together they need 1025 positions, more than the model's context of 1024"),
+    (["", "--n_tokens_to_generate", "1025"], "together they need 1025 positions"),
+    (["", "--interactive", "--n_tokens_to_generate", "1025"], "together they need 1025 positions"),
+    (["Hello", "--num_samples", "1000000000", "--temperature", "1"],
+     "--num_samples 1000000000 needs about 1535922.3 GiB for its caches, more than this machine's"),
+], ids=["prompt too long", "n too long", "interactive n too long", "num_samples too many"])
+def test_checks_that_need_the_tokenizer_run_before_loading(unloadable_model, args, message):
+    result = run_cli(*args, "--model_size", unloadable_model.name, models_dir=unloadable_model.models_dir)
+    assert_one_line_error(result, 2, message)
+    assert not os.path.exists(os.path.join(unloadable_model.path, "numpy-params"))
+
+
+def test_release_model_fetches_only_the_tokenizer_before_refusing_a_long_run(tmp_path, tiny_model):
+    import http.server
+    import threading
+
+    os.makedirs(tmp_path / "site" / "124M")
+    for name in utils.RELEASE_FILES:
+        shutil.copyfile(os.path.join(tiny_model.path, name), tmp_path / "site" / "124M" / name)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "site"))
+    handler.log_message = lambda *args: None
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        cmd = [sys.executable, os.path.join(ROOT, "gpt2.py"), "", "--n_tokens_to_generate", "1025",
+               "--models_dir", str(tmp_path / "models")]
+        result = subprocess.run(cmd, capture_output=True, timeout=300,
+                                env={**os.environ, "GPT2_MODELS_URL": f"http://127.0.0.1:{server.server_port}"})
+        server.shutdown()
+    assert result.returncode == 2 and b"together they need 1025 positions" in result.stderr
+    assert sorted(os.listdir(tmp_path / "models" / "124M")) == sorted(utils.TOKENIZER_FILES)
+
+
+def test_prompt_that_is_not_unicode_text_is_a_usage_error_before_loading(monkeypatch):
+    monkeypatch.setattr(utils, "prepare_tokenizer", lambda *a: pytest.fail("the model was prepared"))
+    with pytest.raises(utils.UsageError, match=r"the prompt is not valid UTF-8 text \(character 3 cannot"):
+        gpt2.main("caf\udce9")
 
 
 def test_unknown_model_lists_release_sizes_and_local_folders(tmp_path, tiny_model):

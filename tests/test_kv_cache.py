@@ -67,3 +67,36 @@ def test_cache_writes_in_place_and_never_copies_history():
     np.testing.assert_array_equal(cache.keys[0, :, 0], np.arange(8))
     with pytest.raises(ValueError, match="holds 8 positions"):
         cache.append(k, k)
+
+
+def test_refused_append_leaves_the_cache_as_it_was():
+    cache = gpt2.KVCache((2, 4, 3))
+    k = np.ones((2, 3, 3), dtype=np.float32)
+    cache.append(k, k)
+    with pytest.raises(ValueError, match="holds 4 positions, 6 were asked for"):
+        cache.append(k, k)
+    assert cache.length == 3
+    keys, _ = cache.append(k[:, :1], k[:, :1])  # the one position left is still free
+    assert keys.shape == (2, 4, 3)
+
+
+def test_generate_fills_exactly_the_context_and_refuses_one_more(tiny_model):
+    _, hparams, params = load_encoder_hparams_and_params(tiny_model.name, tiny_model.models_dir)
+    n_head, n_ctx = hparams["n_head"], hparams["n_ctx"]
+    ids = [int(i) for i in np.random.default_rng(1).integers(0, hparams["n_vocab"], n_ctx - 2)]
+    new = gpt2.generate(ids, params, n_head, 3)  # n_ctx - 2 + 3 - 1 positions: the last token is never fed back
+    assert new[-1] == int(np.argmax(gpt2.gpt2(ids + new[:-1], **params, n_head=n_head)[-1]))
+    with pytest.raises(ValueError, match=f"{n_ctx - 2} input tokens and 4 new ones need {n_ctx + 1} positions, "
+                                         f"more than the model's context of {n_ctx}"):
+        gpt2.generate(ids, params, n_head, 4)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p: gpt2.generate([1, 2], p, 4, 3, num_samples=0), "num_samples must be at least 1"),
+    (lambda p: next(gpt2.generate_steps([1, 2], p, 4, 3, rngs=[])), "num_samples must be at least 1, got 0"),
+    (lambda p: gpt2.generate([1, 2], p, 4, -1), "n_tokens_to_generate must be at least 0, got -1"),
+])
+def test_generate_refuses_what_cannot_run(tiny_model, call, message):
+    _, _, params = load_encoder_hparams_and_params(tiny_model.name, tiny_model.models_dir)
+    with pytest.raises(ValueError, match=message):
+        call(params)

@@ -38,13 +38,12 @@ def scripted_tokens(monkeypatch):
     return script
 
 
-@pytest.mark.parametrize("prompt", ["2024", "1,2", "[3]", "True", "None", "{'a': 1}", "-5", "3.0"])
-def test_cli_uses_the_prompt_verbatim(run, cli, prompt):
-    result = cli(prompt, "--n_tokens_to_generate", "5")
+def test_a_run_that_needs_exactly_the_whole_context(run, cli):
+    # The last new token is never fed back: 1020 prompt tokens + 5 new ones use 1024 positions, as OpenAI's
+    # unconditional 1024 tokens from <|endoftext|> do.
+    result = cli(" a" * 1020, "--n_tokens_to_generate", "5")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == run(prompt, n_tokens_to_generate=5) + "\n"
-    flag = cli(f"--prompt={prompt}", "--n_tokens_to_generate", "5")
-    assert flag.stdout == result.stdout
+    assert result.stdout == run(" a" * 1020, n_tokens_to_generate=5) + "\n"
 
 
 def test_cli_reads_a_multi_line_prompt_from_stdin(run, cli):
@@ -119,10 +118,11 @@ def test_stop_at_endoftext_ends_each_sample(run, scripted_tokens):
     eot = gpt2.ENDOFTEXT
     hello, world = 15496, 995  # "Hello", " world"
     scripted_tokens([hello, eot, world, world], [hello, world, world, eot])
-    assert run("x", n_tokens_to_generate=4, num_samples=2, stop_at_endoftext=True) == ["Hello", "Hello world world"]
+    assert run("x", n_tokens_to_generate=4, num_samples=2, temperature=1.0, stop_at_endoftext=True) == [
+        "Hello", "Hello world world"]
     scripted_tokens([hello, eot, world, world], [hello, world, world, eot])
-    assert run("x", n_tokens_to_generate=4, num_samples=2) == ["Hello<|endoftext|> world world",
-                                                               "Hello world world<|endoftext|>"]
+    assert run("x", n_tokens_to_generate=4, num_samples=2, temperature=1.0) == [
+        "Hello<|endoftext|> world world", "Hello world world<|endoftext|>"]
 
 
 def test_stop_at_endoftext_stops_generating_once_every_sample_has_stopped(run, scripted_tokens, monkeypatch):
@@ -142,5 +142,6 @@ def test_prompt_too_long_for_the_context_fails_before_loading_weights(run, monke
     import utils
 
     monkeypatch.setattr(utils, "load_params", lambda *a: pytest.fail("weights were loaded"))
-    with pytest.raises(ValueError, match=r"the prompt is 1000 tokens .* 40: together 1040, more than .* 1024"):
+    with pytest.raises(ValueError, match=r"the prompt is 1000 tokens .* 40: together they need 1039 positions, "
+                                         r"more than .* 1024"):
         run(" a" * 1000)

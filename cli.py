@@ -1,0 +1,304 @@
+"""The command line of gpt2.py and gpt2_pico.py: argv checked against `main`'s signature, values checked before
+anything is downloaded, errors as one line on stderr, and the interactive loop.
+
+    run(main)  # what `python gpt2.py ...` does
+
+Nothing here imports gpt2: the scripts hand their `main` in, so `python gpt2.py` never loads gpt2 twice.
+"""
+import contextlib
+import difflib
+import inspect
+import math
+import numbers
+import os
+import shlex
+import sys
+import warnings
+
+import utils
+
+# The flags that take text: fire would turn `--prompt_file 2024` into a number and `--prompt 1,2` into a tuple.
+TEXT_FLAGS = {"prompt", "prompt_file", "model_size", "models_dir"}
+INTERACTIVE_PROMPT = "Model prompt >>> "
+EXIT_BROKEN_PIPE = 141  # what the shell reports for `cat`, `yes` or `git log` when a reader such as `head` quits
+
+
+def check(ok, message):
+    if not ok:
+        raise utils.UsageError(message)
+
+
+def is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_arguments(n_tokens_to_generate=40, temperature=0.0, top_k=0, top_p=1.0, seed=None, num_samples=1,
+                    stop_at_endoftext=False, interactive=False, **_):
+    """Raise UsageError for the first value that cannot work; warn about sampling flags that have no effect."""
+    check(is_int(n_tokens_to_generate) and n_tokens_to_generate >= 1,
+          f"--n_tokens_to_generate must be a whole number >= 1, got {n_tokens_to_generate!r}")
+    check(is_number(temperature) and temperature >= 0, f"--temperature must be a number >= 0, got {temperature!r}")
+    check(is_int(top_k) and top_k >= 0, f"--top_k must be a whole number >= 0 (0: off), got {top_k!r}")
+    check(is_number(top_p) and 0 < top_p <= 1, f"--top_p must be a number in (0, 1] (1: off), got {top_p!r}")
+    check(seed is None or (is_int(seed) and seed >= 0), f"--seed must be a whole number >= 0, got {seed!r}")
+    check(is_int(num_samples) and num_samples >= 1, f"--num_samples must be a whole number >= 1, got {num_samples!r}")
+    for name, value in (("stop_at_endoftext", stop_at_endoftext), ("interactive", interactive)):
+        check(isinstance(value, bool), f"--{name} must be True or False, got {value!r}")
+    if temperature == 0:  # greedy: a warning, not an error, so a script that always passes --seed keeps working
+        unused = [f"--{name}" for name, off in (("top_k", top_k == 0), ("top_p", top_p == 1), ("seed", seed is None),
+                                                ("num_samples", num_samples == 1)) if not off]
+        if unused:
+            warnings.warn(f"{', '.join(unused)} only matter{'s' * (len(unused) == 1)} when sampling, and "
+                          f"--temperature is 0 (greedy): every sample is the same most-likely text; add "
+                          f"--temperature 1 to sample")
+
+
+def check_text(text, source):
+    """Text that cannot be written as UTF-8 (a lone surrogate, from invalid UTF-8 in argv) cannot be encoded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise utils.UsageError(f"{source} is not valid UTF-8 text (character {e.start} cannot be encoded)") from None
+    return text
+
+
+def read_prompt(prompt, prompt_file=None):
+    """The prompt's text: as given, or read from standard input ("-") or from prompt_file."""
+    check(isinstance(prompt, str), f"the prompt must be text, got {prompt!r}")
+    check(prompt_file is None or isinstance(prompt_file, str), f"--prompt_file must be a path, got {prompt_file!r}")
+    if prompt_file is None and prompt != "-":
+        return check_text(prompt, "the prompt")
+    check(prompt_file is None or prompt == "", "give either a prompt or --prompt_file, not both")
+    source = "the prompt on standard input" if prompt_file is None else f"--prompt_file {prompt_file}"
+    try:
+        if prompt_file is None:
+            return sys.stdin.buffer.read().decode("utf-8")
+        with open(prompt_file, "rb") as f:
+            return f.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise utils.UsageError(f"{source} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
+    except OSError as e:
+        raise utils.UsageError(f"{source}: {e.strerror}") from None
+
+
+def check_fits(n_prompt, n_tokens_to_generate, n_ctx):
+    # The last new token is returned, never fed back, so it takes no position of the context.
+    check(n_prompt + n_tokens_to_generate - 1 <= n_ctx,
+          f"the prompt is {n_prompt} token{'s' * (n_prompt != 1)} and --n_tokens_to_generate is "
+          f"{n_tokens_to_generate}: together they need {n_prompt + n_tokens_to_generate - 1} positions, more than "
+          f"the model's context of {n_ctx}")
+
+
+def check_memory(hparams, num_samples, n_positions):
+    """Refuse a batch whose key/value caches could never fit in this machine's memory, before loading anything."""
+    caches = hparams["n_layer"] * 2 * num_samples * n_positions * hparams["n_embd"] * 4  # float32 keys and values
+    sampling = num_samples * hparams["n_vocab"] * 32  # logits and their float64 probabilities and sums, per sample
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not every system tells
+        return
+    check(caches + sampling <= memory,
+          f"--num_samples {num_samples} needs about {(caches + sampling) / 2**30:.1f} GiB for its caches, more than "
+          f"this machine's {memory / 2**30:.1f} GiB of memory")
+
+
+# ---- argv -> fire ----
+
+def flags_of(main):
+    """main's parameters that are flags; keyword-only ones (stream) are for Python callers only."""
+    return {name: p for name, p in inspect.signature(main).parameters.items()
+            if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD}
+
+
+def is_bool_flag(parameter):
+    return isinstance(parameter.default, bool)
+
+
+def looks_like_flag(arg):
+    # "-" (stdin), "-5" and "-I think so" are prompts; "-n" or "-seed" are flags spelled wrong.
+    return arg.startswith("--") or (arg[:1] == "-" and arg[1:2].isalpha() and " " not in arg)
+
+
+def short_flags(flags):
+    """-i for --interactive: what fire's --help shows, a letter that starts only one flag (the prompt aside)."""
+    firsts = [name[0] for name in flags if name != "prompt"]
+    return {name[0]: name for name in flags if name != "prompt" and firsts.count(name[0]) == 1}
+
+
+def parse_argv(argv, main):
+    """{flag: the text given for it} from argv, checked against main's signature; the one bare word, if any, is the
+    prompt. Raises UsageError naming every unknown flag. A flag given twice keeps its last value, as argparse does."""
+    flags = flags_of(main)
+    values, words, unknown = {}, [], []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--":  # everything after it is prompt text, even "-x"
+            words += args
+            break
+        if not looks_like_flag(arg):
+            words.append(arg)
+            continue
+        name, has_value, value = arg.lstrip("-").partition("=")
+        if not arg.startswith("--"):
+            name = short_flags(flags).get(name, "-" + name)
+        if name not in flags:
+            unknown.append(arg.partition("=")[0])
+            continue
+        if not has_value:
+            if is_bool_flag(flags[name]):  # a bare boolean flag is True; only True/False after it is its value
+                value = args.pop(0) if args and args[0].lower() in ("true", "false") else "True"
+            else:  # the next argument, unless it is another flag: -1 can be a value, --seed cannot
+                check(bool(args) and not args[0].startswith("--"), f"--{name} needs a value")
+                value = args.pop(0)
+        if is_bool_flag(flags[name]) and value.lower() in ("true", "false"):
+            value = value.capitalize()
+        values[name] = value
+    if unknown:
+        raise utils.UsageError(f"unknown flag{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
+                               f"{closest_flags(unknown, flags)}")
+    if words:
+        check(len(words) == 1, f"the prompt must be one argument, got {len(words)} words; quote it: "
+                               f"{script_name()} {shlex.quote(' '.join(words))}")
+        check("prompt" not in values, "give the prompt once: as the first argument or with --prompt")
+        values["prompt"] = words[0]
+    return values
+
+
+def closest_flags(unknown, flags):
+    close = {match for arg in unknown for match in difflib.get_close_matches(arg.lstrip("-"), flags, n=2, cutoff=0.5)}
+    listing = ", ".join(f"--{name}" for name in flags if name in close)
+    return (f"did you mean {listing}? " if listing else "") + f"`{script_name()} --help` lists them all"
+
+
+def script_name():
+    return f"python {os.path.basename(sys.argv[0]) or 'gpt2.py'}"
+
+
+def fire_command(values):
+    """argv for fire: text flags as quoted Python strings, which fire hands over exactly as typed."""
+    return [f"--{name}={value!r}" if name in TEXT_FLAGS else f"--{name}={value}" for name, value in values.items()]
+
+
+class Shown:
+    """A default as --help should show it: fire prints "Type: Optional[...]" for every None default."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __repr__(self):
+        return self.text
+
+
+HELP_TYPES = {"prompt": str, "n_tokens_to_generate": int, "model_size": str, "models_dir": str, "temperature": float,
+              "top_k": int, "top_p": float, "seed": int, "num_samples": int, "stop_at_endoftext": bool,
+              "prompt_file": str, "interactive": bool}
+
+
+def help_stub(main):
+    """A function fire can show --help for: main's flags with their types, the prompt as the synopsis' positional
+    argument, None defaults spelled out and keyword-only parameters left out."""
+    def stub(*args, **kwargs):
+        pass
+
+    parameters = []
+    for name, p in flags_of(main).items():
+        default = Shown("none") if p.default is None else p.default
+        if name == "prompt":
+            default = inspect.Parameter.empty
+        parameters.append(p.replace(default=default, annotation=HELP_TYPES.get(name, p.annotation)))
+    stub.__signature__ = inspect.Signature(parameters)
+    stub.__doc__ = main.__doc__
+    stub.__name__ = main.__name__
+    return stub
+
+
+def run(main, argv=None):
+    """The whole command line: `python script.py [PROMPT] [--flag value ...]`, exit codes 0, 1, 2, 130 or 141."""
+    import fire
+
+    argv = sys.argv[1:] if argv is None else argv
+    warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
+    sys.stdout.reconfigure(encoding="utf-8")  # GPT-2 writes any character; a cp1252 stdout cannot take them all
+    try:
+        if any(arg in ("-h", "--help") for arg in argv[:argv.index("--") if "--" in argv else len(argv)]):
+            with contextlib.redirect_stderr(sys.stdout):  # asked-for help is output; fire writes it to stderr
+                fire.Fire(help_stub(main), command=["--", "--help"])  # after "--": no "INFO: Showing help" line
+            return
+        values = parse_argv(argv, main)
+        if "prompt" not in values and flags_of(main)["prompt"].default is inspect.Parameter.empty:
+            raise utils.UsageError(f'give a prompt ("" to generate unconditionally); {script_name()} --help for more')
+        fire.Fire(lambda **kwargs: call_main(main, kwargs), command=fire_command(values))
+    except (utils.UsageError, utils.ModelError) as e:  # a bad argument exits with 2, a model that fails with 1
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2 if isinstance(e, utils.UsageError) else 1)
+    except KeyboardInterrupt:  # downloads in flight keep only their .part files
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    except BrokenPipeError:  # the reader of stdout has gone (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or exiting would flush to it once more
+        sys.exit(EXIT_BROKEN_PIPE)
+
+
+def call_main(main, kwargs):
+    check_arguments(**kwargs)  # before main runs: gpt2_pico's main checks nothing itself
+    if "stream" in inspect.signature(main).parameters:
+        main(**kwargs, stream=True)
+    else:
+        print(main(**kwargs))
+
+
+# ---- interactive mode ----
+
+def read_line(tty):
+    """The next prompt from standard input, without its newline; None at the end of input."""
+    if not tty:
+        line = sys.stdin.buffer.readline()
+        return line.decode("utf-8").removesuffix("\n") if line else None
+    # input() edits the line with readline only when stdin and stdout are terminals, and readline writes the
+    # prompt and the echo to stdout. stdout is for the continuations, so it points at stderr for the moment.
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        return input(INTERACTIVE_PROMPT)
+    except EOFError:
+        return None
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def prompt_loop(continue_prompt):
+    """Continue prompt after prompt from standard input with the loaded model, until Ctrl-D or Ctrl-C at the
+    prompt (status 0). continue_prompt(text) prints the continuation to stdout."""
+    tty = sys.stdin.isatty()
+    if tty:
+        try:
+            import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
+        except ImportError:
+            pass
+    while True:
+        try:
+            line = read_line(tty)
+        except KeyboardInterrupt:
+            line = None
+        except UnicodeDecodeError as e:
+            print(f"error: the prompt is not UTF-8 text (byte {e.start} cannot be decoded)", file=sys.stderr)
+            continue
+        if line is None:
+            if tty:
+                print(file=sys.stderr)  # end the prompt's line
+            return
+        if not line:
+            continue
+        try:
+            continue_prompt(line)
+        except utils.UsageError as e:  # a prompt too long for the context: say so and ask again
+            print(f"error: {e}", file=sys.stderr)
+        except KeyboardInterrupt:  # stops this continuation only
+            print(flush=True)
