@@ -403,13 +403,12 @@ def learning_rate_at(step, learning_rate, warmup_steps, lr_decay_steps):
 
 def clip_grads(grads, max_norm):
     """Scale all gradients together so that their global L2 norm is at most max_norm (0: no clipping), as
-    torch.nn.utils.clip_grad_norm_ does. Returns the norm before clipping."""
-    norm = math.sqrt(sum(float(np.vdot(g, g)) for _, g in leaves(grads)))
+    torch.nn.utils.clip_grad_norm_ does."""
     if max_norm > 0:
+        norm = math.sqrt(sum(float(np.vdot(g, g)) for _, g in leaves(grads)))
         scale = min(1.0, max_norm / (norm + 1e-6))
         for _, g in leaves(grads):
             g *= scale
-    return norm
 
 
 class AdamW:
@@ -746,7 +745,7 @@ def train(params, optimizer, step, rng, tokens, val_tokens, config, hparams, run
             bar.update()
             if step == max_steps or stop.requested or (config["save_every"] and step % config["save_every"] == 0):
                 save_run(run_dir, params, hparams, vocab_dir, optimizer, step, rng)
-                log.file.close()
+                log.file.close()  # the save replaced the run folder, and the log in it with a copy: go on in that
                 log = Log(run_dir, step)
                 vocab_dir = run_dir
         bar.close()
