@@ -40,9 +40,9 @@ def paragraph(tmp_path):
     return str(path)
 
 
-def run_train(*args, **popen):
+def run_train(*args):
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], text=True, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def read_log(run_dir):
