@@ -1,12 +1,22 @@
-"""Fetch OpenAI's GPT-2 release files and load the checkpoint into a nested dict of float32 arrays."""
+"""Fetch OpenAI's GPT-2 release files and load the checkpoint into a nested dict of float32 arrays.
+
+Several processes may share one models folder (two terminals, parallel jobs, containers on one volume). A lock
+per model folder lets one of them download the model's files or write its converted params at a time; the others
+wait, then use what it wrote.
+"""
 import contextlib
+import errno
 import glob
+import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
+import urllib.parse
 
 import numpy as np
 import requests
@@ -15,11 +25,18 @@ from tqdm import tqdm
 from encoder import get_encoder
 
 RELEASE_SIZES = ("124M", "355M", "774M", "1558M")
-RELEASE_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
-                 "model.ckpt.index", "model.ckpt.meta", "vocab.bpe")
 RELEASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
+DATA = "model.ckpt.data-00000-of-00001"
+TOKENIZER_FILES = ("hparams.json", "encoder.json", "vocab.bpe")  # small: fetched before the checkpoint
+CHECKPOINT_FILES = ("checkpoint", "model.ckpt.index", DATA, "model.ckpt.meta")
+RELEASE_FILES = tuple(sorted(TOKENIZER_FILES + CHECKPOINT_FILES))
+CONVERTED = "numpy-params"
 
 HPARAMS = {"n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"}
+N_VOCAB, N_MERGES = 50257, 50000
+# The release's encoder.json and vocab.bpe are the same for every size: files with these hashes need no parsing.
+VOCAB_SHA256 = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+                "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
 
 # Checkpoint variable names below "model/"; every block "h{i}/" holds the same twelve.
 TOP_TENSORS = ("wte", "wpe", "ln_f/g", "ln_f/b")
@@ -39,6 +56,12 @@ class ModelError(RuntimeError):
     """A model that cannot be downloaded or loaded; the CLI prints the message and exits with 1."""
 
 
+class CheckpointDamaged(ModelError):
+    """TensorFlow read the checkpoint's files but found their bytes wrong: the one failure that is worth
+    downloading a release checkpoint again for. Anything else (no TensorFlow, no memory, no permission) is not
+    the files' fault, and deleting them would only lose a good model."""
+
+
 class TransientError(Exception):
     """A download failure worth retrying: a dropped connection, a timeout, a 5xx, a short file."""
 
@@ -48,15 +71,198 @@ RETRY_DELAY = 1.0  # seconds before the first retry, doubled for each one after 
 TIMEOUT = 30  # seconds without a byte from the server
 
 
+# --- Locks: one process at a time writes a model folder --------------------------------------------------------
+
+def lock_path(path):
+    """The lock file of a folder: hidden, beside it rather than in it, so that it is never listed as a model
+    nor copied with one."""
+    parent, name = os.path.split(os.path.normpath(path))
+    return os.path.join(parent, f".{name}.lock")
+
+
+def file_lock(path):
+    # filelock takes an flock(2) on the file: the OS releases it when its process ends, however it ends (SIGKILL,
+    # a crash, power loss), so a dead process never blocks the next. One object per path (is_singleton) makes a
+    # second acquire in the same process count up instead of waiting on itself.
+    from filelock import FileLock  # imported only when needed: a warm start takes no lock, and saves 20 ms
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return FileLock(path, is_singleton=True)
+
+
+def hold(model_dir, doing):
+    """Acquire model_dir's lock for `doing` ("downloading 124M"), waiting for another process that holds it;
+    use as `with hold(...):`. Raises OSError if the lock file cannot be created (a read-only folder)."""
+    lock = file_lock(lock_path(model_dir))
+    try:
+        return lock.acquire(blocking=False)
+    except TimeoutError:  # filelock's Timeout
+        print(f"waiting for another process to finish {doing} ...", file=sys.stderr, flush=True)
+        return lock.acquire()
+
+
+@contextlib.contextmanager
+def exclusive(path):
+    """Hold `path` (a folder that this process is about to write, such as a training run's) for the duration of
+    the `with` block, or raise UsageError("another process is writing <path>") at once if another process holds
+    it. The lock is the hidden file `.<name>.lock` beside path, released by the OS if the holder dies."""
+    lock = file_lock(lock_path(path))
+    try:
+        lock.acquire(blocking=False)
+    except TimeoutError:  # filelock's Timeout
+        raise UsageError(f"another process is writing {path}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def terminate_as_exit():
+    """SIGTERM (kill, docker stop) ends a process without running `finally` blocks; while this holds, it raises
+    SystemExit instead, so that temporary files are removed on the way out, as they are on Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def exit_now(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def fsync_file(f):
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def fsync_dir(path):
+    """Make a rename inside path durable: without it, a crash may forget the rename."""
+    if os.name == "nt":  # Windows cannot open a folder as a file, and makes renames durable by itself
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- Is a file what its name says? --------------------------------------------------------------------------------
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def sha256_of(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def checkpoint_problem(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        if not re.search(r'^model_checkpoint_path: "(.*)"', f.read(), re.MULTILINE):
+            return "names no checkpoint"
+
+
+def hparams_problem(path):
+    try:
+        hparams = read_json(path)
+    except ValueError as e:  # UnicodeDecodeError is a ValueError too
+        return f"not valid JSON ({e})"
+    if not isinstance(hparams, dict) or not all(isinstance(hparams.get(k), int) for k in HPARAMS):
+        return f"needs {', '.join(sorted(HPARAMS))} (whole numbers)"
+
+
+def encoder_problem(path):
+    if sha256_of(path) == VOCAB_SHA256["encoder.json"]:
+        return None
+    try:
+        encoder = read_json(path)
+    except ValueError as e:
+        return f"not valid JSON ({e})"
+    if not isinstance(encoder, dict):
+        return "is not a JSON object"
+    if len(encoder) != N_VOCAB:
+        return f"holds {len(encoder)} entries, not {N_VOCAB}"
+
+
+def vocab_problem(path):
+    if sha256_of(path) == VOCAB_SHA256["vocab.bpe"]:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except ValueError:
+        return "not UTF-8 text"
+    if not lines[0].startswith("#version"):
+        return "does not start with its #version line"
+    merges = [line for line in lines[1:] if line]
+    if len(merges) != N_MERGES or any(len(line.split()) != 2 for line in merges):
+        return f"holds {len(merges)} lines, not {N_MERGES} merges of two symbols"
+
+
+VALIDATORS = {"checkpoint": checkpoint_problem, "hparams.json": hparams_problem, "encoder.json": encoder_problem,
+              "vocab.bpe": vocab_problem}
+
+
+def file_problem(path, name):
+    """What is wrong with the file at path as the model file `name` ("missing", "not valid JSON (...)"), or None.
+    A file that exists but cannot be read (no permission, a disk error) is no reason to replace it: ModelError."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty"
+        validate = VALIDATORS.get(name)
+        return validate(path) if validate else None
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        raise ModelError(f"cannot read {path}: {e.strerror}") from None
+
+
+def folder_problems(model_dir, names):
+    problems = {name: file_problem(os.path.join(model_dir, name), name) for name in names}
+    return {name: problem for name, problem in problems.items() if problem}
+
+
+def checkpoint_problems(model_dir):
+    """Problems of the files that hold the weights, wherever the `checkpoint` file says they are."""
+    problems = folder_problems(model_dir, ["checkpoint"])
+    if problems:
+        return problems
+    prefix = checkpoint_prefix(model_dir)
+    data_files = glob.glob(glob.escape(prefix) + ".data-*") or [prefix + ".data-00000-of-00001"]
+    return folder_problems(model_dir, [os.path.relpath(path, model_dir) for path in [prefix + ".index", *data_files]])
+
+
+def report_problems(model_dir, problems):
+    if problems:
+        details = "; ".join(f"{name} {problem}" for name, problem in problems.items())
+        raise ModelError(f"model folder {model_dir} cannot be loaded: {details}")
+
+
+# --- Downloads ------------------------------------------------------------------------------------------------------
+
 def models_url():
-    """Where release files come from: $GPT2_MODELS_URL/<size>/<file>, by default OpenAI's public bucket."""
-    return os.environ.get("GPT2_MODELS_URL", RELEASE_URL).rstrip("/")
+    """Where release files come from: $GPT2_MODELS_URL/<size>/<file>, by default (also when it is empty)
+    OpenAI's public bucket."""
+    url = os.environ.get("GPT2_MODELS_URL") or RELEASE_URL
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UsageError(f"GPT2_MODELS_URL must be an http:// or https:// URL, got {url!r}")
+    return url.rstrip("/")
 
 
 def fetch(url, partial):
     """Append url's bytes to the partial file, resuming where it stops if the server honours a Range request."""
     have = os.path.getsize(partial) if os.path.exists(partial) else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
+    # Identity encoding: Content-Length and Range then count the file's own bytes, not a compressed stream's.
+    headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
     with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT) as response:
         if response.status_code == 416:  # the partial file is not a prefix of this file: start over
             os.remove(partial)
@@ -65,57 +271,102 @@ def fetch(url, partial):
             raise TransientError(f"HTTP {response.status_code}")
         if response.status_code >= 400:
             raise ModelError(f"could not download {url}: HTTP {response.status_code} {response.reason}")
+        compressed = response.headers.get("Content-Encoding", "identity") != "identity"
         if response.status_code != 206:  # the server sent the whole file, not the rest of it
             have = 0
-        elif not response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+        elif compressed or not response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+            # (a compressed range counts the bytes of a compressed stream, not of the file)
             os.remove(partial)
             raise TransientError("the server resumed at the wrong place")
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
         with open(partial, "ab" if have else "wb") as f, tqdm(
-                total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                total=None if compressed else total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
                 desc=os.path.basename(url)) as bar:
             for chunk in response.iter_content(chunk_size=1 << 20):
                 bar.update(f.write(chunk))
-    size = os.path.getsize(partial)
-    if total is not None and size != total:
-        raise TransientError(f"got {size} of {total} bytes")
+            fsync_file(f)  # on disk before it is renamed into place
+        # A server that compresses anyway: Content-Length counts the bytes on the wire, which raw.tell() counts too.
+        received = have + response.raw.tell()
+    if total is not None and received != total:
+        raise TransientError(f"got {received} of {total} bytes")
 
 
 def download_file(url, path):
     """Download url to path. The bytes go to path + ".part" and are renamed into place only once the byte count
-    matches Content-Length, so a file under its final name is always complete, even after Ctrl-C. Transient
-    failures are retried with backoff, resuming the partial file."""
-    partial = path + ".part"
+    matches Content-Length and the file is valid for its name, so a file under its final name is always complete,
+    even after Ctrl-C. Transient failures are retried with backoff, resuming the partial file."""
+    partial, name = path + ".part", os.path.basename(path)
     for attempt in range(DOWNLOAD_ATTEMPTS):
         if attempt:
             time.sleep(RETRY_DELAY * 2 ** (attempt - 1))
         try:
             fetch(url, partial)
-            os.replace(partial, path)  # atomic
-            return
+            break
         except (TransientError, requests.ConnectionError, requests.Timeout,
                 requests.exceptions.ChunkedEncodingError) as e:
             failure = e
-    raise ModelError(f"could not download {url} after {DOWNLOAD_ATTEMPTS} attempts: {failure}")
+        except requests.RequestException as e:  # an URL requests cannot use: retrying will not help
+            raise ModelError(f"could not download {url}: {e}") from None
+        except OSError as e:  # requests' errors are OSErrors too, hence this order: here, writing failed
+            with contextlib.suppress(OSError):
+                os.remove(partial)  # a full disk: the piece would only take space that the user must free
+            raise ModelError(f"could not write {path}: {e.strerror or e}") from None
+    else:
+        raise ModelError(f"could not download {url} after {DOWNLOAD_ATTEMPTS} attempts: {failure}")
+    problem = file_problem(partial, name)
+    if problem:  # an HTML page from a captive portal or a proxy, say: never under the release file's name
+        os.remove(partial)
+        raise ModelError(f"{url} did not send a usable {name}: {problem}")
+    os.replace(partial, path)  # atomic
 
 
-def download_release(model_size, model_dir):
-    """Download those of the release's files that the model folder lacks."""
-    os.makedirs(model_dir, exist_ok=True)
-    for filename in RELEASE_FILES:
-        path = os.path.join(model_dir, filename)
-        if not os.path.exists(path) or os.path.getsize(path) == 0:
-            download_file(f"{models_url()}/{model_size}/{filename}", path)
+def download_release(model_size, model_dir, names, again=()):
+    """Make sure the release files `names` are in the model folder and valid, downloading those that are missing
+    or broken, and those in `again` (found damaged) unless another process replaced them meanwhile.
 
+    `again` maps a name to the os.stat identity it had when it was found damaged."""
+    if not again and not folder_problems(model_dir, names):
+        return
+    try:
+        held = hold(model_dir, f"downloading {model_size}")
+    except OSError as e:
+        raise ModelError(f"cannot write in {os.path.dirname(model_dir) or '.'}: {e.strerror or e}") from None
+    with held:
+        try:
+            os.makedirs(model_dir, exist_ok=True)
+            for name in names:
+                path = os.path.join(model_dir, name)
+                if file_problem(path, name) or (name in again and identity(path) == again[name]):
+                    download_file(f"{models_url()}/{model_size}/{name}", path)
+        except OSError as e:
+            raise ModelError(f"could not write in {model_dir}: {e.strerror or e}") from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.rmdir(model_dir)  # removed only if empty: a first download that failed at once
+
+
+def identity(path):
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+# --- Reading the checkpoint -----------------------------------------------------------------------------------------
 
 def checkpoint_prefix(model_dir):
-    """The checkpoint's path prefix, as named in the `checkpoint` file (relative to the model folder)."""
+    """The checkpoint's path prefix, as named in the `checkpoint` file (relative to the model folder).
+
+    A folder copied from elsewhere may name its checkpoint by an absolute path that no longer exists
+    (gpt-2-simple on Colab writes "/content/checkpoint/run1/model-1000"): the same name in this folder is used."""
     with open(os.path.join(model_dir, "checkpoint"), encoding="utf-8", errors="replace") as f:
         match = re.search(r'^model_checkpoint_path: "(.*)"', f.read(), re.MULTILINE)
     if not match:
         raise ModelError(f"{model_dir}/checkpoint does not name a checkpoint (no model_checkpoint_path line)")
-    return os.path.join(model_dir, match.group(1))
+    named = os.path.join(model_dir, match.group(1))
+    here = os.path.join(model_dir, os.path.basename(match.group(1)))
+    if not os.path.exists(named + ".index") and os.path.exists(here + ".index"):
+        return here
+    return named
 
 
 @contextlib.contextmanager
@@ -139,19 +390,32 @@ def read_tf_checkpoint(prefix, n_layer):
     The weights are laid out column-major (shape [in, out], memory [out][in]): generating one token multiplies
     a single vector by each of them, and NumPy's BLAS streams that product about 10% faster when each output's
     weights are contiguous. Results are the same either way.
+
+    Raises CheckpointDamaged only when TensorFlow reads the files and finds them wrong; any other failure is a
+    ModelError that says what it is.
     """
-    flat = {}
+    for path in [prefix + ".index", *glob.glob(glob.escape(prefix) + ".data-*")]:
+        try:  # a file we may not read is not a damaged one
+            open(path, "rb").close()
+        except OSError as e:
+            raise ModelError(f"cannot read {path}: {e.strerror}") from None
     try:
         with silenced_stderr():  # TensorFlow's C++ start-up log is not for our users
             import tensorflow as tf  # slow to import, so only when a checkpoint is actually read
-
+    except ImportError as e:
+        raise ModelError(f"reading the checkpoint {prefix} needs TensorFlow (pip install tensorflow): {e}") from None
+    flat = {}
+    try:
+        with silenced_stderr():
             reader = tf.train.load_checkpoint(prefix)
             for name in tensor_names(n_layer):
                 array = reader.get_tensor(f"model/{name}").astype(np.float32)
                 flat[name] = np.asfortranarray(array[0]) if array.ndim == 3 else array
-    except Exception as e:  # TensorFlow reports damage as OpError, IndexError, ValueError, ...
+    except MemoryError:
+        raise ModelError(f"not enough memory to read the checkpoint {prefix}") from None
+    except (tf.errors.OpError, IndexError, ValueError) as e:  # TF's words for a bad checksum, table or length
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot read the checkpoint {prefix}: {reason}") from e
+        raise CheckpointDamaged(f"cannot read the checkpoint {prefix}: {reason}") from None
     return flat
 
 
@@ -169,25 +433,42 @@ def nest(flat, n_layer):
     return params
 
 
+# --- The converted copy: numpy-params/ ------------------------------------------------------------------------------
+
 def checkpoint_fingerprint(prefix):
-    """Size and modification time of the checkpoint's files: if either changes, the conversion is stale."""
-    files = sorted(glob.glob(glob.escape(prefix) + ".data-*")) + [prefix + ".index"]
-    return {os.path.basename(f): [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files}
+    """The sha256 of the checkpoint's .index, which records a CRC32C of every tensor: other weights make another
+    index, even in files of the same size and modification time. The index is small, so this is cheap."""
+    try:
+        return sha256_of(prefix + ".index")
+    except OSError as e:
+        raise ModelError(f"cannot read {prefix}.index: {e.strerror}") from None
+
+
+def checksum(array):
+    """The array's bytes summed as 64-bit words, modulo 2**64. One pass at memory speed (about 25 ms for 124M,
+    whose pages the first token reads anyway), where a sha256 takes over ten times as long. It is no defence against
+    an attacker (who could as well replace the checkpoint), but a zeroed tail or a NaN written over a weight
+    changes it."""
+    words = array.ravel(order="K")  # memory order: a view for row- and column-major arrays alike
+    if words.nbytes % 8:
+        return int(words.view(np.uint32).sum(dtype=np.uint64))
+    return int(words.view(np.uint64).sum())  # integer sums wrap around, exactly and in any order
 
 
 def load_converted(converted_dir, fingerprint, n_layer):
     """The params converted on an earlier run, memory-mapped, or None if they are missing, stale or damaged."""
     try:
-        with open(os.path.join(converted_dir, "manifest.json"), encoding="utf-8") as f:
-            manifest = json.load(f)
-        if manifest["checkpoint"] != fingerprint or sorted(manifest["shapes"]) != sorted(tensor_names(n_layer)):
+        manifest = read_json(os.path.join(converted_dir, "manifest.json"))
+        if manifest["checkpoint"] != fingerprint or sorted(manifest["tensors"]) != sorted(tensor_names(n_layer)):
             return None
         flat = {}
-        for name, shape in manifest["shapes"].items():
+        for name, expected in manifest["tensors"].items():
             array = np.load(os.path.join(converted_dir, name.replace("/", ".") + ".npy"), mmap_mode="r")
-            if array.shape != tuple(shape) or array.dtype != np.float32:
+            array = np.asarray(array)  # a plain ndarray view of the mapping: np.memmap adds cost to every op
+            if array.shape != tuple(expected["shape"]) or array.dtype != np.float32 or \
+                    checksum(array) != expected["checksum"]:
                 return None
-            flat[name] = np.asarray(array)  # a plain ndarray view of the mapping: np.memmap adds cost to every op
+            flat[name] = array
         return flat
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -196,33 +477,67 @@ def load_converted(converted_dir, fingerprint, n_layer):
 def save_converted(converted_dir, fingerprint, flat):
     """One .npy per tensor, so later runs map them straight from disk without importing TensorFlow.
 
-    Written into a temporary folder that is renamed into place, with the manifest written last: a folder
-    under the final name is always complete.
-    """
+    Written into a temporary folder that is renamed into place, every file fsynced first: a folder under the
+    final name is always complete, even after a crash. The temporary folder is removed on any failure, Ctrl-C or
+    SIGTERM. The caller holds the model's lock."""
+    need = sum(array.nbytes for array in flat.values())
+    if shutil.disk_usage(os.path.dirname(converted_dir)).free < need:  # better than gigabytes written for nothing
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: the copy needs {need / 1e6:.0f} MB")
     tmp_dir = f"{converted_dir}.tmp{os.getpid()}"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    os.makedirs(tmp_dir)
-    for name, array in flat.items():
-        np.save(os.path.join(tmp_dir, name.replace("/", ".") + ".npy"), array)
-    manifest = {"checkpoint": fingerprint, "shapes": {name: list(a.shape) for name, a in flat.items()}}
-    with open(os.path.join(tmp_dir, "manifest.json"), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-    shutil.rmtree(converted_dir, ignore_errors=True)
-    os.rename(tmp_dir, converted_dir)
+    try:
+        os.makedirs(tmp_dir)
+        tensors = {}
+        for name, array in flat.items():
+            with open(os.path.join(tmp_dir, name.replace("/", ".") + ".npy"), "wb") as f:
+                np.save(f, array)
+                fsync_file(f)
+            tensors[name] = {"shape": list(array.shape), "checksum": checksum(array)}
+        with open(os.path.join(tmp_dir, "manifest.json"), "w", encoding="utf-8") as f:
+            json.dump({"checkpoint": fingerprint, "tensors": tensors}, f, indent=1)
+            fsync_file(f)
+        fsync_dir(tmp_dir)
+        shutil.rmtree(converted_dir, ignore_errors=True)
+        os.rename(tmp_dir, converted_dir)
+        fsync_dir(os.path.dirname(converted_dir))
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+
+
+def warn_unsaved(converted_dir, error):
+    print(f"warning: could not write {converted_dir} ({error.strerror or error}): the weights are read from the "
+          f"TensorFlow checkpoint again on every run, so start-up stays slow", file=sys.stderr, flush=True)
 
 
 def load_params(model_dir, n_layer):
     """Flat {name: float32 array}: mapped from the converted .npy files if they match the checkpoint,
-    otherwise read from the checkpoint with TensorFlow and converted for next time."""
+    otherwise read from the checkpoint with TensorFlow and converted for next time. The converted copy is only a
+    speed-up: when it cannot be written (a read-only folder, a full disk), a warning says so and the run goes on."""
     prefix = checkpoint_prefix(model_dir)
     fingerprint = checkpoint_fingerprint(prefix)
-    converted_dir = os.path.join(model_dir, "numpy-params")
+    converted_dir = os.path.join(model_dir, CONVERTED)
     flat = load_converted(converted_dir, fingerprint, n_layer)
-    if flat is None:
-        flat = read_tf_checkpoint(prefix, n_layer)
-        save_converted(converted_dir, fingerprint, flat)
+    if flat is not None:
+        return flat
+    try:
+        held = hold(model_dir, f"converting {os.path.basename(os.path.normpath(model_dir))}")
+    except OSError as e:
+        warn_unsaved(converted_dir, e)
+        return read_tf_checkpoint(prefix, n_layer)
+    with held, terminate_as_exit():
+        flat = load_converted(converted_dir, fingerprint, n_layer)  # written while this process waited?
+        if flat is None:
+            for leftover in glob.glob(glob.escape(converted_dir) + ".tmp*"):  # its writer died: we hold the lock
+                shutil.rmtree(leftover, ignore_errors=True)
+            flat = read_tf_checkpoint(prefix, n_layer)
+            try:
+                save_converted(converted_dir, fingerprint, flat)
+            except OSError as e:
+                warn_unsaved(converted_dir, e)
     return flat
 
+
+# --- Model folders --------------------------------------------------------------------------------------------------
 
 def local_models(models_dir):
     try:
@@ -238,106 +553,53 @@ def check_model_name(model_size, models_dir):
             or ".." in model_size:
         raise UsageError(f"--model_size must be a release size or the name of a folder in {models_dir}, "
                          f"not a path: got {model_size!r}")
+    if os.path.exists(models_dir) and not os.path.isdir(models_dir):
+        raise ModelError(f"--models_dir {models_dir} is a file, not a folder")
     if model_size not in RELEASE_SIZES and not os.path.isdir(os.path.join(models_dir, model_size)):
         found = ", ".join(local_models(models_dir)) or "none"
         raise UsageError(f"unknown model {model_size!r}: use one of {', '.join(RELEASE_SIZES)} (downloaded if "
                          f"missing) or a model folder in {models_dir} (found: {found})")
 
 
-def model_dir_problems(model_dir):
-    """{file name: what is wrong with it} for what keeps a folder from holding a loadable checkpoint."""
-    def problem(name):
-        path = os.path.join(model_dir, name)
-        if not os.path.exists(path):
-            return "missing"
-        if os.path.getsize(path) == 0:
-            return "empty"
-        return None
-
-    names = ("checkpoint", "hparams.json", "encoder.json", "vocab.bpe")
-    problems = {name: reason for name in names if (reason := problem(name))}
-    if problems:
-        return problems
-    try:
-        prefix = os.path.relpath(checkpoint_prefix(model_dir), model_dir)
-    except ModelError:
-        return {"checkpoint": "names no checkpoint"}
-    try:
-        hparams = load_hparams(model_dir)
-    except ValueError as e:
-        return {"hparams.json": f"not valid JSON ({e})"}
-    if not isinstance(hparams, dict) or not HPARAMS <= set(hparams):
-        problems["hparams.json"] = f"needs {', '.join(sorted(HPARAMS))}"
-    data_files = glob.glob(glob.escape(os.path.join(model_dir, prefix)) + ".data-*")
-    data_files = [os.path.relpath(path, model_dir) for path in data_files]
-    problems.update({name: reason for name in [prefix + ".index", *data_files] if (reason := problem(name))})
-    if not data_files:
-        problems[prefix + ".data-00000-of-00001"] = "missing"
-    return problems
-
-
-def prepare_model(model_size, models_dir):
-    """The model's folder, checked to hold a complete checkpoint. A release model's missing or empty files are
-    downloaded (again); another folder with a problem is reported, never half-loaded."""
+def prepare_tokenizer(model_size, models_dir):
+    """The model's folder, checked to hold a valid hparams.json, encoder.json and vocab.bpe, downloading a
+    release model's (and only those: the checkpoint can wait until the prompt has been checked against them).
+    Another folder with a problem is reported with one line naming the file."""
+    models_url()  # a bad GPT2_MODELS_URL is a usage error, reported before any work
     check_model_name(model_size, models_dir)
     model_dir = os.path.join(models_dir, model_size)
     if model_size in RELEASE_SIZES:
-        download_release(model_size, model_dir)
-    problems = model_dir_problems(model_dir)
-    if problems and model_size in RELEASE_SIZES:  # a file under its release name is broken: fetch it again
-        for name in problems:
-            if os.path.exists(os.path.join(model_dir, name)):
-                os.remove(os.path.join(model_dir, name))
-        download_release(model_size, model_dir)
-        problems = model_dir_problems(model_dir)
-    if problems:
-        details = "; ".join(f"{name} {reason}" for name, reason in problems.items())
-        raise ModelError(f"model folder {model_dir} cannot be loaded: {details}")
+        download_release(model_size, model_dir, TOKENIZER_FILES)
+    report_problems(model_dir, folder_problems(model_dir, TOKENIZER_FILES))
     return model_dir
 
 
-TOKENIZER_FILES = ("hparams.json", "encoder.json", "vocab.bpe")
-
-
-def prepare_tokenizer(model_size, models_dir):
-    """The model's folder with just the small files that measure a prompt (downloaded first for a release
-    model), so a prompt too long for the context is refused before the weights are fetched."""
-    check_model_name(model_size, models_dir)
-    model_dir = os.path.join(models_dir, model_size)
-    for name in TOKENIZER_FILES:
-        path = os.path.join(model_dir, name)
-        if model_size in RELEASE_SIZES and (not os.path.exists(path) or os.path.getsize(path) == 0):
-            os.makedirs(model_dir, exist_ok=True)
-            download_file(f"{models_url()}/{model_size}/{name}", path)
-        if not os.path.exists(path) or os.path.getsize(path) == 0:
-            problem = f"{name} {'empty' if os.path.exists(path) else 'missing'}"
-            raise ModelError(f"model folder {model_dir} cannot be loaded: {problem}")
-    try:
-        hparams = load_hparams(model_dir)
-    except ValueError as e:
-        raise ModelError(f"model folder {model_dir} cannot be loaded: hparams.json not valid JSON ({e})") from None
-    if not isinstance(hparams, dict) or not HPARAMS <= set(hparams):
-        raise ModelError(f"model folder {model_dir} cannot be loaded: hparams.json needs {', '.join(sorted(HPARAMS))}")
+def prepare_model(model_size, models_dir):
+    """The model's folder, checked to hold a complete checkpoint. A release model's missing or broken files are
+    downloaded (again); another folder with a problem is reported, never half-loaded."""
+    model_dir = prepare_tokenizer(model_size, models_dir)
+    if model_size in RELEASE_SIZES:
+        download_release(model_size, model_dir, CHECKPOINT_FILES)
+    report_problems(model_dir, checkpoint_problems(model_dir))
     return model_dir
 
 
 def load_hparams(model_dir):
-    with open(os.path.join(model_dir, "hparams.json"), encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(os.path.join(model_dir, "hparams.json"))
 
 
 def load_model_params(model_size, models_dir, n_layer):
-    """The params tree of a prepared model. A release checkpoint that does not read (a data file shorter than
-    its index says, say) is downloaded once more before giving up."""
+    """The params tree of a prepared model. A release checkpoint that TensorFlow finds damaged (a data file
+    shorter than its index says, a checksum that does not match) is downloaded once more before giving up."""
     model_dir = os.path.join(models_dir, model_size)
     try:
         flat = load_params(model_dir, n_layer)
-    except ModelError:
+    except CheckpointDamaged:
         if model_size not in RELEASE_SIZES:
             raise
-        for name in ("model.ckpt.index", "model.ckpt.data-00000-of-00001"):
-            os.remove(os.path.join(model_dir, name))
-        download_release(model_size, model_dir)
+        damaged = ("model.ckpt.index", DATA)
+        again = {name: identity(os.path.join(model_dir, name)) for name in damaged}
+        download_release(model_size, model_dir, damaged, again)
         flat = load_params(model_dir, n_layer)
     return nest(flat, n_layer)
 

@@ -35,3 +35,13 @@ def test_fine_tuned_folder_with_other_checkpoint_name_loads(tmp_path, tiny_model
     write_model_dir(str(tmp_path / "run1"), n_layer=1, n_embd=32, n_head=2, n_ctx=64, seed=3, prefix="model-1000")
     _, hparams, params = load_encoder_hparams_and_params("run1", str(tmp_path))
     assert hparams["n_layer"] == 1 and params["wpe"].shape == (64, 32)
+
+
+def test_absolute_checkpoint_path_from_another_machine_is_found_in_the_folder(tmp_path):
+    # gpt-2-simple on Colab names the checkpoint by where it was written: /content/checkpoint/run1/model-1000
+    _, tensors = write_model_dir(str(tmp_path / "run1"), n_layer=1, n_embd=32, n_head=2, n_ctx=64, seed=3,
+                                 prefix="model-1000")
+    (tmp_path / "run1" / "checkpoint").write_text('model_checkpoint_path: "/content/checkpoint/run1/model-1000"\n'
+                                                  'all_model_checkpoint_paths: "/content/checkpoint/run1/model-1000"\n')
+    _, _, params = load_encoder_hparams_and_params("run1", str(tmp_path))
+    np.testing.assert_array_equal(params["wte"], tensors["model/wte"])

@@ -1,5 +1,5 @@
 """Converted params kept beside the checkpoint: later runs map them without TensorFlow, and rebuild them
-whenever they no longer match the checkpoint."""
+whenever they no longer match the checkpoint or their own checksums."""
 import os
 import shutil
 import subprocess
@@ -63,13 +63,36 @@ def test_changed_checkpoint_is_converted_again(model_copy):
     assert not np.array_equal(after, before)
 
 
-@pytest.mark.parametrize("damage", ["truncate_npy", "delete_npy", "garbage_manifest", "delete_manifest"])
+def test_same_size_checkpoint_with_restored_times_is_converted_again(model_copy, tmp_path):
+    """A fine-tune of the same shapes copied over the old checkpoint by a tool that restores modification times
+    (tar, rsync -t, zip): sizes and times are the old ones, only the contents differ."""
+    load_wte(model_copy)
+    _, tensors = write_model_dir(str(tmp_path / "fine-tuned"), n_layer=2, n_embd=64, n_head=4, seed=7)
+    for name in utils.RELEASE_FILES:
+        old, new = model_copy / "tiny" / name, tmp_path / "fine-tuned" / name
+        times, size = (os.stat(old).st_atime_ns, os.stat(old).st_mtime_ns), os.path.getsize(old)
+        shutil.copyfile(new, old)
+        os.utime(old, ns=times)
+        assert os.path.getsize(old) == size
+    np.testing.assert_array_equal(load_wte(model_copy), tensors["model/wte"])
+
+
+@pytest.mark.parametrize("damage", ["truncate_npy", "delete_npy", "garbage_manifest", "delete_manifest",
+                                    "zeroed_tail", "nan"])
 def test_damaged_conversion_is_rebuilt_not_used(model_copy, tiny_model, damage):
     load_wte(model_copy)
     converted = model_copy / "tiny" / CONVERTED
     npy = converted / "wte.npy"
+    size = os.path.getsize(npy)
     if damage == "truncate_npy":
-        os.truncate(npy, os.path.getsize(npy) // 2)
+        os.truncate(npy, size // 2)
+    elif damage == "zeroed_tail":  # a crash before the data reached the disk: right size, zeros at the end
+        os.truncate(npy, size - 4096)
+        os.truncate(npy, size)
+    elif damage == "nan":
+        with open(npy, "r+b") as f:
+            f.seek(size - tiny_model.tensors["model/wte"].nbytes // 2)  # the middle weight: data ends the file
+            f.write(np.float32("nan").tobytes())
     elif damage == "delete_npy":
         os.remove(npy)
     elif damage == "garbage_manifest":
@@ -78,3 +101,17 @@ def test_damaged_conversion_is_rebuilt_not_used(model_copy, tiny_model, damage):
         os.remove(converted / "manifest.json")
     np.testing.assert_array_equal(load_wte(model_copy), tiny_model.tensors["model/wte"])
     assert os.path.getsize(npy) > tiny_model.tensors["model/wte"].nbytes  # rebuilt whole
+
+
+@pytest.mark.parametrize("shape, order", [((6, 4), "C"), ((6, 4), "F"), ((3, 5), "F"), ((7,), "C")],
+                         ids=["even C", "even F", "odd F", "odd 1-d"])
+def test_checksum_sees_every_word_of_either_layout(shape, order):
+    array = np.asarray(np.random.default_rng(0).standard_normal(shape, dtype=np.float32), order=order)
+    assert utils.checksum(array) == utils.checksum(array.copy(order=order))
+    for index in [(0,) * len(shape), tuple(n - 1 for n in shape)]:  # the first and the last word in memory
+        damaged = array.copy(order=order)
+        damaged[index] = np.nan
+        assert utils.checksum(damaged) != utils.checksum(array)
+    zeroed = array.copy(order=order)
+    zeroed.reshape(-1, order="A")[-2:] = 0  # the tail, in memory order
+    assert utils.checksum(zeroed) != utils.checksum(array)
