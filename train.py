@@ -245,7 +245,6 @@ import signal
 import sys
 import time
 
-import filelock
 import fire
 from tqdm import tqdm
 
@@ -499,21 +498,9 @@ def load_run(run_dir, weight_decay):
         return params, optimizer, int(state["step"]), rng
 
 
-def lock_run(run_dir):
-    """Hold a lock on the run for as long as this process lives, so that two runs never write one folder.
-    The lock file sits beside the run folder, which save_run replaces; the operating system releases the lock
-    when the process ends, however it ends."""
-    lock = filelock.FileLock(run_dir + ".lock")
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        raise utils.UsageError(f"another process is training into {run_dir}: wait for it to finish, or choose "
-                               f"another --out_name") from None
-    return lock
-
-
 def remove_leftovers(run_dir):
-    """Temporary folders of a save that was killed midway; only a process holding the run's lock may call this."""
+    """Temporary folders of a save that was killed midway; only a process holding the run's lock
+    (utils.exclusive) may call this."""
     parent, name = os.path.split(run_dir)
     for entry in os.listdir(parent):
         if entry.startswith((f".{name}.tmp", f".{name}.old")):
@@ -603,18 +590,10 @@ def check_init_from(init_from, models_dir, flags):
 
 
 def vocabulary_dir(init_from, models_dir):
-    """The folder whose encoder.json and vocab.bpe tokenize the dataset: a model folder's own, or a release's
-    (124M's for a model from scratch), of which only those two small files are downloaded now: the dataset is
-    checked before the weights are fetched."""
-    if init_from != "scratch" and init_from not in utils.RELEASE_SIZES:
-        return utils.prepare_model(init_from, models_dir)
-    size = "124M" if init_from == "scratch" else init_from
-    vocab_dir = os.path.join(models_dir, size)
-    os.makedirs(vocab_dir, exist_ok=True)
-    for name in ("encoder.json", "vocab.bpe"):
-        if not os.path.exists(os.path.join(vocab_dir, name)):
-            utils.download_file(f"{utils.models_url()}/{size}/{name}", os.path.join(vocab_dir, name))
-    return vocab_dir
+    """The folder whose encoder.json and vocab.bpe tokenize the dataset: the model's (124M's for a model from
+    scratch). Of a release, only those small files are downloaded now: the dataset is checked before the weights
+    are fetched."""
+    return utils.prepare_tokenizer("124M" if init_from == "scratch" else init_from, models_dir)
 
 
 def model_hparams(init_from, models_dir, flags):
@@ -670,32 +649,31 @@ def main(dataset, out_name, val_dataset=None, init_from="124M", n_layer=12, n_he
     if not resume:
         hparams = model_hparams(init_from, models_dir, flags)
 
-    lock = lock_run(run_dir)  # held until the process exits
-    if not resume:  # checked again now that no other run can create the folder
-        check(overwrite or not os.path.exists(run_dir),
-              f"{run_dir} already exists: --resume continues it, --overwrite starts it again")
-    remove_leftovers(run_dir)
-    save_tokens(tokens, texts, cache_dir)
-    if val_texts is not None:
-        save_tokens(val_tokens, val_texts, cache_dir)
+    with utils.exclusive(run_dir):  # a second run on this folder is refused, not let in to share it
+        if not resume:  # checked again now that no other run can create the folder
+            check(overwrite or not os.path.exists(run_dir),
+                  f"{run_dir} already exists: --resume continues it, --overwrite starts it again")
+        remove_leftovers(run_dir)
+        save_tokens(tokens, texts, cache_dir)
+        if val_texts is not None:
+            save_tokens(val_tokens, val_texts, cache_dir)
 
-    if resume:
-        params, optimizer, step, rng = load_run(run_dir, weight_decay)
-    else:
-        init_rng, data_seed = np.random.SeedSequence(seed).spawn(2)
-        if init_from == "scratch":
-            params = init_params(hparams["n_layer"], hparams["n_embd"], hparams["n_ctx"],
-                                 np.random.default_rng(init_rng))
-        else:  # the loaded weights are read-only memory maps: training needs its own copy
-            params = utils.load_model_params(init_from, models_dir, hparams["n_layer"])
-            params = tree_map(lambda a: np.array(a, dtype=np.float32, order="C"), params)
-        optimizer, step, rng = AdamW(params, weight_decay), 0, np.random.default_rng(data_seed)
-        shutil.rmtree(run_dir, ignore_errors=True)  # --overwrite
-        os.makedirs(run_dir)
+        if resume:
+            params, optimizer, step, rng = load_run(run_dir, weight_decay)
+        else:
+            init_rng, data_seed = np.random.SeedSequence(seed).spawn(2)
+            if init_from == "scratch":
+                params = init_params(hparams["n_layer"], hparams["n_embd"], hparams["n_ctx"],
+                                     np.random.default_rng(init_rng))
+            else:  # the loaded weights are read-only memory maps: training needs its own copy
+                params = utils.load_model_params(init_from, models_dir, hparams["n_layer"])
+                params = tree_map(lambda a: np.array(a, dtype=np.float32, order="C"), params)
+            optimizer, step, rng = AdamW(params, weight_decay), 0, np.random.default_rng(data_seed)
+            shutil.rmtree(run_dir, ignore_errors=True)  # --overwrite
+            os.makedirs(run_dir)
 
-    config = {**flags, "n_head": hparams["n_head"], "lr_decay_steps": lr_decay_steps}
-    train(params, optimizer, step, rng, train_tokens, val_tokens, config, hparams, run_dir, vocab_dir)
-    lock.release()
+        config = {**flags, "n_head": hparams["n_head"], "lr_decay_steps": lr_decay_steps}
+        train(params, optimizer, step, rng, train_tokens, val_tokens, config, hparams, run_dir, vocab_dir)
     sample = gpt2.generate([ENDOFTEXT], params, hparams["n_head"], min(SAMPLE_TOKENS, hparams["n_ctx"] - 1))
     print(encoder.decode(sample))
 
