@@ -235,6 +235,7 @@ def main():
     parser.add_argument("--skip_pico", action="store_true", help="do not time the slow no-cache path")
     parser.add_argument("--skip_backward", action="store_true", help="do not time train.py's forward + backward")
     parser.add_argument("--only", choices=["model", "tokenizer"], help="run one part of the benchmark")
+    parser.add_argument("--skip_train", action="store_true", help="do not time training against PyTorch")
     args = parser.parse_args()
     if args.new_tokens < 1:
         parser.error(f"--new_tokens must be at least 1, got {args.new_tokens}")
@@ -329,6 +330,80 @@ def main():
     report("CLI, 1 token, warm (mapped .npy)", f"{warm_wall:.2f} s",
            f"{warm_wall / cold_wall:.2f}x cold (target <= 0.35x); peak RSS {warm_rss / 1e6:.0f} MB = "
            f"{warm_rss / weight_bytes:.2f}x weights (target <= 1.3x)")
+    if not args.skip_train:
+        train_section(report)
+
+
+# Training: tokens/s and whole-process peak RSS of train.py's step (forward, backward, clipping, AdamW) against
+# HF's GPT2LMHeadModel with torch.optim.AdamW on the same shapes. Each side runs in a process of its own, started
+# through MEASURE, so that each peak RSS is that side's alone.
+TRAIN_SHAPES = [  # (label, model shape, batch, sequence length)
+    ("fine-tuning 124M shapes, batch 4 x 256", dict(n_layer=12, n_head=12, n_embd=768), 4, 256),
+    ("from scratch 4 layers x 256, batch 8 x 128", dict(n_layer=4, n_head=4, n_embd=256), 8, 128),
+]
+TRAIN_STEPS = 3  # timed steps per process, after one warm-up step; the best counts
+
+
+def train_worker(side, n_layer, n_head, n_embd, batch, seq):
+    """Runs in a child process: prints the best tokens/s of one training step, ours or PyTorch's."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 50257, 100_000).astype(np.uint16)
+    config = {"batch_size": batch, "block_size": seq, "grad_accum": 1, "n_head": n_head, "grad_clip": 1.0}
+    if side == "ours":
+        import train
+
+        params = train.init_params(n_layer, n_embd, 1024, rng)
+        optimizer = train.AdamW(params, weight_decay=0.1)
+
+        def step():
+            train.train_step(params, optimizer, tokens, rng, config, 1e-4)
+    else:
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.set_num_threads(os.cpu_count())
+        model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=1024,
+                                           activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
+                                           attn_pdrop=0.0)).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+        def step():
+            starts = rng.integers(0, len(tokens) - seq, batch)
+            windows = torch.from_numpy(tokens[starts[:, None] + np.arange(seq + 1)].astype(np.int64))
+            logits = model(windows[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    step()  # warm-up: first-touch page faults, thread pools
+    print(batch * seq / min(alternating_best(step, rounds=TRAIN_STEPS)))
+
+
+def run_train_worker(side, shape, batch, seq):
+    """(tokens/s, peak RSS bytes) of one worker process."""
+    code = f"import sys; sys.path.insert(0, {ROOT!r}); import bench; bench.train_worker({side!r}, " \
+           f"{shape['n_layer']}, {shape['n_head']}, {shape['n_embd']}, {batch}, {seq})"
+    result = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, "-c", code], capture_output=True,
+                            text=True)
+    *_, tokens_per_s, _, rss, code = result.stdout.split()
+    if code != "0":
+        sys.exit(f"bench: the {side} training worker failed: {result.stderr}")
+    return float(tokens_per_s), int(rss)
+
+
+def train_section(report, rounds=2):
+    for label, shape, batch, seq in TRAIN_SHAPES:
+        best = {"ours": (0.0, float("inf")), "torch": (0.0, float("inf"))}  # (tokens/s, RSS), best of the rounds
+        for _ in range(rounds):  # alternating processes: a busy moment on the machine slows both sides
+            for side in best:
+                tokens_per_s, rss = run_train_worker(side, shape, batch, seq)
+                best[side] = (max(best[side][0], tokens_per_s), min(best[side][1], rss))
+        (ours, ours_rss), (torch_speed, torch_rss) = best["ours"], best["torch"]
+        report(f"train.py, {label}", f"{ours:.0f} tok/s",
+               f"{ours / torch_speed:.2f}x PyTorch's {torch_speed:.0f} tok/s (target >= 1); peak RSS "
+               f"{ours_rss / 1e6:.0f} MB = {ours_rss / torch_rss:.2f}x PyTorch's {torch_rss / 1e6:.0f} MB "
+               f"(target <= 1.2x)")
 
 
 if __name__ == "__main__":

