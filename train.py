@@ -7,11 +7,23 @@ with respect to its input and, for a piece with weights, a dict of weight gradie
 Put together, the gradients form a tree with exactly the keys and shapes of the params tree. Shapes are for a
 batch of token ids [batch, seq]; n_embd is written C where it keeps lines short.
 """
+import csv
+import hashlib
+import json
 import math
+import os
+import shutil
+import signal
+import sys
+import time
 
+import fire
 import numpy as np
+from tqdm import tqdm
 
 import gpt2
+import utils
+from encoder import get_encoder
 from gpt2 import causal_mask, gelu, linear, merge_heads, softmax, split_heads
 
 # ============================================================================================ the backward pass
@@ -236,20 +248,6 @@ def lm_loss(params, inputs, targets, n_head):
     return cross_entropy_forward(logits, np.asarray(targets))[0]
 
 # ============================================================================================ training
-import csv
-import hashlib
-import json
-import os
-import shutil
-import signal
-import sys
-import time
-
-import fire
-from tqdm import tqdm
-
-import utils
-from encoder import get_encoder
 
 ENDOFTEXT = 50256  # GPT-2's <|endoftext|>: it follows every document in the token stream
 VAL_FRACTION = 0.1  # without --val_dataset, the last 10% of the tokens are held out for validation
