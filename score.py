@@ -177,15 +177,15 @@ def main(path=None, model_size="124M", models_dir="models", stride=None, per_tok
         path: the UTF-8 text file to score, or - for standard input
         model_size: 124M, 355M, 774M or 1558M (downloaded if missing), or a model folder under models_dir
         models_dir: where model folders live
-        stride: how far apart windows start, 1..n_ctx (default n_ctx / 2). What it buys: every token after the
-            first window is predicted from at least n_ctx - stride tokens of context, so a smaller stride gives
-            a lower, fairer perplexity (each token sees more of the text), and costs about n_ctx / stride
-            forward passes of n_ctx tokens per n_ctx tokens of text. --stride n_ctx cuts the text into
-            independent blocks: fastest, but the tokens at a block's start are predicted from little context.
-        per_token: print a table with one row per token: its position, text, log-probability, its rank among
-            all tokens (1: the model's most likely) and the model's --top most likely candidates
+        stride: how far apart windows start, 1..n_ctx (default n_ctx / 2). What it buys is context. Every
+            token after the first window is predicted from at least n_ctx - stride tokens, so a smaller stride
+            gives a lower, fairer perplexity (each token sees more of the text) and costs about n_ctx / stride
+            forward passes of n_ctx tokens per n_ctx tokens of text. With --stride n_ctx the windows do not
+            overlap, which is fastest, but the first tokens of each window are predicted from little context.
+        per_token: print a table with one row per token, giving its position, text, log-probability, its rank
+            among all tokens (1 is the model's most likely) and the model's --top most likely candidates
         top: how many candidates --per_token shows
-        json: print one JSON object instead: n_tokens, mean_nll, logprobs (natural log, one per token),
+        json: print one JSON object instead, with n_tokens, mean_nll, logprobs (natural log, one per token),
             perplexity, bits_per_byte, and with --per_token the tokens, ranks and candidates
     """
     check(path is not None, "give the file to score, or - to read standard input")

@@ -308,3 +308,11 @@ def test_bad_input_is_one_line_and_an_exit_code(bad_models, args, code, message)
     result = run_cli(*args, *flags, "--models_dir", str(bad_models), stdin=b"", cwd=bad_models)
     assert_one_line_error(result, code, message)
     assert not os.path.exists(bad_models / "fewer" / "numpy-params")  # stopped before loading any weights
+
+
+def test_help_says_what_the_stride_buys():
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr.decode()
+    shown = result.stdout + result.stderr  # fire shows help on stderr when it is not a terminal
+    assert b"predicted from at least n_ctx - stride tokens" in shown
+    assert b"the first tokens of each window are predicted from little context" in shown  # all of it
