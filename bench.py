@@ -106,6 +106,7 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=100)
     parser.add_argument("--skip_hf", action="store_true", help="do not compare with HF transformers")
     parser.add_argument("--skip_pico", action="store_true", help="do not time the slow no-cache path")
+    parser.add_argument("--skip_score", action="store_true", help="do not time score.py")
     args = parser.parse_args()
 
     from tests.release_layout import write_model_dir
@@ -191,6 +192,65 @@ def main():
            f"{warm_wall / cold_wall:.2f}x cold (target <= 0.35x); peak RSS {warm_rss / 1e6:.0f} MB = "
            f"{warm_rss / weight_bytes:.2f}x weights (target <= 1.3x)")
 
+    if not args.skip_score:
+        bench_scoring(params, flat, hparams, hf is not None, report)
+
+
+def hf_scorer(flat, hparams, spans, params):
+    """score(sequence): HF transformers' log-probabilities of the same windows, in the same batches as score.py
+    (windows of one shape together, as many as score.LOGITS_BUDGET allows), no_grad, all cores; only the new
+    positions' logits are computed (logits_to_keep) and go through torch.log_softmax."""
+    import torch
+
+    import score
+    from tests.release_layout import hf_model
+
+    torch.set_num_threads(os.cpu_count())
+    model = hf_model(flat, hparams)
+    batches = []
+    for length, first in sorted({(end - start, scored - start) for start, end, scored in spans}):
+        group = [span for span in spans if (span[1] - span[0], span[2] - span[0]) == (length, first)]
+        n_rows = score.rows_within_budget(length - first, params)
+        batches += [group[i:i + n_rows] for i in range(0, len(group), n_rows)]
+
+    def score_sequence(sequence):
+        logprobs = torch.empty(len(sequence) - 1)
+        with torch.no_grad():
+            for batch in batches:
+                inputs = torch.tensor(np.stack([sequence[start:end] for start, end, _ in batch]))
+                n_new = batch[0][1] - batch[0][2]
+                logits = model(inputs, logits_to_keep=n_new).logits  # -> [rows, n_new, n_vocab]
+                for (_, end, scored), row in zip(batch, torch.log_softmax(logits, dim=-1)):
+                    targets = torch.tensor(sequence[scored + 1:end + 1])
+                    logprobs[scored:end] = row.gather(-1, targets[:, None])[:, 0]
+        return logprobs
+    return score_sequence
+
+
+def bench_scoring(params, flat, hparams, with_hf, report, n_tokens=5000, stride=512):
+    """Tokens/s of score.py scoring a text of n_tokens at --stride 512, against HF on the same windows."""
+    import score
+
+    ids = np.random.default_rng(1).integers(0, hparams["n_vocab"], n_tokens).tolist()
+    n_ctx, n_head = hparams["n_ctx"], hparams["n_head"]
+    sequence = np.array([gpt2.ENDOFTEXT, *ids])
+    spans = list(score.windows(len(sequence), n_ctx, stride))
+
+    def ours():
+        return score.score_ids(ids, params, n_head, n_ctx, stride)["logprobs"]
+
+    sides = [ours]
+    if with_hf:
+        hf = hf_scorer(flat, hparams, spans, params)
+        diff = np.abs(ours() - hf(sequence).numpy()).max()  # the same numbers, or the timing means nothing
+        if diff > 1e-3:
+            sys.exit(f"bench: score.py and HF disagree by {diff:.3g} in a log-probability")
+        sides.append(lambda: hf(sequence))
+    times = alternating_best(*sides, rounds=3)
+    note = f"{len(spans)} windows of <= {n_ctx}"
+    if with_hf:
+        note += f"; {times[1] / times[0]:.2f}x HF's {n_tokens / times[1]:.0f} tok/s (target >= 1x)"
+    report(f"score.py, {n_tokens} tokens, stride {stride}", f"{n_tokens / times[0]:.0f} tok/s", note)
 
 if __name__ == "__main__":
     main()
