@@ -1,6 +1,6 @@
 """Speed and memory of gpt2.py, measured side by side in one run against its peers and the hardware ceiling.
 
-    python bench.py [--models_dir DIR] [--new_tokens 100] [--skip_hf] [--skip_pico]
+    python bench.py [--models_dir DIR] [--new_tokens 100] [--skip_hf] [--skip_pico] [--skip_score]
 
 It writes a checkpoint with GPT-2 124M's shapes and random weights, in OpenAI's release layout, under
 --models_dir (default: a folder in the system temp dir; OpenAI's weights are not needed), then prints:
@@ -11,7 +11,8 @@ It writes a checkpoint with GPT-2 124M's shapes and random weights, in OpenAI's 
 - time to read a 1000-token prompt (prefill), gpt2.py vs HF;
 - the time of 8 sampled continuations computed as one batch, against one;
 - wall time and peak RSS of a whole `python gpt2.py ... --n_tokens_to_generate 1` process, cold (first run:
-  TensorFlow reads the checkpoint) and warm (converted params mapped from disk).
+  TensorFlow reads the checkpoint) and warm (converted params mapped from disk);
+- tokens/s of score.py scoring a 5000-token text at stride 512, against HF on the same windows and batches.
 Each comparison runs its sides in alternating rounds and keeps each side's best: the machine is shared, so only
 ratios taken in one run mean much.
 """
@@ -207,11 +208,7 @@ def hf_scorer(flat, hparams, spans, params):
 
     torch.set_num_threads(os.cpu_count())
     model = hf_model(flat, hparams)
-    batches = []
-    for length, first in sorted({(end - start, scored - start) for start, end, scored in spans}):
-        group = [span for span in spans if (span[1] - span[0], span[2] - span[0]) == (length, first)]
-        n_rows = score.rows_within_budget(length - first, params)
-        batches += [group[i:i + n_rows] for i in range(0, len(group), n_rows)]
+    batches = list(score.window_batches(spans, params))
 
     def score_sequence(sequence):
         logprobs = torch.empty(len(sequence) - 1)

@@ -79,6 +79,15 @@ def windows(n_positions, n_ctx, stride):
         start, scored = start + stride, end
 
 
+def window_batches(spans, params):
+    """The windows in batches, as many as LOGITS_BUDGET allows, each batch of one shape: windows are n_ctx long
+    but perhaps the last, and all but the first begin with the same number of positions already scored."""
+    for length, first in sorted({(end - start, scored - start) for start, end, scored in spans}):
+        group = [span for span in spans if (span[1] - span[0], span[2] - span[0]) == (length, first)]
+        n_rows = rows_within_budget(length - first, params)
+        yield from (group[i:i + n_rows] for i in range(0, len(group), n_rows))
+
+
 def window_scores(logits, targets, top):  # [n, n_vocab], [n] -> [n], and [n], [n, top], [n, top]
     """log p of each target; with top (a number of candidates) also the target's rank among all tokens (1: the
     most likely) and the top most likely tokens with their log-probabilities, most likely first."""
@@ -109,22 +118,17 @@ def score_ids(ids, params, n_head, n_ctx, stride, top=None, progress=False):
                       top_logprobs=np.empty((n, top), dtype=params["wte"].dtype))
     with tqdm(total=len(spans), desc="scoring", unit="window", leave=False,
               disable=not progress or len(spans) <= PROGRESS_MIN_WINDOWS) as bar:
-        # Windows are n_ctx long but perhaps the last, and all but the first begin with the same number of
-        # positions an earlier window predicted; windows of one shape go through the model together.
-        for length, first in sorted({(end - start, scored - start) for start, end, scored in spans}):
-            group = [span for span in spans if (span[1] - span[0], span[2] - span[0]) == (length, first)]
-            inputs = np.stack([sequence[start:end] for start, end, _ in group])  # -> [n_windows, length]
-            targets = np.stack([sequence[scored + 1:end + 1] for _, end, scored in group])  # the new positions'
-            n_rows = rows_within_budget(length - first, params)
-            for i in range(0, len(group), n_rows):
-                logits = new_position_logits(params, inputs[i:i + n_rows], first, n_head)
-                for (_, end, scored), row_logits, row_targets in zip(group[i:i + n_rows], logits, targets[i:]):
-                    # Position p of the sequence is ids[p - 1]: the new positions' scores go to ids[scored:end].
-                    scores = window_scores(row_logits, row_targets, top)
-                    for key, value in zip(("logprobs", "ranks", "top_ids", "top_logprobs"), scores):
-                        if value is not None:
-                            result[key][scored:end] = value
-                bar.update(len(group[i:i + n_rows]))
+        for batch in window_batches(spans, params):
+            first = batch[0][2] - batch[0][0]  # the same in every window of the batch
+            inputs = np.stack([sequence[start:end] for start, end, _ in batch])  # -> [n_windows, length]
+            logits = new_position_logits(params, inputs, first, n_head)  # -> [n_windows, length - first, n_vocab]
+            for (_, end, scored), row_logits in zip(batch, logits):
+                # Position p of the sequence is ids[p - 1]: the new positions' scores go to ids[scored:end].
+                scores = window_scores(row_logits, sequence[scored + 1:end + 1], top)
+                for key, value in zip(("logprobs", "ranks", "top_ids", "top_logprobs"), scores):
+                    if value is not None:
+                        result[key][scored:end] = value
+            bar.update(len(batch))
     return result
 
 
