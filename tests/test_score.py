@@ -316,3 +316,15 @@ def test_help_says_what_the_stride_buys():
     shown = result.stdout + result.stderr  # fire shows help on stderr when it is not a terminal
     assert b"predicted from at least n_ctx - stride tokens" in shown
     assert b"the first tokens of each window are predicted from little context" in shown  # all of it
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(score, "main", interrupted)
+    monkeypatch.setattr(sys, "argv", ["score.py", "text.txt"])
+    with pytest.raises(SystemExit) as exit:
+        score.cli()
+    assert exit.value.code == 130
+    assert capsys.readouterr().err == "interrupted\n"
