@@ -249,13 +249,15 @@ def main(path=None, model_size="124M", models_dir="models", stride=None, per_tok
 
 
 TEXT_FLAGS = ("--path", "--model_size", "--models_dir")
+SWITCHES = ("--per_token", "--json")
 
 
 def names_as_text(argv):
     """fire reads a lone - as its own separator, 2024 as a number and 1,2 as a tuple. PATH, --model_size and
     --models_dir are names, so they go to fire as quoted Python strings and arrive exactly as typed. PATH is the
     first argument that is neither a flag nor a flag's value (fire gives a flag without "=" the argument after
-    it, unless that is a flag too); arguments after a lone "--" are fire's own."""
+    it, unless that is a flag too), so a bare switch becomes --switch=True: `--json story.txt` is not json="story.txt".
+    Arguments after a lone "--" are fire's own."""
     argv = list(argv)
     is_flag = re.compile(r"--?[A-Za-z_]").match
     i, path_found = 0, False
@@ -267,6 +269,9 @@ def names_as_text(argv):
             i += 1
         elif equals:
             argv[i] = name + "=" + repr(value) if name in TEXT_FLAGS else argv[i]
+            i += 1
+        elif name in SWITCHES and argv[i + 1:i + 2] not in (["True"], ["False"]):
+            argv[i] = name + "=True"
             i += 1
         elif i + 1 < len(argv) and not is_flag(argv[i + 1]):  # the next argument is this flag's value
             argv[i + 1] = repr(argv[i + 1]) if name in TEXT_FLAGS else argv[i + 1]

@@ -244,7 +244,7 @@ def test_cli_reads_names_as_text_and_stdin_and_keeps_stdout_clean(short_model, c
     (tmp_path / "2024").write_text(TEXT, encoding="utf-8")  # a file named like a number
     from_file = run_cli("2024", "--models_dir", "2025", "--model_size=1,2", "--stride", "3", "--per_token", "--json",
                         cwd=tmp_path)
-    from_stdin = run_cli("-", "--models_dir=2025", "--model_size", "1,2", "--json", "--stride=3", "--per_token",
+    from_stdin = run_cli("--json", "-", "--models_dir=2025", "--model_size", "1,2", "--per_token", "True", "--stride=3",
                          stdin=TEXT.encode("utf-8"), cwd=tmp_path)
     for result in (from_file, from_stdin):
         assert result.returncode == 0, result.stderr.decode()
