@@ -1,20 +1,24 @@
-"""Speed and memory of gpt2.py, measured side by side in one run against its peers and the hardware ceiling.
+"""Speed and memory, measured side by side in one run against peers and the hardware ceiling.
 
-    python bench.py [--models_dir DIR] [--new_tokens 100] [--skip_hf] [--skip_pico] [--only {model,tokenizer}]
+    python bench.py [--models_dir DIR] [--only SECTION ...] [--skip SECTION ...] [--new_tokens 100]
+                    [--skip_hf] [--skip_pico]
 
-It writes a checkpoint with GPT-2 124M's shapes and random weights, in OpenAI's release layout, under
---models_dir (default: a folder in the system temp dir; OpenAI's weights are not needed), then prints:
-- decode tok/s (greedy, 10-token prompt, --new_tokens new tokens, prefill excluded) for gpt2.py with its KV
-  cache, for gpt2_pico.py (no cache, recomputes the sequence every token) and for HF transformers on PyTorch
-  with its KV cache;
-- the hardware ceiling: the best tok/s that streaming all the weights through a float32 GEMV allows;
-- time to read a 1000-token prompt (prefill), gpt2.py vs HF;
-- the time of 8 sampled continuations computed as one batch, against one;
-- wall time and peak RSS of a whole `python gpt2.py ... --n_tokens_to_generate 1` process, cold (first run:
-  TensorFlow reads the checkpoint) and warm (converted params mapped from disk).
-and, for the tokenizer (`--only tokenizer` runs just this part; it needs no checkpoint, torch or TensorFlow),
-encoder.py against tiktoken: one 100,000-letter random word, and MB/s on ordinary text (Python's own
-documentation, from the standard library's pydoc_data), each with a cold word cache.
+Sections, in the order they run (all by default):
+- tokenizer: encoder.py against tiktoken: one 100,000-letter random word, and MB/s on ordinary text (Python's
+  own documentation, from the standard library's pydoc_data), each with a cold word cache. It needs no
+  checkpoint, torch or TensorFlow.
+- inference: wall time and peak RSS of a whole `python gpt2.py ... --n_tokens_to_generate 1` process, cold
+  (TensorFlow reads the checkpoint) and warm (converted params mapped from disk); decode tok/s (greedy, 10-token
+  prompt, --new_tokens new tokens, prefill excluded) for gpt2.py with its KV cache, gpt2_pico.py (no cache) and
+  HF transformers with its KV cache, against the hardware ceiling (streaming every weight through a float32
+  GEMV); 8 sampled continuations in one batch against one; a 1000-token prefill against HF.
+- score: tokens/s of score.py on a 5000-token text at stride 512, against HF on the same windows and batches.
+- backward: one forward + backward pass of train.py over 4 x 256 tokens against PyTorch's loss.backward(): time
+  and peak RSS, each side in a process of its own.
+- train: training tokens/s and peak RSS of a whole process, train.py against HF + torch.optim.AdamW, fine-tuning
+  124M's shapes at 4 x 256 and from scratch at 4 layers x 256 wide, 8 x 128.
+All but the tokenizer use a checkpoint with GPT-2 124M's shapes and random weights in OpenAI's release layout,
+written under --models_dir (default: a folder in the system temp dir; OpenAI's weights are not needed).
 Each comparison runs its sides in alternating rounds and keeps each side's best: the machine is shared, so only
 ratios taken in one run mean much.
 """
@@ -227,42 +231,30 @@ def tokenizer_bench(report):
         report(f"tokenizer, ordinary text ({megabytes:.2f} MB)", f"{megabytes / ours_text:.2f} MB/s")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models_dir", default=os.path.join(tempfile.gettempdir(), "gpt2-bench"))
-    parser.add_argument("--new_tokens", type=int, default=100)
-    parser.add_argument("--skip_hf", action="store_true", help="do not compare with HF transformers")
-    parser.add_argument("--skip_pico", action="store_true", help="do not time the slow no-cache path")
-    parser.add_argument("--skip_backward", action="store_true", help="do not time train.py's forward + backward")
-    parser.add_argument("--only", choices=["model", "tokenizer"], help="run one part of the benchmark")
-    parser.add_argument("--skip_train", action="store_true", help="do not time training against PyTorch")
-    args = parser.parse_args()
-    if args.new_tokens < 1:
-        parser.error(f"--new_tokens must be at least 1, got {args.new_tokens}")
+SECTIONS = ("tokenizer", "inference", "score", "backward", "train")
 
-    def report(name, value, note=""):
-        print(f"{name:44s} {value:>12s}  {note}", flush=True)
 
-    if args.only != "model":
-        tokenizer_bench(report)
-    if args.only == "tokenizer":
-        return
-
-    model_dir = os.path.join(args.models_dir, MODEL)
+def bench_model(models_dir):
+    """The 124M-shaped random checkpoint every section but the tokenizer's uses: (model folder, hparams)."""
+    model_dir = os.path.join(models_dir, MODEL)
     if not os.path.exists(os.path.join(model_dir, "checkpoint")):
         print(f"writing a random-weight checkpoint with 124M's shapes to {model_dir}", file=sys.stderr)
-        write_bench_model(args.models_dir, n_layer=12, n_embd=768, n_head=12)
+        write_bench_model(models_dir, n_layer=12, n_embd=768, n_head=12)
+    with open(os.path.join(model_dir, "hparams.json"), encoding="utf-8") as f:
+        return model_dir, json.load(f)
 
-    forced = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
-    print(f"numpy {np.__version__}, {os.cpu_count()} cores" + (f"; BLAS kernels forced by {forced}" if forced else ""))
 
+def report(name, value, note=""):
+    print(f"{name:44s} {value:>12s}  {note}", flush=True)
+
+
+def inference_section(args):
+    model_dir, hparams = bench_model(args.models_dir)
     # Whole-process start-up first, while nothing else holds memory.
     shutil.rmtree(os.path.join(model_dir, "numpy-params"), ignore_errors=True)
     cold_wall, cold_rss = run_cli(args.models_dir)
     warm_wall, warm_rss = run_cli(args.models_dir)
 
-    with open(os.path.join(model_dir, "hparams.json"), encoding="utf-8") as f:
-        hparams = json.load(f)
     n_head, n_embd = hparams["n_head"], hparams["n_embd"]
     flat = load_params(model_dir, hparams["n_layer"])
     weight_bytes = sum(a.nbytes for a in flat.values())
@@ -320,18 +312,48 @@ def main():
     else:
         report("gpt2.py prefill, 1000 tokens", f"{alternating_best(ours(long_prompt, 1))[0]:.2f} s")
 
-    if hf and not args.skip_backward:
-        (ours_fb, ours_rss), (torch_fb, torch_rss) = forward_backward(args.models_dir)
-        report("train.py forward + backward, 4 x 256", f"{ours_fb:.2f} s",
-               f"{ours_fb / torch_fb:.2f}x PyTorch's {torch_fb:.2f} s (target <= 1); peak RSS {ours_rss / 1e6:.0f} MB = "
-               f"{ours_rss / torch_rss:.2f}x PyTorch's {torch_rss / 1e6:.0f} MB (target <= 1)")
-
     report("CLI, 1 token, cold (TensorFlow)", f"{cold_wall:.2f} s", f"peak RSS {cold_rss / 1e6:.0f} MB")
     report("CLI, 1 token, warm (mapped .npy)", f"{warm_wall:.2f} s",
            f"{warm_wall / cold_wall:.2f}x cold (target <= 0.35x); peak RSS {warm_rss / 1e6:.0f} MB = "
            f"{warm_rss / weight_bytes:.2f}x weights (target <= 1.3x)")
-    if not args.skip_train:
-        train_section(report)
+
+
+def score_section(args):
+    model_dir, hparams = bench_model(args.models_dir)
+    flat = load_params(model_dir, hparams["n_layer"])
+    bench_scoring(nest(flat, hparams["n_layer"]), flat, hparams, not args.skip_hf, report)
+
+
+def backward_section(args):
+    bench_model(args.models_dir)
+    (ours_fb, ours_rss), (torch_fb, torch_rss) = forward_backward(args.models_dir)
+    report("train.py forward + backward, 4 x 256", f"{ours_fb:.2f} s",
+           f"{ours_fb / torch_fb:.2f}x PyTorch's {torch_fb:.2f} s (target <= 1); peak RSS {ours_rss / 1e6:.0f} MB = "
+           f"{ours_rss / torch_rss:.2f}x PyTorch's {torch_rss / 1e6:.0f} MB (target <= 1)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models_dir", default=os.path.join(tempfile.gettempdir(), "gpt2-bench"))
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS, help="run only these sections")
+    parser.add_argument("--skip", nargs="+", choices=SECTIONS, default=(), help="leave these sections out")
+    parser.add_argument("--new_tokens", type=int, default=100)
+    parser.add_argument("--skip_hf", action="store_true", help="inference and score: do not compare with HF")
+    parser.add_argument("--skip_pico", action="store_true", help="inference: do not time the slow no-cache path")
+    args = parser.parse_args()
+    if args.new_tokens < 1:
+        parser.error(f"--new_tokens must be at least 1, got {args.new_tokens}")
+    sections = [name for name in SECTIONS if name in args.only and name not in args.skip]
+    if args.skip_hf and {"backward", "train"} & set(sections):  # they measure against PyTorch and nothing else
+        sections = [name for name in sections if name not in ("backward", "train")]
+
+    forced = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
+    print(f"numpy {np.__version__}, {os.cpu_count()} cores" + (f"; BLAS kernels forced by {forced}" if forced else ""))
+    run = {"tokenizer": lambda: tokenizer_bench(report), "inference": lambda: inference_section(args),
+           "score": lambda: score_section(args), "backward": lambda: backward_section(args),
+           "train": lambda: train_section(report)}
+    for name in sections:
+        run[name]()
 
 
 # Training: tokens/s and whole-process peak RSS of train.py's step (forward, backward, clipping, AdamW) against
@@ -404,6 +426,59 @@ def train_section(report, rounds=2):
                f"{ours / torch_speed:.2f}x PyTorch's {torch_speed:.0f} tok/s (target >= 1); peak RSS "
                f"{ours_rss / 1e6:.0f} MB = {ours_rss / torch_rss:.2f}x PyTorch's {torch_rss / 1e6:.0f} MB "
                f"(target <= 1.2x)")
+
+
+def hf_scorer(flat, hparams, spans, params):
+    """score(sequence): HF transformers' log-probabilities of the same windows, in the same batches as score.py
+    (windows of one shape together, as many as score.LOGITS_BUDGET allows), no_grad, all cores; only the new
+    positions' logits are computed (logits_to_keep) and go through torch.log_softmax."""
+    import torch
+
+    import score
+    from tests.release_layout import hf_model
+
+    torch.set_num_threads(os.cpu_count())
+    model = hf_model(flat, hparams)
+    batches = list(score.window_batches(spans, params))
+
+    def score_sequence(sequence):
+        logprobs = torch.empty(len(sequence) - 1)
+        with torch.no_grad():
+            for batch in batches:
+                inputs = torch.tensor(np.stack([sequence[start:end] for start, end, _ in batch]))
+                n_new = batch[0][1] - batch[0][2]
+                logits = model(inputs, logits_to_keep=n_new).logits  # -> [rows, n_new, n_vocab]
+                for (_, end, scored), row in zip(batch, torch.log_softmax(logits, dim=-1)):
+                    targets = torch.tensor(sequence[scored + 1:end + 1])
+                    logprobs[scored:end] = row.gather(-1, targets[:, None])[:, 0]
+        return logprobs
+    return score_sequence
+
+
+def bench_scoring(params, flat, hparams, with_hf, report, n_tokens=5000, stride=512):
+    """Tokens/s of score.py scoring a text of n_tokens at --stride 512, against HF on the same windows."""
+    import score
+
+    ids = np.random.default_rng(1).integers(0, hparams["n_vocab"], n_tokens).tolist()
+    n_ctx, n_head = hparams["n_ctx"], hparams["n_head"]
+    sequence = np.array([gpt2.ENDOFTEXT, *ids])
+    spans = list(score.windows(len(sequence), n_ctx, stride))
+
+    def ours():
+        return score.score_ids(ids, params, n_head, n_ctx, stride)["logprobs"]
+
+    sides = [ours]
+    if with_hf:
+        hf = hf_scorer(flat, hparams, spans, params)
+        diff = np.abs(ours() - hf(sequence).numpy()).max()  # the same numbers, or the timing means nothing
+        if diff > 1e-3:
+            sys.exit(f"bench: score.py and HF disagree by {diff:.3g} in a log-probability")
+        sides.append(lambda: hf(sequence))
+    times = alternating_best(*sides, rounds=3)
+    note = f"{len(spans)} windows of <= {n_ctx}"
+    if with_hf:
+        note += f"; {times[1] / times[0]:.2f}x HF's {n_tokens / times[1]:.0f} tok/s (target >= 1x)"
+    report(f"score.py, {n_tokens} tokens, stride {stride}", f"{n_tokens / times[0]:.0f} tok/s", note)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 import gpt2
+import score
 import utils
 from encoder import get_encoder
 from gpt2 import causal_mask, gelu, linear, merge_heads, softmax, split_heads
@@ -243,9 +244,10 @@ def loss_and_grads(params, inputs, targets, n_head):
 
 
 def lm_loss(params, inputs, targets, n_head):
-    """The same loss, forward only: nothing is kept for a backward pass."""
-    logits = gpt2.gpt2(np.asarray(inputs), **params, n_head=n_head)
-    return cross_entropy_forward(logits, np.asarray(targets))[0]
+    """The same loss, forward only, for evaluation: nothing is kept for a backward pass. It is score.py's
+    log-likelihood, so a validation loss and a perplexity from score.py are the same number."""
+    return -float(np.mean(score.target_logprobs(params, inputs, targets, n_head), dtype=np.float64))
+
 
 # ============================================================================================ training
 

@@ -6,6 +6,7 @@ does: a TF1 name-based checkpoint (`model/h0/attn/c_attn/w` ...) with the conv w
 import hashlib
 import importlib.resources
 import os
+import shutil
 
 import numpy as np
 

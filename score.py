@@ -1,0 +1,296 @@
+"""How likely GPT-2 finds a text, token by token: log-probabilities, perplexity and bits per byte.
+
+    python score.py PATH [--model_size 124M] [--models_dir models] [--stride N] [--per_token] [--top 5] [--json]
+
+A model's log-probability of each token given the tokens before it is how language models are compared
+(perplexity), and a direct view of what surprised the model and what it expected instead. `target_logprobs`
+is the one implementation of it; train.py's loss is its negative mean.
+"""
+import math
+import numbers
+import re
+import sys
+from json import dumps
+
+import fire
+import numpy as np
+from tqdm import tqdm
+
+import gpt2
+import utils
+from encoder import get_encoder
+from gpt2 import ENDOFTEXT
+
+# Logits are [rows, n_seq, n_vocab]: 206 MB for a single 1024-token window of GPT-2. Rows go through the model
+# together until their logits would pass this size, so memory stays bounded however many rows there are.
+LOGITS_BUDGET = 512 * 2**20
+PROGRESS_MIN_WINDOWS = 4  # a bar for more windows than this; a few finish before a bar would tell anything
+
+
+def log_softmax_at(logits, ids):  # [..., n_vocab], [..., k] -> [..., k]
+    """log softmax(logits) at the given ids of the last axis. Works in place: logits is overwritten, since a
+    copy of GPT-2's logits costs as much as computing with them."""
+    logits -= np.max(logits, axis=-1, keepdims=True)  # the largest logit becomes 0, so exp cannot overflow
+    picked = np.take_along_axis(logits, ids, axis=-1)
+    np.exp(logits, out=logits)
+    return picked - np.log(np.sum(logits, axis=-1, keepdims=True))
+
+
+def rows_within_budget(n_positions, params):
+    """How many rows of n_positions logits fit in LOGITS_BUDGET (at least one)."""
+    return max(1, LOGITS_BUDGET // (n_positions * params["wte"].shape[0] * params["wte"].itemsize))
+
+
+def target_logprobs(params, inputs, targets, n_head):  # [batch, n_seq] x2 -> [batch, n_seq]
+    """log p(targets[b, i] | inputs[b, :i+1]): how likely the model finds each target token after its prefix.
+    Float32 for float32 params (float64 for float64 params)."""
+    inputs, targets = np.asarray(inputs), np.asarray(targets)
+    logprobs = np.empty(inputs.shape, dtype=params["wte"].dtype)
+    n_rows = rows_within_budget(inputs.shape[-1], params)
+    for start in range(0, len(inputs), n_rows):
+        rows = slice(start, start + n_rows)
+        logits = gpt2.gpt2(inputs[rows], **params, n_head=n_head)  # -> [rows, n_seq, n_vocab]
+        logprobs[rows] = log_softmax_at(logits, targets[rows, :, None])[..., 0]
+    return logprobs
+
+
+def new_position_logits(params, inputs, first, n_head):  # [rows, n_seq] -> [rows, n_seq - first, n_vocab]
+    """Logits of positions first.. of each row; float32 params. The positions before them are context only:
+    they go into a KV cache without reaching the LM head (last_only), and the new positions attend to the
+    cache, so neither the context's logits nor the attention of context to new positions (masked out
+    anyway) is computed: about 15% of a 1024-token window's work at a stride of 512."""
+    if first == 0:
+        return gpt2.gpt2(inputs, **params, n_head=n_head)
+    d_head = params["wte"].shape[1] // n_head
+    kv_cache = [gpt2.KVCache((len(inputs), n_head, inputs.shape[-1], d_head)) for _ in params["blocks"]]
+    gpt2.gpt2(inputs[:, :first], **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
+    return gpt2.gpt2(inputs[:, first:], **params, n_head=n_head, kv_cache=kv_cache)
+
+
+def windows(n_positions, n_ctx, stride):
+    """(start, end, scored) for each window over a sequence of n_positions tokens: it feeds the model positions
+    start..end-1, which predict positions start+1..end, and scores those after `scored`, the last position an
+    earlier window predicted. Window k starts at k * stride, so each token after the first window is predicted
+    with at least n_ctx - stride tokens of context."""
+    start, scored = 0, 0
+    while scored < n_positions - 1:
+        end = min(start + n_ctx, n_positions - 1)
+        yield start, end, scored
+        start, scored = start + stride, end
+
+
+def window_batches(spans, params):
+    """The windows in batches, as many as LOGITS_BUDGET allows, each batch of one shape: windows are n_ctx long
+    but perhaps the last, and all but the first begin with the same number of positions already scored."""
+    for length, first in sorted({(end - start, scored - start) for start, end, scored in spans}):
+        group = [span for span in spans if (span[1] - span[0], span[2] - span[0]) == (length, first)]
+        n_rows = rows_within_budget(length - first, params)
+        yield from (group[i:i + n_rows] for i in range(0, len(group), n_rows))
+
+
+def window_scores(logits, targets, top):  # [n, n_vocab], [n] -> [n], and [n], [n, top], [n, top]
+    """log p of each target; with top (a number of candidates) also the target's rank among all tokens (1: the
+    most likely) and the top most likely tokens with their log-probabilities, most likely first."""
+    targets = targets[:, None]
+    if top is None:
+        return log_softmax_at(logits, targets)[:, 0], None, None, None
+    # Ranks and candidates come from the logits, before log_softmax_at overwrites them.
+    ranks = 1 + np.sum(logits > np.take_along_axis(logits, targets, axis=-1), axis=-1)
+    candidates = np.argpartition(logits, -top, axis=-1)[:, -top:] if top else targets[:, :0]  # in no order
+    scores = log_softmax_at(logits, np.concatenate([targets, candidates], axis=-1))  # -> [n, 1 + top]
+    order = np.argsort(-scores[:, 1:], axis=-1, kind="stable")
+    return (scores[:, 0], ranks, np.take_along_axis(candidates, order, axis=-1),
+            np.take_along_axis(scores[:, 1:], order, axis=-1))
+
+
+def score_ids(ids, params, n_head, n_ctx, stride, top=None, progress=False):
+    """Scores every token of ids as a new document (the first is predicted from <|endoftext|>).
+
+    Returns {"logprobs": [n]}, and with top (a number of candidates, 0 for none) also "ranks" ([n]: 1 for
+    the model's most likely token) and "top_ids", "top_logprobs" ([n, top], most likely first).
+    """
+    sequence = np.array([ENDOFTEXT, *ids])
+    spans = list(windows(len(sequence), n_ctx, stride))
+    n = len(ids)
+    result = {"logprobs": np.empty(n, dtype=params["wte"].dtype)}
+    if top is not None:
+        result.update(ranks=np.empty(n, dtype=np.int64), top_ids=np.empty((n, top), dtype=np.int64),
+                      top_logprobs=np.empty((n, top), dtype=params["wte"].dtype))
+    with tqdm(total=len(spans), desc="scoring", unit="window", leave=False,
+              disable=not progress or len(spans) <= PROGRESS_MIN_WINDOWS) as bar:
+        for batch in window_batches(spans, params):
+            first = batch[0][2] - batch[0][0]  # the same in every window of the batch
+            inputs = np.stack([sequence[start:end] for start, end, _ in batch])  # -> [n_windows, length]
+            logits = new_position_logits(params, inputs, first, n_head)  # -> [n_windows, length - first, n_vocab]
+            for (_, end, scored), row_logits in zip(batch, logits):
+                # Position p of the sequence is ids[p - 1]: the new positions' scores go to ids[scored:end].
+                scores = window_scores(row_logits, sequence[scored + 1:end + 1], top)
+                for key, value in zip(("logprobs", "ranks", "top_ids", "top_logprobs"), scores):
+                    if value is not None:
+                        result[key][scored:end] = value
+            bar.update(len(batch))
+    return result
+
+
+def summary(logprobs, n_bytes):
+    """Mean negative log-likelihood per token (nats), perplexity, and bits per byte of UTF-8 text."""
+    total = -float(np.sum(logprobs, dtype=np.float64))
+    mean_nll = total / len(logprobs)
+    return {"mean_nll": mean_nll, "perplexity": math.exp(mean_nll), "bits_per_byte": total / math.log(2) / n_bytes}
+
+
+def escape(token_bytes):
+    """A token's text, readable in one table cell: a token can end inside a multi-byte character, whose bytes
+    show as \\xNN, and newlines and other invisible characters show as escapes."""
+    text = token_bytes.decode("utf-8", errors="backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def per_token_table(ids, scores, encoder):
+    def token(i):
+        return "'" + escape(encoder.decode_bytes([i])) + "'"
+
+    rows = [f"{'position':>8}  {'token':20}  {'logprob':>9}  {'rank':>6}  candidates (probability)"]
+    for position, (i, logprob, rank, top_ids, top_logprobs) in enumerate(
+            zip(ids, scores["logprobs"], scores["ranks"], scores["top_ids"], scores["top_logprobs"]), 1):
+        candidates = "  ".join(f"{token(c)} {math.exp(lp):.3g}" for c, lp in zip(top_ids, top_logprobs))
+        rows.append(f"{position:8d}  {token(i):20}  {logprob:9.4f}  {rank:6d}  {candidates}")
+    return "\n".join(rows)
+
+
+def is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check(ok, message):
+    if not ok:
+        raise utils.UsageError(message)
+
+
+def read_text(path):
+    source = "standard input" if path == "-" else path
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise utils.UsageError(f"{source} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
+    except OSError as e:
+        raise utils.UsageError(f"{source}: {e.strerror}") from None
+    check(text != "", f"{source} is empty: there is nothing to score")
+    return text
+
+
+def main(path=None, model_size="124M", models_dir="models", stride=None, per_token=False, top=5, json=False):
+    """Score a text with GPT-2: how likely the model finds each of its tokens.
+
+    Every token is scored once, given the tokens before it; the first is predicted from <|endoftext|>, as the
+    start of a new document. A text longer than the model's context (1024 tokens) is read in windows of up to
+    n_ctx tokens that start --stride tokens apart, and each token is scored by the first window that predicts it.
+
+    Args:
+        path: the UTF-8 text file to score, or - for standard input
+        model_size: 124M, 355M, 774M or 1558M (downloaded if missing), or a model folder under models_dir
+        models_dir: where model folders live
+        stride: how far apart windows start, 1..n_ctx (default n_ctx / 2). What it buys is context. Every
+            token after the first window is predicted from at least n_ctx - stride tokens, so a smaller stride
+            gives a lower, fairer perplexity (each token sees more of the text) and costs about n_ctx / stride
+            forward passes of n_ctx tokens per n_ctx tokens of text. With --stride n_ctx the windows do not
+            overlap, which is fastest, but the first tokens of each window are predicted from little context.
+        per_token: print a table with one row per token, giving its position, text, log-probability, its rank
+            among all tokens (1 is the model's most likely) and the model's --top most likely candidates
+        top: how many candidates --per_token shows
+        json: print one JSON object instead, with n_tokens, mean_nll, logprobs (natural log, one per token),
+            perplexity, bits_per_byte, and with --per_token the tokens, ranks and candidates
+    """
+    check(path is not None, "give the file to score, or - to read standard input")
+    check(stride is None or is_int(stride), f"--stride must be a whole number, got {stride!r}")
+    check(is_int(top) and top >= 0, f"--top must be a whole number >= 0, got {top!r}")
+    check(isinstance(per_token, bool), f"--per_token must be True or False, got {per_token!r}")
+    check(isinstance(json, bool), f"--json must be True or False, got {json!r}")
+    text = read_text(path)
+
+    model_dir = utils.prepare_model(model_size, models_dir)
+    hparams = utils.load_hparams(model_dir)
+    n_ctx, n_vocab = hparams["n_ctx"], hparams["n_vocab"]
+    stride = n_ctx // 2 if stride is None else stride
+    check(1 <= stride <= n_ctx, f"--stride must be between 1 and the model's context of {n_ctx}, got {stride}")
+    encoder = get_encoder(model_size, models_dir)
+    check(len(encoder.encoder) == n_vocab, f"the tokenizer in {model_dir} has {len(encoder.encoder)} tokens but "
+          f"the model has {n_vocab}: encoder.json does not belong to this model")
+    ids = encoder.encode(text)
+    check(max(ids) < n_vocab, f"the tokenizer gave token id {max(ids)}, but the model has only {n_vocab} tokens: "
+          f"encoder.json does not belong to this model")
+    params = utils.load_model_params(model_size, models_dir, hparams["n_layer"])
+
+    scores = score_ids(ids, params, hparams["n_head"], n_ctx, stride, min(top, n_vocab) if per_token else None,
+                       progress=True)
+    totals = summary(scores["logprobs"], len(text.encode("utf-8")))
+    if json:
+        report = {"n_tokens": len(ids), **totals, "logprobs": scores["logprobs"].tolist()}
+        if per_token:
+            def token(i):
+                return encoder.decode_bytes([i]).decode("utf-8", errors="backslashreplace")
+
+            report.update(tokens=[token(i) for i in ids], ranks=scores["ranks"].tolist(), candidates=[
+                [{"token": token(c), "id": int(c), "prob": math.exp(lp)} for c, lp in zip(top_ids, top_lps)]
+                for top_ids, top_lps in zip(scores["top_ids"].tolist(), scores["top_logprobs"].tolist())])
+        print(dumps(report, ensure_ascii=False))
+        return
+    if per_token:
+        print(per_token_table(ids, scores, encoder))
+    print(f"tokens          {len(ids)}\n"
+          f"mean NLL        {totals['mean_nll']:.4f} nats per token\n"
+          f"perplexity      {totals['perplexity']:.4f}\n"
+          f"bits per byte   {totals['bits_per_byte']:.4f}")
+
+
+TEXT_FLAGS = ("--path", "--model_size", "--models_dir")
+SWITCHES = ("--per_token", "--json")
+
+
+def names_as_text(argv):
+    """fire reads a lone - as its own separator, 2024 as a number and 1,2 as a tuple. PATH, --model_size and
+    --models_dir are names, so they go to fire as quoted Python strings and arrive exactly as typed. PATH is the
+    first argument that is neither a flag nor a flag's value (fire gives a flag without "=" the argument after
+    it, unless that is a flag too), so a bare switch becomes --switch=True: `--json story.txt` is not json="story.txt".
+    Arguments after a lone "--" are fire's own."""
+    argv = list(argv)
+    is_flag = re.compile(r"--?[A-Za-z_]").match
+    i, path_found = 0, False
+    while i < len(argv) and argv[i] != "--":
+        name, equals, value = argv[i].partition("=")
+        if not is_flag(argv[i]):
+            if not path_found:
+                argv[i], path_found = repr(argv[i]), True
+            i += 1
+        elif equals:
+            argv[i] = name + "=" + repr(value) if name in TEXT_FLAGS else argv[i]
+            i += 1
+        elif name in SWITCHES and argv[i + 1:i + 2] not in (["True"], ["False"]):
+            argv[i] = name + "=True"
+            i += 1
+        elif i + 1 < len(argv) and not is_flag(argv[i + 1]):  # the next argument is this flag's value
+            argv[i + 1] = repr(argv[i + 1]) if name in TEXT_FLAGS else argv[i + 1]
+            i += 2
+        else:
+            i += 1
+    return argv
+
+
+def cli():
+    try:
+        fire.Fire(main, command=names_as_text(sys.argv[1:]))
+    except (utils.UsageError, utils.ModelError) as e:  # a bad argument exits with 2, a model that fails with 1
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2 if isinstance(e, utils.UsageError) else 1)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli()
