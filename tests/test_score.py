@@ -298,7 +298,7 @@ BAD_INPUTS = [
     (["text.txt", "--model_size", "fewer"], 2, "has 50257 tokens but the model has 50000"),
     (["text.txt", "--model_size", "past"], 2, "token id 60000, but the model has only 50257 tokens"),
     (["text.txt", "--model_size", "nowhere"], 2, "unknown model 'nowhere'"),
-    (["text.txt", "--model_size", "broken"], 1, "cannot be loaded: checkpoint missing"),
+    (["text.txt", "--model_size", "broken"], 1, "cannot be loaded: encoder.json missing; vocab.bpe missing"),
 ]
 
 
