@@ -131,9 +131,10 @@ def short_flags(flags):
     return {name[0]: name for name in flags if name != "prompt" and firsts.count(name[0]) == 1}
 
 
-def parse_argv(argv, main):
+def parse_argv(argv, main, positional="prompt"):
     """{flag: the text given for it} from argv, checked against main's signature; the one bare word, if any, is the
-    prompt. Raises UsageError naming every unknown flag. A flag given twice keeps its last value, as argparse does."""
+    value of `positional` (the prompt; None: no bare words). Raises UsageError naming every unknown flag. A flag
+    given twice keeps its last value, as argparse does."""
     flags = flags_of(main)
     values, words, unknown = {}, [], []
     args = list(argv)
@@ -164,10 +165,12 @@ def parse_argv(argv, main):
         raise utils.UsageError(f"unknown flag{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
                                f"{closest_flags(unknown, flags)}")
     if words:
-        check(len(words) == 1, f"the prompt must be one argument, got {len(words)} words; quote it: "
+        check(positional is not None, f"unexpected argument {words[0]!r}: every value goes with its --flag; "
+                                      f"{script_name()} --help lists them")
+        check(len(words) == 1, f"the {positional} must be one argument, got {len(words)} words; quote it: "
                                f"{script_name()} {shlex.quote(' '.join(words))}")
-        check("prompt" not in values, "give the prompt once: as the first argument or with --prompt")
-        values["prompt"] = words[0]
+        check(positional not in values, f"give the {positional} once: as the first argument or with --{positional}")
+        values[positional] = words[0]
     return values
 
 
@@ -181,9 +184,9 @@ def script_name():
     return f"python {os.path.basename(sys.argv[0]) or 'gpt2.py'}"
 
 
-def fire_command(values):
+def fire_command(values, text_flags=TEXT_FLAGS):
     """argv for fire: text flags as quoted Python strings, which fire hands over exactly as typed."""
-    return [f"--{name}={value!r}" if name in TEXT_FLAGS else f"--{name}={value}" for name, value in values.items()]
+    return [f"--{name}={value!r}" if name in text_flags else f"--{name}={value}" for name, value in values.items()]
 
 
 class Shown:
@@ -219,22 +222,11 @@ def help_stub(main):
     return stub
 
 
-def run(main, argv=None):
-    """The whole command line: `python script.py [PROMPT] [--flag value ...]`, exit codes 0, 1, 2, 130 or 141."""
-    import fire
-
-    argv = sys.argv[1:] if argv is None else argv
-    warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
-    sys.stdout.reconfigure(encoding="utf-8")  # GPT-2 writes any character; a cp1252 stdout cannot take them all
+@contextlib.contextmanager
+def one_line_errors():
+    """What every script does with a failure: one line on stderr and an exit code, never a traceback."""
     try:
-        if any(arg in ("-h", "--help") for arg in argv[:argv.index("--") if "--" in argv else len(argv)]):
-            with contextlib.redirect_stderr(sys.stdout):  # asked-for help is output; fire writes it to stderr
-                fire.Fire(help_stub(main), command=["--", "--help"])  # after "--": no "INFO: Showing help" line
-            return
-        values = parse_argv(argv, main)
-        if "prompt" not in values and flags_of(main)["prompt"].default is inspect.Parameter.empty:
-            raise utils.UsageError(f'give a prompt ("" to generate unconditionally); {script_name()} --help for more')
-        fire.Fire(lambda **kwargs: call_main(main, kwargs), command=fire_command(values))
+        yield
     except (utils.UsageError, utils.ModelError) as e:  # a bad argument exits with 2, a model that fails with 1
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2 if isinstance(e, utils.UsageError) else 1)
@@ -244,6 +236,51 @@ def run(main, argv=None):
     except BrokenPipeError:  # the reader of stdout has gone (`| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or exiting would flush to it once more
         sys.exit(EXIT_BROKEN_PIPE)
+
+
+def show_help(main):
+    import fire
+
+    with contextlib.redirect_stderr(sys.stdout):  # asked-for help is output; fire writes it to stderr
+        fire.Fire(main, command=["--", "--help"])  # after "--": no "INFO: Showing help" line
+
+
+def asks_for_help(argv):
+    return any(arg in ("-h", "--help") for arg in argv[:argv.index("--") if "--" in argv else len(argv)])
+
+
+def run(main, argv=None):
+    """The whole command line: `python script.py [PROMPT] [--flag value ...]`, exit codes 0, 1, 2, 130 or 141."""
+    import fire
+
+    argv = sys.argv[1:] if argv is None else argv
+    warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
+    sys.stdout.reconfigure(encoding="utf-8")  # GPT-2 writes any character; a cp1252 stdout cannot take them all
+    with one_line_errors():
+        if asks_for_help(argv):
+            return show_help(help_stub(main))
+        values = parse_argv(argv, main)
+        if "prompt" not in values and flags_of(main)["prompt"].default is inspect.Parameter.empty:
+            raise utils.UsageError(f'give a prompt ("" to generate unconditionally); {script_name()} --help for more')
+        fire.Fire(lambda **kwargs: call_main(main, kwargs), command=fire_command(values))
+
+
+def run_script(main, text_flags, positional=None, argv=None):
+    """The command line of train.py and score.py, checked as gpt2.py's is: unknown flags are refused before
+    anything runs (fire would run main first, then complain), text flags stay text, errors are one line."""
+    import fire
+
+    argv = sys.argv[1:] if argv is None else argv
+    sys.stdout.reconfigure(encoding="utf-8")
+    with one_line_errors():
+        if asks_for_help(argv):
+            return show_help(main)
+        values = parse_argv(argv, main, positional)
+        missing = [name for name, p in flags_of(main).items() if p.default is inspect.Parameter.empty
+                   and name not in values]
+        check(not missing, f"{', '.join('--' + name for name in missing)} {'is' if len(missing) == 1 else 'are'} "
+                           f"required; {script_name()} --help lists every flag")
+        fire.Fire(lambda **kwargs: main(**kwargs), command=fire_command(values, text_flags))
 
 
 def call_main(main, kwargs):

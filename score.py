@@ -8,11 +8,9 @@ is the one implementation of it; train.py's loss is its negative mean.
 """
 import math
 import numbers
-import re
 import sys
 from json import dumps
 
-import fire
 import numpy as np
 from tqdm import tqdm
 
@@ -248,48 +246,10 @@ def main(path=None, model_size="124M", models_dir="models", stride=None, per_tok
           f"bits per byte   {totals['bits_per_byte']:.4f}")
 
 
-TEXT_FLAGS = ("--path", "--model_size", "--models_dir")
-SWITCHES = ("--per_token", "--json")
-
-
-def names_as_text(argv):
-    """fire reads a lone - as its own separator, 2024 as a number and 1,2 as a tuple. PATH, --model_size and
-    --models_dir are names, so they go to fire as quoted Python strings and arrive exactly as typed. PATH is the
-    first argument that is neither a flag nor a flag's value (fire gives a flag without "=" the argument after
-    it, unless that is a flag too), so a bare switch becomes --switch=True: `--json story.txt` is not json="story.txt".
-    Arguments after a lone "--" are fire's own."""
-    argv = list(argv)
-    is_flag = re.compile(r"--?[A-Za-z_]").match
-    i, path_found = 0, False
-    while i < len(argv) and argv[i] != "--":
-        name, equals, value = argv[i].partition("=")
-        if not is_flag(argv[i]):
-            if not path_found:
-                argv[i], path_found = repr(argv[i]), True
-            i += 1
-        elif equals:
-            argv[i] = name + "=" + repr(value) if name in TEXT_FLAGS else argv[i]
-            i += 1
-        elif name in SWITCHES and argv[i + 1:i + 2] not in (["True"], ["False"]):
-            argv[i] = name + "=True"
-            i += 1
-        elif i + 1 < len(argv) and not is_flag(argv[i + 1]):  # the next argument is this flag's value
-            argv[i + 1] = repr(argv[i + 1]) if name in TEXT_FLAGS else argv[i + 1]
-            i += 2
-        else:
-            i += 1
-    return argv
-
-
 def cli():
-    try:
-        fire.Fire(main, command=names_as_text(sys.argv[1:]))
-    except (utils.UsageError, utils.ModelError) as e:  # a bad argument exits with 2, a model that fails with 1
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2 if isinstance(e, utils.UsageError) else 1)
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+    import cli as command_line  # the scripts' shared argv checks and one-line errors
+
+    command_line.run_script(main, text_flags={"path", "model_size", "models_dir"}, positional="path")
 
 
 if __name__ == "__main__":

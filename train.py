@@ -17,7 +17,6 @@ import signal
 import sys
 import time
 
-import fire
 import numpy as np
 from tqdm import tqdm
 
@@ -734,14 +733,9 @@ def train(params, optimizer, step, rng, tokens, val_tokens, config, hparams, run
 
 
 def cli():
-    try:
-        fire.Fire(main)
-    except (utils.UsageError, utils.ModelError) as e:  # a bad argument exits with 2, a model that fails with 1
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2 if isinstance(e, utils.UsageError) else 1)
-    except KeyboardInterrupt:  # before training starts (tokenizing, downloading): nothing to save yet
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+    import cli as command_line  # the scripts' shared argv checks and one-line errors
+
+    command_line.run_script(main, text_flags={"dataset", "val_dataset", "out_name", "init_from", "models_dir"})
 
 
 if __name__ == "__main__":

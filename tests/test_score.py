@@ -291,6 +291,8 @@ BAD_INPUTS = [
     (["-"], 2, "standard input is empty"),
     (["missing.txt"], 2, "missing.txt: No such file"),
     ([], 2, "give the file to score, or - to read standard input"),
+    (["text.txt", "--strides", "3"], 2, "unknown flag --strides; did you mean --stride?"),
+    (["text.txt", "more.txt"], 2, "the path must be one argument, got 2 words"),
     (["text.txt", "--stride", "0"], 2, f"--stride must be between 1 and the model's context of {N_CTX}, got 0"),
     (["text.txt", "--stride", str(N_CTX + 1)], 2, f"context of {N_CTX}, got {N_CTX + 1}"),
     (["text.txt", "--stride", "2.5"], 2, "--stride must be a whole number, got 2.5"),

@@ -321,3 +321,29 @@ def test_the_command_line_reports_bad_input_in_one_line_with_exit_2(models_dir, 
     out, err = run.communicate()
     assert run.returncode == 2 and not out
     assert err == f"error: --dataset {tmp_path / 'missing.txt'}: no such file or folder\n"
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--max_step", "2"], "error: unknown flag --max_step; did you mean --max_steps, --warmup_steps? "
+                          "`python train.py --help` lists them all"),
+    (["extra"], "error: unexpected argument 'extra': every value goes with its --flag; python train.py --help "
+                "lists them"),
+])
+def test_a_flag_mistake_is_refused_before_any_training(models_dir, paragraph, args, line):
+    # fire alone would train for all --max_steps first and only then complain about the flag it could not use
+    run = run_train("--dataset", paragraph, "--out_name", "run", "--init_from", "scratch", "--n_layer", "1",
+                    "--n_head", "2", "--n_embd", "32", "--n_ctx", "64", "--block_size", "16", "--models_dir",
+                    models_dir, *args)
+    out, err = run.communicate()
+    assert (run.returncode, out, err) == (2, "", line + "\n")
+    assert not os.path.exists(os.path.join(models_dir, "run"))
+
+
+def test_text_flags_stay_text(models_dir, paragraph, tmp_path):
+    shutil.copyfile(paragraph, tmp_path / "2024")
+    run = run_train("--dataset", str(tmp_path / "2024"), "--out_name", "2025", "--init_from", "scratch",
+                    "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--n_ctx", "64", "--block_size", "16",
+                    "--max_steps", "1", "--eval_every", "0", "--models_dir", models_dir)
+    out, err = run.communicate()
+    assert run.returncode == 0, err
+    assert os.path.exists(os.path.join(models_dir, "2025", "checkpoint"))
