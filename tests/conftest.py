@@ -60,12 +60,42 @@ def realistic_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def trained_model(tmp_path_factory):
+    """A model trained during the test run (train.py, from scratch, 2 layers, on a few sentences), so its
+    next-token distributions are peaked like a real model's, not the near-uniform ones of random weights."""
+    import json
+
+    import train
+    from tests.release_layout import real_vocab_file
+    from utils import load_params
+
+    models_dir = tmp_path_factory.mktemp("models")
+    vocab_dir = models_dir / "124M"  # a model from scratch takes 124M's vocabulary: its tokenizer files alone
+    vocab_dir.mkdir()
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copyfile(real_vocab_file(name), vocab_dir / name)
+    (vocab_dir / "hparams.json").write_text(json.dumps(
+        {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}))
+    dataset = models_dir / "text.txt"
+    dataset.write_text("Alan Turing theorized that computers would one day become the most powerful machines on "
+                       "the planet, and he was right about that, as it turned out. The lighthouse keeper climbed "
+                       "the spiral stairs every evening at dusk, carrying a tin of oil and a cloth for the glass.",
+                       encoding="utf-8")
+    train.main(str(dataset), "trained", val_dataset=str(dataset), init_from="scratch", n_layer=2, n_head=2,
+               n_embd=32, n_ctx=64, block_size=32, batch_size=4, max_steps=100, learning_rate=1e-2,
+               warmup_steps=10, weight_decay=0.0, eval_every=0, save_every=0, models_dir=str(models_dir))
+    model_dir = models_dir / "trained"
+    hparams = json.loads((model_dir / "hparams.json").read_text())
+    return Model(str(models_dir), "trained", hparams, load_params(str(model_dir), hparams["n_layer"]))
+
+
+@pytest.fixture(scope="session")
 def tiktoken_gpt2(tmp_path_factory):
     """tiktoken's "gpt2" encoding, offline (see release_layout.offline_tiktoken_gpt2)."""
     return offline_tiktoken_gpt2(tmp_path_factory.mktemp("tiktoken_cache"))
 
 
-MODEL_FIXTURES = {"tiny_model", "wide_model", "realistic_model"}
+MODEL_FIXTURES = {"tiny_model", "wide_model", "realistic_model", "trained_model"}
 
 
 def pytest_configure(config):

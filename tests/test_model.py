@@ -1,5 +1,5 @@
 """Logits and greedy tokens against HF transformers' GPT2LMHeadModel holding the same weights, at the test models'
-small logits and at real GPT-2's magnitude; and the model's pieces (layer_norm, attention, KVCache) alone."""
+small logits, at real GPT-2's magnitude and on a model trained during the run; and the model's pieces (layer_norm, attention, KVCache) alone."""
 import numpy as np
 import pytest
 import torch
@@ -13,7 +13,7 @@ PROMPT_30 = ("Alan Turing theorized that computers would one day become the most
              "and he was right about that, as it turned out.")
 
 
-@pytest.fixture(scope="module", params=["tiny_model", "wide_model", "realistic_model"])
+@pytest.fixture(scope="module", params=["tiny_model", "wide_model", "realistic_model", "trained_model"])
 def loaded(request):
     model = request.getfixturevalue(request.param)
     encoder, hparams, params = load_encoder_hparams_and_params(model.name, model.models_dir)
