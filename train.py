@@ -434,10 +434,21 @@ class AdamW:
         for (_, p), (_, g), (_, m), (_, v) in zip(leaves(params), leaves(grads), leaves(self.m), leaves(self.v)):
             if p.ndim == 2:  # wte, wpe and every w
                 p *= 1.0 - lr * self.weight_decay
-            m += (1.0 - beta1) * (g - m)
+            # Every operation works in place, through one scratch array of p's size: a fresh array per operation
+            # would cost more in page faults than the arithmetic (wte alone is 154 MB). Python floats keep float32.
+            step = np.multiply(g, 1.0 - beta1)
+            m *= beta1
+            m += step
+            np.multiply(g, g, out=step)
+            step *= 1.0 - beta2
             v *= beta2
-            v += (1.0 - beta2) * g * g
-            p -= (lr / bias1) * m / (np.sqrt(v) / math.sqrt(bias2) + EPS)  # Python floats keep p float32
+            v += step
+            np.sqrt(v, out=step)
+            step *= 1.0 / math.sqrt(bias2)
+            step += EPS
+            np.divide(m, step, out=step)
+            step *= lr / bias1
+            p -= step
 
 
 def train_step(params, optimizer, tokens, rng, config, lr):
