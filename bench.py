@@ -439,7 +439,7 @@ def hf_scorer(flat, hparams, spans, params):
 
     torch.set_num_threads(os.cpu_count())
     model = hf_model(flat, hparams)
-    batches = list(score.window_batches(spans, params))
+    batches = list(score.window_batches(spans, params, hparams["n_head"]))
 
     def score_sequence(sequence):
         logprobs = torch.empty(len(sequence) - 1)

@@ -233,6 +233,9 @@ def one_line_errors():
     except KeyboardInterrupt:  # downloads in flight keep only their .part files
         sys.stderr.write("interrupted\n")
         sys.exit(130)
+    except MemoryError as e:  # a shape or batch too large for this machine
+        sys.stderr.write(f"error: not enough memory: {e}\n")
+        sys.exit(1)
     except BrokenPipeError:  # the reader of stdout has gone (`| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or exiting would flush to it once more
         sys.exit(EXIT_BROKEN_PIPE)

@@ -34,9 +34,14 @@ def log_softmax_at(logits, ids):  # [..., n_vocab], [..., k] -> [..., k]
     return picked - np.log(np.sum(logits, axis=-1, keepdims=True))
 
 
-def rows_within_budget(n_positions, params):
-    """How many rows of n_positions logits fit in LOGITS_BUDGET (at least one)."""
-    return max(1, LOGITS_BUDGET // (n_positions * params["wte"].shape[0] * params["wte"].itemsize))
+def rows_within_budget(n_logits, n_positions, params, n_head):
+    """How many windows of n_positions go through the model at once, within LOGITS_BUDGET (at least one). A
+    window's largest arrays are the logits of its n_logits new positions, its attention scores (n_head x
+    n_positions x n_positions) and its keys and values; the largest of them sets the size, so a small stride
+    (few new positions, a long context) is limited by attention rather than logits."""
+    n_vocab, n_embd = params["wte"].shape
+    largest = max(n_logits * n_vocab, n_head * n_positions * n_positions, len(params["blocks"]) * 2 * n_positions * n_embd)
+    return max(1, LOGITS_BUDGET // (largest * params["wte"].itemsize))
 
 
 def target_logprobs(params, inputs, targets, n_head):  # [batch, n_seq] x2 -> [batch, n_seq]
@@ -44,7 +49,7 @@ def target_logprobs(params, inputs, targets, n_head):  # [batch, n_seq] x2 -> [b
     Float32 for float32 params (float64 for float64 params)."""
     inputs, targets = np.asarray(inputs), np.asarray(targets)
     logprobs = np.empty(inputs.shape, dtype=params["wte"].dtype)
-    n_rows = rows_within_budget(inputs.shape[-1], params)
+    n_rows = rows_within_budget(inputs.shape[-1], inputs.shape[-1], params, n_head)
     for start in range(0, len(inputs), n_rows):
         rows = slice(start, start + n_rows)
         logits = gpt2.gpt2(inputs[rows], **params, n_head=n_head)  # -> [rows, n_seq, n_vocab]
@@ -77,12 +82,12 @@ def windows(n_positions, n_ctx, stride):
         start, scored = start + stride, end
 
 
-def window_batches(spans, params):
+def window_batches(spans, params, n_head):
     """The windows in batches, as many as LOGITS_BUDGET allows, each batch of one shape: windows are n_ctx long
     but perhaps the last, and all but the first begin with the same number of positions already scored."""
     for length, first in sorted({(end - start, scored - start) for start, end, scored in spans}):
         group = [span for span in spans if (span[1] - span[0], span[2] - span[0]) == (length, first)]
-        n_rows = rows_within_budget(length - first, params)
+        n_rows = rows_within_budget(length - first, length, params, n_head)
         yield from (group[i:i + n_rows] for i in range(0, len(group), n_rows))
 
 
@@ -116,7 +121,7 @@ def score_ids(ids, params, n_head, n_ctx, stride, top=None, progress=False):
                       top_logprobs=np.empty((n, top), dtype=params["wte"].dtype))
     with tqdm(total=len(spans), desc="scoring", unit="window", leave=False,
               disable=not progress or len(spans) <= PROGRESS_MIN_WINDOWS) as bar:
-        for batch in window_batches(spans, params):
+        for batch in window_batches(spans, params, n_head):
             first = batch[0][2] - batch[0][0]  # the same in every window of the batch
             inputs = np.stack([sequence[start:end] for start, end, _ in batch])  # -> [n_windows, length]
             logits = new_position_logits(params, inputs, first, n_head)  # -> [n_windows, length - first, n_vocab]
@@ -139,9 +144,16 @@ def summary(logprobs, n_bytes):
 
 def escape(token_bytes):
     """A token's text, readable in one table cell: a token can end inside a multi-byte character, whose bytes
-    show as \\xNN, and newlines and other invisible characters show as escapes."""
-    text = token_bytes.decode("utf-8", errors="backslashreplace")
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    show as \\xNN; newlines and other invisible characters, and the backslash itself, show as escapes."""
+    cells = []
+    for c in token_bytes.decode("utf-8", errors="surrogateescape"):
+        if "\udc80" <= c <= "\udcff":  # a byte that is not a whole character
+            cells.append(f"\\x{ord(c) - 0xdc00:02x}")
+        elif c == "\\" or not c.isprintable():
+            cells.append(c.encode("unicode_escape").decode("ascii"))
+        else:
+            cells.append(c)
+    return "".join(cells)
 
 
 def per_token_table(ids, scores, encoder):
@@ -214,7 +226,7 @@ def main(path=None, model_size="124M", models_dir="models", stride=None, per_tok
     model_dir = utils.prepare_model(model_size, models_dir)
     hparams = utils.load_hparams(model_dir)
     n_ctx, n_vocab = hparams["n_ctx"], hparams["n_vocab"]
-    stride = n_ctx // 2 if stride is None else stride
+    stride = max(1, n_ctx // 2) if stride is None else stride
     check(1 <= stride <= n_ctx, f"--stride must be between 1 and the model's context of {n_ctx}, got {stride}")
     encoder = get_encoder(model_size, models_dir)
     check(len(encoder.encoder) == n_vocab, f"the tokenizer in {model_dir} has {len(encoder.encoder)} tokens but "

@@ -259,6 +259,7 @@ MIN_LR_FRACTION = 0.1  # the cosine ends at 10% of --learning_rate
 SAMPLE_TOKENS = 40  # the greedy sample printed at the end
 STATE_FILE = "train_state.npz"  # beside the model: AdamW's moments, the step, the batch generator's state
 LOG_FILE = "log.csv"
+TOKEN_CACHE = "token-cache"  # the folder in --models_dir that keeps tokenized datasets
 LOG_COLUMNS = ("step", "train_loss", "val_loss", "lr", "tokens_per_s")
 
 
@@ -301,8 +302,10 @@ def tokenize(texts, encoder, cache_dir):  # -> [n_tokens] uint16
     """Every document's tokens followed by <|endoftext|>, one stream. uint16 holds GPT-2's 50257 ids in
     half the memory of int32; the stream is read a window at a time."""
     path = token_cache_path(texts, cache_dir)
-    if os.path.exists(path):
+    try:
         return np.load(path)
+    except (OSError, ValueError):  # not cached yet, or a damaged file: tokenize again (save_tokens replaces it)
+        pass
     ids = []
     for text in texts:
         ids += encoder.encode(text) + [ENDOFTEXT]
@@ -311,11 +314,15 @@ def tokenize(texts, encoder, cache_dir):  # -> [n_tokens] uint16
 
 def save_tokens(tokens, texts, cache_dir):
     path = token_cache_path(texts, cache_dir)
-    if not os.path.exists(path):
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}.npy"
-        np.save(tmp, tokens)
-        os.replace(tmp, path)  # another run reading the cache never sees half a file
+    try:
+        if np.array_equal(np.load(path), tokens):
+            return
+    except (OSError, ValueError):  # missing or damaged: (re)write it
+        pass
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}.npy"
+    np.save(tmp, tokens)
+    os.replace(tmp, path)  # another run reading the cache never sees half a file
 
 
 def get_batch(tokens, rng, batch_size, block_size):  # -> inputs, targets: [batch_size, block_size] each
@@ -483,8 +490,7 @@ def save_run(run_dir, params, hparams, vocab_dir, optimizer, step, rng):
     moments = {f"{kind}/{n}": a for kind, tree in (("m", optimizer.m), ("v", optimizer.v)) for n, a in leaves(tree)}
     np.savez(os.path.join(tmp_dir, STATE_FILE), step=step, adam_t=optimizer.t,
              rng=json.dumps(rng.bit_generator.state), **moments)
-    if os.path.exists(os.path.join(run_dir, LOG_FILE)):
-        shutil.copyfile(os.path.join(run_dir, LOG_FILE), os.path.join(tmp_dir, LOG_FILE))
+    shutil.copyfile(live_log_path(run_dir), os.path.join(tmp_dir, LOG_FILE))
     old_dir = os.path.join(parent, f".{name}.old{os.getpid()}")
     if os.path.exists(run_dir):
         os.rename(run_dir, old_dir)  # a folder cannot replace a non-empty one in one rename: two, then delete
@@ -509,25 +515,34 @@ def load_run(run_dir, weight_decay):
 
 
 def remove_leftovers(run_dir):
-    """Temporary folders of a save that was killed midway; only a process holding the run's lock
+    """Temporary folders and the live log of a run that was killed midway; only a process holding the run's lock
     (utils.exclusive) may call this."""
     parent, name = os.path.split(run_dir)
     for entry in os.listdir(parent):
         if entry.startswith((f".{name}.tmp", f".{name}.old")):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    if os.path.exists(live_log_path(run_dir)):
+        os.remove(live_log_path(run_dir))
+
+
+def live_log_path(run_dir):
+    """Where the log grows while the run trains: beside the run folder, which holds only whole saves. A save
+    copies it into the new folder as log.csv."""
+    parent, name = os.path.split(run_dir)
+    return os.path.join(parent, f".{name}.{LOG_FILE}")
 
 
 class Log:
-    """log.csv in the run folder, one row per step, written as the run goes. On --resume, rows after the saved
-    step (from a run that went on past its last save and then died) are dropped: those steps run again."""
+    """The run's log, one row per step, written as the run goes (see live_log_path). On --resume it starts from
+    the saved log.csv's rows up to the saved step: rows of a run that went on past its last save and then died
+    are dropped, since those steps run again."""
 
     def __init__(self, run_dir, step):
-        self.path = os.path.join(run_dir, LOG_FILE)
         rows = []
-        if step and os.path.exists(self.path):
-            with open(self.path, newline="", encoding="utf-8") as f:
+        if step:
+            with open(os.path.join(run_dir, LOG_FILE), newline="", encoding="utf-8") as f:
                 rows = [row for row in csv.DictReader(f) if int(row["step"]) <= step]
-        self.file = open(self.path, "w", newline="", encoding="utf-8")
+        self.file = open(live_log_path(run_dir), "w", newline="", encoding="utf-8")
         self.writer = csv.DictWriter(self.file, LOG_COLUMNS)
         self.writer.writeheader()
         self.writer.writerows(rows)
@@ -564,11 +579,18 @@ def check_flags(flags):
               f"--{name} must be a number >= 0, got {value!r}")
 
 
+def already_exists(run_dir):
+    if os.path.exists(os.path.join(run_dir, STATE_FILE)):
+        return f"{run_dir} already exists: --resume continues it, --overwrite starts it again"
+    return f"{run_dir} already exists and is no saved training run: --overwrite replaces it"
+
+
 def check_out_name(out_name, models_dir, resume, overwrite):
     check(isinstance(out_name, str) and out_name and "/" not in out_name and os.sep not in out_name
           and out_name not in (".", "..") and not out_name.startswith("."),
           f"--out_name must be a folder name in {models_dir}, not a path: got {out_name!r}")
     check(out_name not in utils.RELEASE_SIZES, f"--out_name {out_name} is a release model's name: choose another")
+    check(out_name != TOKEN_CACHE, f"--out_name {TOKEN_CACHE} is where tokenized datasets are kept: choose another")
     check(not (resume and overwrite), "give --resume or --overwrite, not both")
     run_dir = os.path.join(models_dir, out_name)
     if resume:
@@ -576,7 +598,7 @@ def check_out_name(out_name, models_dir, resume, overwrite):
               f"--resume: {run_dir} holds no saved training run ({STATE_FILE}); start one without --resume")
     else:
         check(overwrite or not os.path.exists(run_dir),
-              f"{run_dir} already exists: --resume continues it, --overwrite starts it again")
+              already_exists(run_dir))
     return run_dir
 
 
@@ -652,7 +674,7 @@ def main(dataset, out_name, val_dataset=None, init_from="124M", n_layer=12, n_he
         vocab_dir = vocabulary_dir(init_from, models_dir)
 
     encoder = get_encoder(os.path.basename(vocab_dir), os.path.dirname(vocab_dir))
-    cache_dir = os.path.join(models_dir, "token-cache")
+    cache_dir = os.path.join(models_dir, TOKEN_CACHE)
     tokens = tokenize(texts, encoder, cache_dir)
     val_tokens = tokenize(val_texts, encoder, cache_dir) if val_texts is not None else None
     train_tokens, val_tokens = split_tokens(tokens, val_tokens, block_size)
@@ -662,7 +684,7 @@ def main(dataset, out_name, val_dataset=None, init_from="124M", n_layer=12, n_he
     with utils.exclusive(run_dir):  # a second run on this folder is refused, not let in to share it
         if not resume:  # checked again now that no other run can create the folder
             check(overwrite or not os.path.exists(run_dir),
-                  f"{run_dir} already exists: --resume continues it, --overwrite starts it again")
+                  already_exists(run_dir))
         remove_leftovers(run_dir)
         save_tokens(tokens, texts, cache_dir)
         if val_texts is not None:
@@ -678,9 +700,9 @@ def main(dataset, out_name, val_dataset=None, init_from="124M", n_layer=12, n_he
             else:  # the loaded weights are read-only memory maps: training needs its own copy
                 params = utils.load_model_params(init_from, models_dir, hparams["n_layer"])
                 params = tree_map(lambda a: np.array(a, dtype=np.float32, order="C"), params)
+            # An existing run (--overwrite) stays as it is until the first save replaces it whole.
             optimizer, step, rng = AdamW(params, weight_decay), 0, np.random.default_rng(data_seed)
-            shutil.rmtree(run_dir, ignore_errors=True)  # --overwrite
-            os.makedirs(run_dir)
+        check(step < max_steps, f"{run_dir} is already at step {step}: give a --max_steps above it to go on")
 
         config = {**flags, "n_head": hparams["n_head"], "lr_decay_steps": lr_decay_steps}
         train(params, optimizer, step, rng, train_tokens, val_tokens, config, hparams, run_dir, vocab_dir)
@@ -733,11 +755,10 @@ def train(params, optimizer, step, rng, tokens, val_tokens, config, hparams, run
             bar.update()
             if step == max_steps or stop.requested or (config["save_every"] and step % config["save_every"] == 0):
                 save_run(run_dir, params, hparams, vocab_dir, optimizer, step, rng)
-                log.file.close()  # the save replaced the run folder, and the log in it with a copy: go on in that
-                log = Log(run_dir, step)
                 vocab_dir = run_dir
         bar.close()
         log.file.close()
+        os.remove(live_log_path(run_dir))  # the last save holds all of it
         if stop.requested:
             sys.stderr.write(f"interrupted: saved step {step} in {run_dir}; --resume continues it\n")
             sys.exit(130)

@@ -105,8 +105,9 @@ def hold(model_dir, doing):
 def exclusive(path):
     """Hold `path` (a folder that this process is about to write, such as a training run's) for the duration of
     the `with` block, or raise UsageError("another process is writing <path>") at once if another process holds
-    it. The lock is the hidden file `.<name>.lock` beside path, released by the OS if the holder dies."""
-    lock = file_lock(lock_path(path))
+    it. The lock is the hidden file `.<name>.writer.lock` beside path, released by the OS if the holder dies; it
+    is not the lock that downloads and conversions take, so gpt2.py can load the last save of a run in progress."""
+    lock = file_lock(lock_path(path).removesuffix(".lock") + ".writer.lock")
     try:
         lock.acquire(blocking=False)
     except TimeoutError:  # filelock's Timeout

@@ -149,5 +149,5 @@ def test_exclusive_refuses_a_folder_another_process_writes(tmp_path, tiny_model)
         os.makedirs(run1)
         for name in utils.RELEASE_FILES:
             os.link(os.path.join(tiny_model.path, name), os.path.join(run1, name))
-    assert sorted(os.listdir(tmp_path)) == [".run1.lock", "run1"]
+    assert sorted(os.listdir(tmp_path)) == [".run1.writer.lock", "run1"]
     assert utils.local_models(str(tmp_path)) == ["run1"]  # the lock file is no model, and not inside one

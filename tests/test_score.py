@@ -125,10 +125,10 @@ def test_per_token_table(short_model, capsys, tmp_path):
     header, *rows = capsys.readouterr().out.splitlines()[:-4]  # the last 4 lines are the summary
     assert "rank" in header and "logprob" in header
     assert len(rows) == as_json["n_tokens"]
-    for row, token, logprob, rank, candidates in zip(rows, as_json["tokens"], as_json["logprobs"], as_json["ranks"],
-                                                     as_json["candidates"]):
+    for row, i, logprob, rank, candidates in zip(rows, encoder.encode(text), as_json["logprobs"], as_json["ranks"],
+                                                 as_json["candidates"]):
         position, rest = row.split(maxsplit=1)
-        shown = score.escape(token.encode("utf-8"))
+        shown = score.escape(encoder.decode_bytes([i]))
         assert rest.startswith(f"'{shown}'")
         assert "\n" not in shown and "\t" not in shown
         numbers = rest[len(shown) + 2:].split()
@@ -331,3 +331,15 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
         score.cli()
     assert exit.value.code == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_a_backslash_token_is_escaped_so_the_table_reads_back():
+    assert score.escape(b"\\") == "\\\\" and score.escape(b"a\n\t") == "a\\n\\t"
+    assert score.escape(b"\xe6\x9d") == "\\xe6\\x9d" and score.escape(" Turing".encode()) == " Turing"
+
+
+def test_a_small_stride_batches_by_attention_memory_not_only_logits():
+    params = {"wte": np.zeros((50257, 768), np.float32), "blocks": [{}] * 12}
+    # stride 1 on 124M's shape: one new position per window, but 12 x 1024 x 1024 attention scores each
+    assert score.rows_within_budget(1, 1024, params, n_head=12) * 12 * 1024 * 1024 * 4 <= score.LOGITS_BUDGET
+    assert score.rows_within_budget(512, 1024, params, n_head=12) == score.LOGITS_BUDGET // (512 * 50257 * 4)

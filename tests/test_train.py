@@ -187,7 +187,7 @@ def test_the_saved_run_reads_back_under_the_official_names_and_shapes(models_dir
     assert sorted(os.listdir(run_dir)) == ["checkpoint", "encoder.json", "hparams.json", "log.csv",
                                            "model.ckpt.data-00000-of-00001", "model.ckpt.index", "model.ckpt.meta",
                                            "train_state.npz", "vocab.bpe"]
-    assert sorted(os.listdir(models_dir)) == [".run.lock", "124M", "run", "token-cache"]  # no temporary folder
+    assert sorted(os.listdir(models_dir)) == [".run.writer.lock", "124M", "run", "token-cache"]  # no temporary folder
     expected = {"model/wte": [50257, 32], "model/wpe": [64, 32], "model/ln_f/g": [32], "model/ln_f/b": [32]}
     for i in range(2):
         for ln in ("ln_1", "ln_2"):
@@ -347,3 +347,44 @@ def test_text_flags_stay_text(models_dir, paragraph, tmp_path):
     out, err = run.communicate()
     assert run.returncode == 0, err
     assert os.path.exists(os.path.join(models_dir, "2025", "checkpoint"))
+
+
+def test_overwrite_keeps_the_old_run_whole_until_the_first_save(models_dir, paragraph):
+    args = dict(init_from="scratch", n_layer=1, n_head=2, n_embd=32, n_ctx=64, block_size=16, batch_size=2,
+                learning_rate=1e-2, warmup_steps=0, eval_every=0, models_dir=models_dir)
+    train.main(paragraph, "run", max_steps=2, **args)
+    saved = {name: open(os.path.join(models_dir, "run", name), "rb").read()
+             for name in os.listdir(os.path.join(models_dir, "run"))}
+
+    def die_before_saving(*a, **k):
+        raise KeyboardInterrupt  # a kill before the first save of the new run
+
+    original = train.save_run
+    train.save_run = die_before_saving
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.main(paragraph, "run", max_steps=3, overwrite=True, **args)
+    finally:
+        train.save_run = original
+    assert {name: open(os.path.join(models_dir, "run", name), "rb").read()
+            for name in os.listdir(os.path.join(models_dir, "run"))} == saved
+    with pytest.raises(utils.UsageError, match="is already at step 2: give a --max_steps above it"):
+        train.main(paragraph, "run", max_steps=2, resume=True, **args)
+    with pytest.raises(utils.UsageError, match="is where tokenized datasets are kept"):
+        train.main(paragraph, "token-cache", max_steps=2, overwrite=True, **args)
+
+
+def test_a_damaged_token_cache_is_tokenized_again(models_dir, paragraph):
+    from encoder import get_encoder
+
+    encoder = get_encoder("124M", models_dir)
+    texts = train.dataset_texts(paragraph, "--dataset")
+    cache_dir = os.path.join(models_dir, "token-cache")
+    tokens = train.tokenize(texts, encoder, cache_dir)
+    train.save_tokens(tokens, texts, cache_dir)
+    path = train.token_cache_path(texts, cache_dir)
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    np.testing.assert_array_equal(train.tokenize(texts, encoder, cache_dir), tokens)
+    train.save_tokens(tokens, texts, cache_dir)
+    np.testing.assert_array_equal(np.load(path), tokens)
