@@ -7,7 +7,6 @@ A model's log-probability of each token given the tokens before it is how langua
 is the one implementation of it; train.py's loss is its negative mean.
 """
 import math
-import numbers
 import sys
 from json import dumps
 
@@ -16,6 +15,7 @@ from tqdm import tqdm
 
 import gpt2
 import utils
+from cli import check, is_int, run_script
 from encoder import get_encoder
 from gpt2 import ENDOFTEXT
 
@@ -168,15 +168,6 @@ def per_token_table(ids, scores, encoder):
     return "\n".join(rows)
 
 
-def is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def check(ok, message):
-    if not ok:
-        raise utils.UsageError(message)
-
-
 def read_text(path):
     source = "standard input" if path == "-" else path
     try:
@@ -259,9 +250,7 @@ def main(path=None, model_size="124M", models_dir="models", stride=None, per_tok
 
 
 def cli():
-    import cli as command_line  # the scripts' shared argv checks and one-line errors
-
-    command_line.run_script(main, text_flags={"path", "model_size", "models_dir"}, positional="path")
+    run_script(main, text_flags={"path", "model_size", "models_dir"}, positional="path")
 
 
 if __name__ == "__main__":

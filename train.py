@@ -24,7 +24,9 @@ import gpt2
 import score
 import utils
 from encoder import get_encoder
+from cli import check, is_int, is_number, run_script
 from gpt2 import causal_mask, gelu, linear, merge_heads, softmax, split_heads
+from utils import flatten
 
 # ============================================================================================ the backward pass
 
@@ -357,19 +359,6 @@ def tree_map(fn, *trees):
     return fn(*trees)
 
 
-def leaves(tree, name=""):
-    """(checkpoint name, array) for every array in the tree: "h3/attn/c_attn/w" for blocks[3]["attn"]... Keys go
-    in sorted order, so that two trees of the same shape (params and grads) give their arrays in the same order."""
-    if isinstance(tree, dict):
-        for key in sorted(tree):
-            yield from leaves(tree[key], f"{name}/{key}" if name else key)
-    elif isinstance(tree, list):
-        for i, value in enumerate(tree):
-            yield from leaves(value, f"h{i}")
-    else:
-        yield name, tree
-
-
 def init_params(n_layer, n_embd, n_ctx, rng, n_vocab=50257):
     """GPT-2's initialization: weights normal with std 0.02, layer-norm gains 1, biases 0. The two projections
     that add into the residual stream (c_proj) start 1/sqrt(2 n_layer) smaller, so the stream's variance does not
@@ -410,9 +399,9 @@ def clip_grads(grads, max_norm):
     """Scale all gradients together so that their global L2 norm is at most max_norm (0: no clipping), as
     torch.nn.utils.clip_grad_norm_ does."""
     if max_norm > 0:
-        norm = math.sqrt(sum(float(np.vdot(g, g)) for _, g in leaves(grads)))
+        norm = math.sqrt(sum(float(np.vdot(g, g)) for g in flatten(grads).values()))
         scale = min(1.0, max_norm / (norm + 1e-6))
-        for _, g in leaves(grads):
+        for g in flatten(grads).values():
             g *= scale
 
 
@@ -438,7 +427,7 @@ class AdamW:
         self.t += 1
         beta1, beta2 = BETAS
         bias1, bias2 = 1.0 - beta1 ** self.t, 1.0 - beta2 ** self.t
-        for (_, p), (_, g), (_, m), (_, v) in zip(leaves(params), leaves(grads), leaves(self.m), leaves(self.v)):
+        for p, g, m, v in zip(*(flatten(tree).values() for tree in (params, grads, self.m, self.v))):
             if p.ndim == 2:  # wte, wpe and every w
                 p *= 1.0 - lr * self.weight_decay
             # Every operation works in place, through one scratch array of p's size: a fresh array per operation
@@ -468,10 +457,10 @@ def train_step(params, optimizer, tokens, rng, config, lr):
         if total_grads is None:
             total_grads = grads
         else:
-            for (_, total), (_, g) in zip(leaves(total_grads), leaves(grads)):
+            for total, g in zip(flatten(total_grads).values(), flatten(grads).values()):
                 total += g
     if config["grad_accum"] > 1:
-        for _, total in leaves(total_grads):
+        for total in flatten(total_grads).values():
             total *= 1.0 / config["grad_accum"]
     clip_grads(total_grads, config["grad_clip"])
     optimizer.step(params, total_grads, lr)
@@ -487,7 +476,7 @@ def save_run(run_dir, params, hparams, vocab_dir, optimizer, step, rng):
     tmp_dir = os.path.join(parent, f".{name}.tmp{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     utils.save_release_model(tmp_dir, params, hparams, vocab_dir)
-    moments = {f"{kind}/{n}": a for kind, tree in (("m", optimizer.m), ("v", optimizer.v)) for n, a in leaves(tree)}
+    moments = {f"{kind}/{n}": a for kind, tree in (("m", optimizer.m), ("v", optimizer.v)) for n, a in flatten(tree).items()}
     np.savez(os.path.join(tmp_dir, STATE_FILE), step=step, adam_t=optimizer.t,
              rng=json.dumps(rng.bit_generator.state), **moments)
     shutil.copyfile(live_log_path(run_dir), os.path.join(tmp_dir, LOG_FILE))
@@ -506,7 +495,7 @@ def load_run(run_dir, weight_decay):
     optimizer = AdamW(params, weight_decay)
     with np.load(os.path.join(run_dir, STATE_FILE)) as state:
         for kind, tree in (("m", optimizer.m), ("v", optimizer.v)):
-            for name, array in leaves(tree):
+            for name, array in flatten(tree).items():
                 array[...] = state[f"{kind}/{name}"]
         optimizer.t = int(state["adam_t"])
         rng = np.random.default_rng()
@@ -555,27 +544,21 @@ class Log:
 
 # ---------------------------------------------------------------------------------------------- the command line
 
-def check(ok, message):
-    if not ok:
-        raise utils.UsageError(message)
-
-
 def check_flags(flags):
     """The flags that must be whole numbers or positive, with one message each."""
     for name in ("block_size", "batch_size", "grad_accum", "max_steps", "lr_decay_steps", "n_layer", "n_head",
                  "n_embd", "n_ctx"):
         value = flags[name]
-        check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        check(is_int(value) and value > 0,
               f"--{name} must be a positive whole number, got {value!r}")
     for name in ("warmup_steps", "eval_every", "save_every", "seed"):
         value = flags[name]
-        check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+        check(is_int(value) and value >= 0,
               f"--{name} must be a whole number >= 0, got {value!r}")
-    check(isinstance(flags["learning_rate"], (int, float)) and not isinstance(flags["learning_rate"], bool)
-          and flags["learning_rate"] > 0, f"--learning_rate must be a positive number, got {flags['learning_rate']!r}")
+    check(is_number(flags["learning_rate"]) and flags["learning_rate"] > 0, f"--learning_rate must be a positive number, got {flags['learning_rate']!r}")
     for name in ("weight_decay", "grad_clip"):
         value = flags[name]
-        check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+        check(is_number(value) and value >= 0,
               f"--{name} must be a number >= 0, got {value!r}")
 
 
@@ -765,9 +748,7 @@ def train(params, optimizer, step, rng, tokens, val_tokens, config, hparams, run
 
 
 def cli():
-    import cli as command_line  # the scripts' shared argv checks and one-line errors
-
-    command_line.run_script(main, text_flags={"dataset", "val_dataset", "out_name", "init_from", "models_dir"})
+    run_script(main, text_flags={"dataset", "val_dataset", "out_name", "init_from", "models_dir"})
 
 
 if __name__ == "__main__":

@@ -73,11 +73,11 @@ TIMEOUT = 30  # seconds without a byte from the server
 
 # --- Locks: one process at a time writes a model folder --------------------------------------------------------
 
-def lock_path(path):
+def lock_path(path, kind=""):
     """The lock file of a folder: hidden, beside it rather than in it, so that it is never listed as a model
-    nor copied with one."""
+    nor copied with one. `kind` names a second, independent lock on the same folder."""
     parent, name = os.path.split(os.path.normpath(path))
-    return os.path.join(parent, f".{name}.lock")
+    return os.path.join(parent, f".{name}{kind}.lock")
 
 
 def file_lock(path):
@@ -107,7 +107,7 @@ def exclusive(path):
     the `with` block, or raise UsageError("another process is writing <path>") at once if another process holds
     it. The lock is the hidden file `.<name>.writer.lock` beside path, released by the OS if the holder dies; it
     is not the lock that downloads and conversions take, so gpt2.py can load the last save of a run in progress."""
-    lock = file_lock(lock_path(path).removesuffix(".lock") + ".writer.lock")
+    lock = file_lock(lock_path(path, kind=".writer"))
     try:
         lock.acquire(blocking=False)
     except TimeoutError:  # filelock's Timeout
@@ -165,9 +165,12 @@ def sha256_of(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
+CHECKPOINT_LINE = re.compile(r'^model_checkpoint_path: "(.*)"', re.MULTILINE)  # in the `checkpoint` file
+
+
 def checkpoint_problem(path):
     with open(path, encoding="utf-8", errors="replace") as f:
-        if not re.search(r'^model_checkpoint_path: "(.*)"', f.read(), re.MULTILINE):
+        if not CHECKPOINT_LINE.search(f.read()):
             return "names no checkpoint"
 
 
@@ -360,7 +363,7 @@ def checkpoint_prefix(model_dir):
     A folder copied from elsewhere may name its checkpoint by an absolute path that no longer exists
     (gpt-2-simple on Colab writes "/content/checkpoint/run1/model-1000"): the same name in this folder is used."""
     with open(os.path.join(model_dir, "checkpoint"), encoding="utf-8", errors="replace") as f:
-        match = re.search(r'^model_checkpoint_path: "(.*)"', f.read(), re.MULTILINE)
+        match = CHECKPOINT_LINE.search(f.read())
     if not match:
         raise ModelError(f"{model_dir}/checkpoint does not name a checkpoint (no model_checkpoint_path line)")
     named = os.path.join(model_dir, match.group(1))
@@ -432,6 +435,16 @@ def nest(flat, n_layer):
             tree = tree.setdefault(key, {})
         tree[keys[-1]] = array
     return params
+
+
+def flatten(tree, name=""):
+    """nest's inverse: {"h3/attn/c_attn/w": array, ...} for a params-shaped tree (params, its gradients, AdamW's
+    moments). Keys go in sorted order, so two trees of the same shape give their arrays in the same order."""
+    if isinstance(tree, dict):
+        return {leaf: array for key in sorted(tree) for leaf, array in flatten(tree[key], f"{name}{key}/").items()}
+    if isinstance(tree, list):  # the blocks: block i's names start with h{i}/
+        return {leaf: array for i, block in enumerate(tree) for leaf, array in flatten(block, f"h{i}/").items()}
+    return {name.rstrip("/"): tree}
 
 
 # --- The converted copy: numpy-params/ ------------------------------------------------------------------------------
@@ -616,15 +629,9 @@ def save_release_model(model_dir, params, hparams, vocab_dir, prefix="model.ckpt
     that loads a release model loads it: a TF1 name-based checkpoint with the conv weights as [1, in, out],
     `checkpoint`, hparams.json, and encoder.json and vocab.bpe copied from vocab_dir. The caller picks a fresh
     model_dir and renames it into place when this returns (see train.py)."""
-    def tensor(name):  # "h3/attn/c_attn/w" -> params["blocks"][3]["attn"]["c_attn"]["w"]
-        keys = name.split("/")
-        tree = params["blocks"][int(keys.pop(0)[1:])] if keys[0].startswith("h") else params
-        for key in keys:
-            tree = tree[key]
-        return tree
-
+    flat = flatten(params)
     names = tensor_names(hparams["n_layer"])
-    tensors = [np.asarray(tensor(name), dtype=np.float32) for name in names]
+    tensors = [np.asarray(flat[name], dtype=np.float32) for name in names]
     tensors = [t[None] if name.endswith("/w") else t for name, t in zip(names, tensors)]  # [in, out] -> [1, in, out]
     os.makedirs(model_dir, exist_ok=True)
     with silenced_stderr():  # TensorFlow's C++ start-up log

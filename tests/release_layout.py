@@ -10,12 +10,8 @@ import shutil
 
 import numpy as np
 
-# sha256 of the real GPT-2 vocabulary files (the hashes tiktoken checks).
-VOCAB_SHA256 = {
-    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-}
-N_VOCAB = 50257
+from utils import N_VOCAB, VOCAB_SHA256  # the real vocabulary's size and sha256 (the hashes tiktoken checks)
+
 
 
 def real_vocab_file(name):

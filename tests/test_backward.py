@@ -4,7 +4,7 @@ import pytest
 
 import train
 from tests.release_layout import hf_model, hf_name
-from utils import nest
+from utils import flatten, nest
 
 
 def params_of(model, dtype=np.float32):
@@ -12,15 +12,6 @@ def params_of(model, dtype=np.float32):
     flat = {name.removeprefix("model/"): np.array(a[0] if a.ndim == 3 else a, dtype=dtype)
             for name, a in model.tensors.items()}
     return nest(flat, model.hparams["n_layer"])
-
-
-def flatten(tree, prefix=""):
-    """{"h0/attn/c_attn/w": array, ...}: the checkpoint's names for the leaves of a params-shaped tree."""
-    if isinstance(tree, np.ndarray):
-        return {prefix.rstrip("/"): tree}
-    if isinstance(tree, list):  # the blocks: block i's names start with h{i}/
-        return {name: leaf for i, block in enumerate(tree) for name, leaf in flatten(block, f"h{i}/").items()}
-    return {name: leaf for key, sub in tree.items() for name, leaf in flatten(sub, f"{prefix}{key}/").items()}
 
 
 def random_batch(n_vocab, batch, seq, seed=0):

@@ -15,6 +15,7 @@ import pytest
 
 import train
 import utils
+from utils import flatten
 from tests.conftest import ROOT
 from tests.release_layout import hf_model, real_vocab_file
 
@@ -75,9 +76,9 @@ def test_the_dataset_is_tokenized_as_tiktoken_does_and_cached_until_it_changes(t
 
 def test_initialization_is_gpt2s():
     params = train.init_params(n_layer=8, n_embd=256, n_ctx=128, rng=np.random.default_rng(0))
-    assert all(a.dtype == np.float32 for _, a in train.leaves(params))
+    assert all(a.dtype == np.float32 for _, a in flatten(params).items())
     assert params["wte"].shape == (50257, 256) and params["wpe"].shape == (128, 256)
-    for name, array in train.leaves(params):
+    for name, array in flatten(params).items():
         if name.endswith("/g"):
             assert np.all(array == 1.0), name
         elif name.endswith("/b"):
@@ -107,11 +108,11 @@ def test_twenty_steps_match_torch_adamw_with_the_same_schedule_and_clipping():
     n_layer, n_head, n_embd, n_ctx = 2, 2, 32, 32
     params = train.init_params(n_layer, n_embd, n_ctx, np.random.default_rng(0))
     # Layer-norm gains and biases away from 1 and 0, so that treating them as weights (decay) would show.
-    for name, array in train.leaves(params):
+    for name, array in flatten(params).items():
         if array.ndim == 1:
             array += np.random.default_rng(len(name)).normal(0, 0.1, array.shape).astype(np.float32)
     hparams = {"n_vocab": 50257, "n_ctx": n_ctx, "n_embd": n_embd, "n_head": n_head, "n_layer": n_layer}
-    model = hf_model(dict(train.leaves(params)), hparams).train()  # no dropout: the config sets it to 0
+    model = hf_model(flatten(params), hparams).train()  # no dropout: the config sets it to 0
     decay = [p for p in model.parameters() if p.ndim == 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     torch_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -139,7 +140,7 @@ def test_twenty_steps_match_torch_adamw_with_the_same_schedule_and_clipping():
         assert loss == pytest.approx(torch_loss, rel=1e-4), step
 
     state = model.state_dict()
-    for name, ours in train.leaves(params):
+    for name, ours in flatten(params).items():
         *path, leaf = name.split("/")
         path = [f"h.{p[1:]}" if p.startswith("h") else p for p in path]
         leaf = {"g": "weight", "w": "weight", "b": "bias"}.get(leaf, f"{leaf}.weight")
@@ -200,7 +201,7 @@ def test_the_saved_run_reads_back_under_the_official_names_and_shapes(models_dir
 
     encoder, hparams, params = utils.load_encoder_hparams_and_params("run", models_dir)
     assert hparams == {"n_vocab": 50257, "n_ctx": 64, "n_embd": 32, "n_head": 2, "n_layer": 2}
-    for name, array in train.leaves(params):
+    for name, array in flatten(params).items():
         np.testing.assert_array_equal(array, np.squeeze(tf.train.load_variable(prefix, f"model/{name}"), 0)
                                       if name.endswith("/w") else tf.train.load_variable(prefix, f"model/{name}"))
     assert np.all(params["blocks"][0]["ln_1"]["g"] != 1.0)  # trained, not the initialization
@@ -214,7 +215,7 @@ def test_fine_tuning_starts_from_a_model_folder_and_keeps_its_shape(models_dir, 
                warmup_steps=0, eval_every=0, models_dir=models_dir)
     _, tuned_hparams, params = utils.load_encoder_hparams_and_params("tuned", models_dir)
     assert tuned_hparams == hparams
-    for name, array in train.leaves(params):
+    for name, array in flatten(params).items():
         before = tensors[f"model/{name}"]
         before = before[0] if before.ndim == 3 else before
         # One AdamW step moves each weight by about the learning rate, no more: it started from the folder's.
