@@ -7,12 +7,7 @@ with respect to its input and, for a piece with weights, a dict of weight gradie
 Put together, the gradients form a tree with exactly the keys and shapes of the params tree. Shapes are for a
 batch of token ids [batch, seq]; n_embd is written C where it keeps lines short.
 """
-import csv
-import hashlib
-import json
 import math
-import os
-import shutil
 import signal
 import sys
 import time
@@ -21,10 +16,10 @@ import numpy as np
 from tqdm import tqdm
 
 import gpt2
+import runs
 import score
 import utils
-from encoder import get_encoder
-from cli import check, is_int, is_number, run_script
+from cli import run_script
 from gpt2 import causal_mask, gelu, linear, merge_heads, softmax, split_heads
 from utils import flatten
 
@@ -252,80 +247,14 @@ def lm_loss(params, inputs, targets, n_head):
 
 # ============================================================================================ training
 
-ENDOFTEXT = 50256  # GPT-2's <|endoftext|>: it follows every document in the token stream
-VAL_FRACTION = 0.1  # without --val_dataset, the last 10% of the tokens are held out for validation
 EVAL_WINDOWS = 32  # how many block-sized windows of the validation tokens an evaluation reads, at most
 BETAS = (0.9, 0.95)
 EPS = 1e-8
 MIN_LR_FRACTION = 0.1  # the cosine ends at 10% of --learning_rate
 SAMPLE_TOKENS = 40  # the greedy sample printed at the end
-STATE_FILE = "train_state.npz"  # beside the model: AdamW's moments, the step, the batch generator's state
-LOG_FILE = "log.csv"
-TOKEN_CACHE = "token-cache"  # the folder in --models_dir that keeps tokenized datasets
-LOG_COLUMNS = ("step", "train_loss", "val_loss", "lr", "tokens_per_s")
 
 
 # ---------------------------------------------------------------------------------------------- the data
-
-def dataset_texts(path, flag):
-    """The documents of a .txt file or of a folder's .txt files (sorted by name), as strings."""
-    if os.path.isdir(path):
-        files = sorted(os.path.join(path, name) for name in os.listdir(path) if name.endswith(".txt"))
-        if not files:
-            raise utils.UsageError(f"{flag} {path}: the folder holds no .txt files")
-    elif os.path.isfile(path):
-        files = [path]
-    else:
-        raise utils.UsageError(f"{flag} {path}: no such file or folder")
-    texts = []
-    for file in files:
-        try:
-            with open(file, encoding="utf-8") as f:
-                texts.append(f.read())
-        except UnicodeDecodeError as e:
-            raise utils.UsageError(f"{flag} {file} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
-        except OSError as e:
-            raise utils.UsageError(f"{flag} {file}: {e.strerror}") from None
-    if not any(text.strip() for text in texts):
-        raise utils.UsageError(f"{flag} {path} is empty")
-    return texts
-
-
-def token_cache_path(texts, cache_dir):
-    """Where the tokens of these texts are kept: named by a hash of their content, so an edited text gets
-    tokenized afresh and an unchanged one never again."""
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(text.encode("utf-8") + b"\0")  # the separator keeps "ab" + "c" apart from "a" + "bc"
-    return os.path.join(cache_dir, digest.hexdigest() + ".npy")
-
-
-def tokenize(texts, encoder, cache_dir):  # -> [n_tokens] uint16
-    """Every document's tokens followed by <|endoftext|>, one stream. uint16 holds GPT-2's 50257 ids in
-    half the memory of int32; the stream is read a window at a time."""
-    path = token_cache_path(texts, cache_dir)
-    try:
-        return np.load(path)
-    except (OSError, ValueError):  # not cached yet, or a damaged file: tokenize again (save_tokens replaces it)
-        pass
-    ids = []
-    for text in texts:
-        ids += encoder.encode(text) + [ENDOFTEXT]
-    return np.array(ids, dtype=np.uint16)
-
-
-def save_tokens(tokens, texts, cache_dir):
-    path = token_cache_path(texts, cache_dir)
-    try:
-        if np.array_equal(np.load(path), tokens):
-            return
-    except (OSError, ValueError):  # missing or damaged: (re)write it
-        pass
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.npy"
-    np.save(tmp, tokens)
-    os.replace(tmp, path)  # another run reading the cache never sees half a file
-
 
 def get_batch(tokens, rng, batch_size, block_size):  # -> inputs, targets: [batch_size, block_size] each
     """Random windows of block_size + 1 tokens: each position's target is the token after it."""
@@ -467,232 +396,6 @@ def train_step(params, optimizer, tokens, rng, config, lr):
     return total_loss / config["grad_accum"]
 
 
-# ---------------------------------------------------------------------------------------------- the run folder
-
-def save_run(run_dir, params, hparams, vocab_dir, optimizer, step, rng):
-    """The model in the release layout, plus what --resume needs, written into a temporary folder beside the
-    run and swapped into place: a folder under the run's name is always a whole model."""
-    parent, name = os.path.split(run_dir)
-    tmp_dir = os.path.join(parent, f".{name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    utils.save_release_model(tmp_dir, params, hparams, vocab_dir)
-    moments = {f"{kind}/{n}": a for kind, tree in (("m", optimizer.m), ("v", optimizer.v)) for n, a in flatten(tree).items()}
-    np.savez(os.path.join(tmp_dir, STATE_FILE), step=step, adam_t=optimizer.t,
-             rng=json.dumps(rng.bit_generator.state), **moments)
-    shutil.copyfile(live_log_path(run_dir), os.path.join(tmp_dir, LOG_FILE))
-    old_dir = os.path.join(parent, f".{name}.old{os.getpid()}")
-    if os.path.exists(run_dir):
-        os.rename(run_dir, old_dir)  # a folder cannot replace a non-empty one in one rename: two, then delete
-    os.rename(tmp_dir, run_dir)
-    shutil.rmtree(old_dir, ignore_errors=True)
-
-
-def load_run(run_dir, weight_decay):
-    """params, optimizer, step and the batch generator of a saved run, as save_run left them."""
-    hparams = utils.load_hparams(run_dir)
-    flat = utils.read_tf_checkpoint(utils.checkpoint_prefix(run_dir), hparams["n_layer"])
-    params = tree_map(np.ascontiguousarray, utils.nest(flat, hparams["n_layer"]))
-    optimizer = AdamW(params, weight_decay)
-    with np.load(os.path.join(run_dir, STATE_FILE)) as state:
-        for kind, tree in (("m", optimizer.m), ("v", optimizer.v)):
-            for name, array in flatten(tree).items():
-                array[...] = state[f"{kind}/{name}"]
-        optimizer.t = int(state["adam_t"])
-        rng = np.random.default_rng()
-        rng.bit_generator.state = json.loads(str(state["rng"]))
-        return params, optimizer, int(state["step"]), rng
-
-
-def remove_leftovers(run_dir):
-    """Temporary folders and the live log of a run that was killed midway; only a process holding the run's lock
-    (utils.exclusive) may call this."""
-    parent, name = os.path.split(run_dir)
-    for entry in os.listdir(parent):
-        if entry.startswith((f".{name}.tmp", f".{name}.old")):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-    if os.path.exists(live_log_path(run_dir)):
-        os.remove(live_log_path(run_dir))
-
-
-def live_log_path(run_dir):
-    """Where the log grows while the run trains: beside the run folder, which holds only whole saves. A save
-    copies it into the new folder as log.csv."""
-    parent, name = os.path.split(run_dir)
-    return os.path.join(parent, f".{name}.{LOG_FILE}")
-
-
-class Log:
-    """The run's log, one row per step, written as the run goes (see live_log_path). On --resume it starts from
-    the saved log.csv's rows up to the saved step: rows of a run that went on past its last save and then died
-    are dropped, since those steps run again."""
-
-    def __init__(self, run_dir, step):
-        rows = []
-        if step:
-            with open(os.path.join(run_dir, LOG_FILE), newline="", encoding="utf-8") as f:
-                rows = [row for row in csv.DictReader(f) if int(row["step"]) <= step]
-        self.file = open(live_log_path(run_dir), "w", newline="", encoding="utf-8")
-        self.writer = csv.DictWriter(self.file, LOG_COLUMNS)
-        self.writer.writeheader()
-        self.writer.writerows(rows)
-        self.file.flush()
-
-    def write(self, **row):
-        self.writer.writerow(row)
-        self.file.flush()
-
-
-# ---------------------------------------------------------------------------------------------- the command line
-
-def check_flags(flags):
-    """The flags that must be whole numbers or positive, with one message each."""
-    for name in ("block_size", "batch_size", "grad_accum", "max_steps", "lr_decay_steps", "n_layer", "n_head",
-                 "n_embd", "n_ctx"):
-        value = flags[name]
-        check(is_int(value) and value > 0,
-              f"--{name} must be a positive whole number, got {value!r}")
-    for name in ("warmup_steps", "eval_every", "save_every", "seed"):
-        value = flags[name]
-        check(is_int(value) and value >= 0,
-              f"--{name} must be a whole number >= 0, got {value!r}")
-    check(is_number(flags["learning_rate"]) and flags["learning_rate"] > 0, f"--learning_rate must be a positive number, got {flags['learning_rate']!r}")
-    for name in ("weight_decay", "grad_clip"):
-        value = flags[name]
-        check(is_number(value) and value >= 0,
-              f"--{name} must be a number >= 0, got {value!r}")
-
-
-def already_exists(run_dir):
-    if os.path.exists(os.path.join(run_dir, STATE_FILE)):
-        return f"{run_dir} already exists: --resume continues it, --overwrite starts it again"
-    return f"{run_dir} already exists and is no saved training run: --overwrite replaces it"
-
-
-def check_out_name(out_name, models_dir, resume, overwrite):
-    check(isinstance(out_name, str) and out_name and "/" not in out_name and os.sep not in out_name
-          and out_name not in (".", "..") and not out_name.startswith("."),
-          f"--out_name must be a folder name in {models_dir}, not a path: got {out_name!r}")
-    check(out_name not in utils.RELEASE_SIZES, f"--out_name {out_name} is a release model's name: choose another")
-    check(out_name != TOKEN_CACHE, f"--out_name {TOKEN_CACHE} is where tokenized datasets are kept: choose another")
-    check(not (resume and overwrite), "give --resume or --overwrite, not both")
-    run_dir = os.path.join(models_dir, out_name)
-    if resume:
-        check(os.path.exists(os.path.join(run_dir, STATE_FILE)),
-              f"--resume: {run_dir} holds no saved training run ({STATE_FILE}); start one without --resume")
-    else:
-        check(overwrite or not os.path.exists(run_dir),
-              already_exists(run_dir))
-    return run_dir
-
-
-def check_init_from(init_from, models_dir, flags):
-    """What can be known about --init_from and the model's shape before anything is downloaded."""
-    if init_from == "scratch":
-        check(flags["n_embd"] % flags["n_head"] == 0,
-              f"--n_embd {flags['n_embd']} must be divisible by --n_head {flags['n_head']}")
-        check(flags["block_size"] <= flags["n_ctx"], f"--block_size {flags['block_size']} is longer than --n_ctx "
-                                                     f"{flags['n_ctx']}, the model's context")
-        return
-    check(isinstance(init_from, str) and init_from and init_from == os.path.basename(init_from)
-          and init_from not in (".", ".."),
-          f"--init_from must be scratch, a release size or a model folder in {models_dir}, got {init_from!r}")
-    check(init_from in utils.RELEASE_SIZES or os.path.isdir(os.path.join(models_dir, init_from)),
-          f"unknown --init_from {init_from!r}: use scratch, one of {', '.join(utils.RELEASE_SIZES)} (downloaded "
-          f"if missing) or a model folder in {models_dir}")
-    if init_from in utils.RELEASE_SIZES:  # every release model reads 1024 positions
-        check(flags["block_size"] <= 1024, f"--block_size {flags['block_size']} is longer than {init_from}'s "
-                                           f"context of 1024")
-
-
-def vocabulary_dir(init_from, models_dir):
-    """The folder whose encoder.json and vocab.bpe tokenize the dataset: the model's (124M's for a model from
-    scratch). Of a release, only those small files are downloaded now: the dataset is checked before the weights
-    are fetched."""
-    return utils.prepare_tokenizer("124M" if init_from == "scratch" else init_from, models_dir)
-
-
-def model_hparams(init_from, models_dir, flags):
-    """The hparams of the model to train: the flags' shape from scratch, else the (downloaded) model's."""
-    if init_from == "scratch":
-        return {"n_vocab": 50257, **{k: flags[k] for k in ("n_ctx", "n_embd", "n_head", "n_layer")}}
-    hparams = utils.load_hparams(utils.prepare_model(init_from, models_dir))
-    check(flags["block_size"] <= hparams["n_ctx"], f"--block_size {flags['block_size']} is longer than "
-                                                   f"{init_from}'s context of {hparams['n_ctx']}")
-    return hparams
-
-
-def split_tokens(tokens, val_tokens, block_size):
-    """(training tokens, validation tokens): --val_dataset's, or the last 10% of the dataset's."""
-    check(len(tokens) >= block_size + 1, f"--dataset has {len(tokens)} tokens, fewer than --block_size + 1 = "
-                                         f"{block_size + 1}")
-    if val_tokens is not None:
-        return tokens, val_tokens
-    split = int(len(tokens) * (1.0 - VAL_FRACTION))
-    check(split >= block_size + 1, f"--dataset has {len(tokens)} tokens: its first 90%, for training, are fewer "
-                                   f"than --block_size + 1 = {block_size + 1} (give --val_dataset or a smaller "
-                                   f"--block_size)")
-    return tokens[:split], tokens[split:]
-
-
-def main(dataset, out_name, val_dataset=None, init_from="124M", n_layer=12, n_head=12, n_embd=768, n_ctx=1024,
-         block_size=256, batch_size=4, grad_accum=1, max_steps=1000, learning_rate=3e-4, warmup_steps=100,
-         lr_decay_steps=None, weight_decay=0.1, grad_clip=1.0, eval_every=100, save_every=500, seed=0,
-         models_dir="models", resume=False, overwrite=False):
-    """Train GPT-2 on the text in --dataset and save it as models/<out_name>, in OpenAI's release layout."""
-    if lr_decay_steps is None:
-        lr_decay_steps = max_steps
-    flags = dict(locals())
-    check_flags(flags)
-    run_dir = check_out_name(out_name, models_dir, resume, overwrite)
-    check(init_from != out_name or resume, "--init_from and --out_name name the same folder: training writes a "
-                                           "new one")
-    texts = dataset_texts(dataset, "--dataset")
-    val_texts = dataset_texts(val_dataset, "--val_dataset") if val_dataset is not None else None
-    if resume:
-        hparams, vocab_dir = utils.load_hparams(run_dir), run_dir
-        check(block_size <= hparams["n_ctx"], f"--block_size {block_size} is longer than the run's context of "
-                                              f"{hparams['n_ctx']}")
-    else:
-        check_init_from(init_from, models_dir, flags)
-        vocab_dir = vocabulary_dir(init_from, models_dir)
-
-    encoder = get_encoder(os.path.basename(vocab_dir), os.path.dirname(vocab_dir))
-    cache_dir = os.path.join(models_dir, TOKEN_CACHE)
-    tokens = tokenize(texts, encoder, cache_dir)
-    val_tokens = tokenize(val_texts, encoder, cache_dir) if val_texts is not None else None
-    train_tokens, val_tokens = split_tokens(tokens, val_tokens, block_size)
-    if not resume:
-        hparams = model_hparams(init_from, models_dir, flags)
-
-    with utils.exclusive(run_dir):  # a second run on this folder is refused, not let in to share it
-        if not resume:  # checked again now that no other run can create the folder
-            check(overwrite or not os.path.exists(run_dir),
-                  already_exists(run_dir))
-        remove_leftovers(run_dir)
-        save_tokens(tokens, texts, cache_dir)
-        if val_texts is not None:
-            save_tokens(val_tokens, val_texts, cache_dir)
-
-        if resume:
-            params, optimizer, step, rng = load_run(run_dir, weight_decay)
-        else:
-            init_rng, data_seed = np.random.SeedSequence(seed).spawn(2)
-            if init_from == "scratch":
-                params = init_params(hparams["n_layer"], hparams["n_embd"], hparams["n_ctx"],
-                                     np.random.default_rng(init_rng))
-            else:  # the loaded weights are read-only memory maps: training needs its own copy
-                params = utils.load_model_params(init_from, models_dir, hparams["n_layer"])
-                params = tree_map(lambda a: np.array(a, dtype=np.float32, order="C"), params)
-            # An existing run (--overwrite) stays as it is until the first save replaces it whole.
-            optimizer, step, rng = AdamW(params, weight_decay), 0, np.random.default_rng(data_seed)
-        check(step < max_steps, f"{run_dir} is already at step {step}: give a --max_steps above it to go on")
-
-        config = {**flags, "n_head": hparams["n_head"], "lr_decay_steps": lr_decay_steps}
-        train(params, optimizer, step, rng, train_tokens, val_tokens, config, hparams, run_dir, vocab_dir)
-    sample = gpt2.generate([ENDOFTEXT], params, hparams["n_head"], min(SAMPLE_TOKENS, hparams["n_ctx"] - 1))
-    print(encoder.decode(sample))
-
-
 class StopRequest:
     """Ctrl-C during training asks to stop after the current step: an update interrupted halfway would leave
     the weights matching no step at all, and that is what would be saved."""
@@ -713,12 +416,11 @@ class StopRequest:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def train(params, optimizer, step, rng, tokens, val_tokens, config, hparams, run_dir, vocab_dir):
+def train(params, optimizer, step, rng, tokens, val_tokens, config, run):
     """Update params in place from `step` up to --max_steps, saving every --save_every steps and at the end."""
     max_steps, n_head = config["max_steps"], config["n_head"]
     tokens_per_step = config["batch_size"] * config["block_size"] * config["grad_accum"]
     windows = val_windows(val_tokens, config["block_size"])
-    log = Log(run_dir, step)
     bar = tqdm(total=max_steps, initial=step, unit="step", file=sys.stderr, dynamic_ncols=True)
     with StopRequest() as stop:
         while step < max_steps and not stop.requested:
@@ -728,23 +430,54 @@ def train(params, optimizer, step, rng, tokens, val_tokens, config, hparams, run
             tokens_per_s = tokens_per_step / (time.perf_counter() - start)
             step += 1
             val_loss = ""
-            if config["eval_every"] and (step % config["eval_every"] == 0 or step == max_steps) and len(windows):
+            if config["eval_every"] and (step % config["eval_every"] == 0 or step == max_steps):
                 val_loss = evaluate(params, windows, n_head, config["batch_size"])
                 tqdm.write(f"step {step}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}",
                            file=sys.stderr)
-            log.write(step=step, train_loss=f"{loss:.6f}", val_loss=val_loss and f"{val_loss:.6f}", lr=f"{lr:.6g}",
-                      tokens_per_s=f"{tokens_per_s:.1f}")
+            run.log_step(step=step, train_loss=f"{loss:.6f}", val_loss=val_loss and f"{val_loss:.6f}",
+                         lr=f"{lr:.6g}", tokens_per_s=f"{tokens_per_s:.1f}")
             bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {tokens_per_s:,.0f} tokens/s")
             bar.update()
-            if step == max_steps or stop.requested or (config["save_every"] and step % config["save_every"] == 0):
-                save_run(run_dir, params, hparams, vocab_dir, optimizer, step, rng)
-                vocab_dir = run_dir
+            if run.save_due(step, stop.requested):
+                run.save(step, params, optimizer, rng)
         bar.close()
-        log.file.close()
-        os.remove(live_log_path(run_dir))  # the last save holds all of it
-        if stop.requested:
-            sys.stderr.write(f"interrupted: saved step {step} in {run_dir}; --resume continues it\n")
-            sys.exit(130)
+    run.close_log()
+    if stop.requested:
+        sys.stderr.write(run.interrupted(step) + "\n")
+        sys.exit(130)
+
+
+D = runs.Default  # a flag left out: a new run takes this value, --resume the run's recorded one
+
+
+def main(dataset=D(None), out_name=None, val_dataset=D(None), init_from=D("124M"), n_layer=D(12), n_head=D(12),
+         n_embd=D(768), n_ctx=D(1024), block_size=D(256), batch_size=D(4), grad_accum=D(1), max_steps=D(1000),
+         learning_rate=D(3e-4), warmup_steps=D(100), lr_decay_steps=D(None), weight_decay=D(0.1), grad_clip=D(1.0),
+         eval_every=D(100), save_every=D(500), seed=D(0), models_dir="models", resume=False, overwrite=False):
+    """Train GPT-2 on the text in --dataset and save it as models/<out_name>, in OpenAI's release layout.
+    --resume continues a saved run with the options it was started with."""
+    setup = runs.setup(locals())  # every check, the data tokenized, a resumed run read back; nothing written yet
+    config, hparams = setup.config, setup.hparams
+    with runs.open_run(setup) as run:  # the run's lock: a second run on this name is refused
+        if setup.saved:
+            params, step, rng = setup.saved.params, setup.saved.step, setup.saved.rng
+            optimizer = AdamW(params, config["weight_decay"])
+            optimizer.m, optimizer.v = (utils.nest(moments, hparams["n_layer"]) for moments in (setup.saved.m,
+                                                                                               setup.saved.v))
+            optimizer.t = setup.saved.adam_t
+        else:
+            init_rng, data_seed = np.random.SeedSequence(config["seed"]).spawn(2)
+            if config["init_from"] == "scratch":
+                params = init_params(hparams["n_layer"], hparams["n_embd"], hparams["n_ctx"],
+                                     np.random.default_rng(init_rng))
+            else:  # the loaded weights are read-only memory maps: training needs its own copy
+                params = utils.load_model_params(config["init_from"], setup.models_dir, hparams["n_layer"])
+                params = tree_map(lambda a: np.array(a, dtype=np.float32, order="C"), params)
+            # An existing run (--overwrite) stays as it is until the first save replaces it whole.
+            optimizer, step, rng = AdamW(params, config["weight_decay"]), 0, np.random.default_rng(data_seed)
+        train(params, optimizer, step, rng, setup.train_tokens, setup.val_tokens, config, run)
+    sample = gpt2.generate([gpt2.ENDOFTEXT], params, hparams["n_head"], min(SAMPLE_TOKENS, hparams["n_ctx"] - 1))
+    print(setup.encoder.decode(sample))
 
 
 def cli():

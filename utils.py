@@ -153,6 +153,24 @@ def fsync_dir(path):
         os.close(fd)
 
 
+def fsync_path(path):
+    """fsync a file by its name: for files that another library wrote and closed (TensorFlow's SaveV2)."""
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # Windows flushes only what it may write
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_folder(path):
+    """Every file in the folder, then the folder itself, onto the disk: a folder about to be renamed into place is
+    then whole after a power cut, not a set of names pointing at empty files."""
+    for entry in os.scandir(path):
+        if entry.is_file(follow_symlinks=False):
+            fsync_path(entry.path)
+    fsync_dir(path)
+
+
 # --- Is a file what its name says? --------------------------------------------------------------------------------
 
 def read_json(path):
@@ -628,7 +646,8 @@ def save_release_model(model_dir, params, hparams, vocab_dir, prefix="model.ckpt
     """Write params (the tree gpt2.py unpacks) into model_dir in OpenAI's release layout, so that everything
     that loads a release model loads it: a TF1 name-based checkpoint with the conv weights as [1, in, out],
     `checkpoint`, hparams.json, and encoder.json and vocab.bpe copied from vocab_dir. The caller picks a fresh
-    model_dir and renames it into place when this returns (see train.py)."""
+    model_dir and renames it into place when this returns (see runs.py): every file written here, TensorFlow's
+    included, is on disk by then."""
     flat = flatten(params)
     names = tensor_names(hparams["n_layer"])
     tensors = [np.asarray(flat[name], dtype=np.float32) for name in names]
@@ -649,3 +668,4 @@ def save_release_model(model_dir, params, hparams, vocab_dir, prefix="model.ckpt
         json.dump(hparams, f, indent=2)
     for name in ("encoder.json", "vocab.bpe"):
         shutil.copyfile(os.path.join(vocab_dir, name), os.path.join(model_dir, name))
+    fsync_folder(model_dir)
