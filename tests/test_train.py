@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+import runs
 import train
 import utils
 from utils import flatten
@@ -44,9 +45,36 @@ def paragraph(tmp_path):
     return str(path)
 
 
+DEADLINE = 600  # seconds for any child: generous for a loaded 2-core machine; nothing here is timed
+
+
 def run_train(*args):
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], text=True, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(process, timeout=DEADLINE):
+    """(stdout, stderr) of a child, which is killed if it runs past its deadline: the test then fails with what it
+    printed, instead of waiting for ever."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"{process.args} ran past its {timeout} s deadline; stdout: {out[-2000:]!r}; "
+                    f"stderr: {err[-2000:]!r}")
+
+
+def wait_for(condition, process, what, timeout=DEADLINE):
+    """Poll until condition() holds; the test fails (the child killed, its output shown) if the child ends or the
+    deadline passes first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            out, err = process.communicate()
+            pytest.fail(f"no {what} (exit {process.returncode}); stdout: {out[-2000:]!r}; stderr: {err[-2000:]!r}")
+        time.sleep(0.1)
 
 
 def read_log(run_dir):
@@ -55,24 +83,6 @@ def read_log(run_dir):
 
 
 # ---------------------------------------------------------------------------------------------- data and model
-
-def test_the_dataset_is_tokenized_as_tiktoken_does_and_cached_until_it_changes(tmp_path, models_dir, tiktoken_gpt2):
-    from encoder import get_encoder
-
-    encoder = get_encoder("124M", models_dir)
-    texts = ["First document: caf\u00e9 \U0001f600.", "Second one,\nwith  two lines."]
-    cache_dir = str(tmp_path / "cache")
-    tokens = train.tokenize(texts, encoder, cache_dir)
-    expected = [t for text in texts for t in tiktoken_gpt2.encode(text) + [50256]]
-    assert tokens.dtype == np.uint16 and tokens.tolist() == expected
-    train.save_tokens(tokens, texts, cache_dir)
-    [cached] = os.listdir(cache_dir)
-    np.save(os.path.join(cache_dir, cached), tokens[:3])  # tampered, to see whether the cache is read
-    assert train.tokenize(texts, encoder, cache_dir).tolist() == expected[:3]
-    changed = [texts[0], texts[1] + "!"]
-    assert train.tokenize(changed, encoder, cache_dir).tolist() == [
-        t for text in changed for t in tiktoken_gpt2.encode(text) + [50256]]
-
 
 def test_initialization_is_gpt2s():
     params = train.init_params(n_layer=8, n_embd=256, n_ctx=128, rng=np.random.default_rng(0))
@@ -160,7 +170,7 @@ def test_a_tiny_model_memorizes_a_paragraph_and_gpt2_py_continues_it(models_dir,
                     "--block_size", "47", "--batch_size", "4", "--max_steps", "120", "--learning_rate", "1e-2",
                     "--warmup_steps", "10", "--weight_decay", "0", "--eval_every", "60", "--save_every", "0",
                     "--models_dir", models_dir)
-    out, err = run.communicate()
+    out, err = finish(run)
     assert run.returncode == 0, err
     assert "val loss" in err and "perplexity" in err
     assert out.strip()  # the greedy sample
@@ -187,8 +197,11 @@ def test_the_saved_run_reads_back_under_the_official_names_and_shapes(models_dir
         assert f.readline() == 'model_checkpoint_path: "model.ckpt"\n'
     assert sorted(os.listdir(run_dir)) == ["checkpoint", "encoder.json", "hparams.json", "log.csv",
                                            "model.ckpt.data-00000-of-00001", "model.ckpt.index", "model.ckpt.meta",
-                                           "train_state.npz", "vocab.bpe"]
-    assert sorted(os.listdir(models_dir)) == [".run.writer.lock", "124M", "run", "token-cache"]  # no temporary folder
+                                           "train_config.json", "train_state.npz", "vocab.bpe"]
+    # no temporary folder: the run's name, its own hidden folder holding the one save, and the locks
+    assert [n for n in sorted(os.listdir(models_dir)) if not n.endswith(".lock")] == [".run.saves", "124M", "run",
+                                                                                     "token-cache"]
+    assert os.listdir(os.path.join(models_dir, ".run.saves")) == [os.path.basename(os.readlink(run_dir))]
     expected = {"model/wte": [50257, 32], "model/wpe": [64, 32], "model/ln_f/g": [32], "model/ln_f/b": [32]}
     for i in range(2):
         for ln in ("ln_1", "ln_2"):
@@ -246,22 +259,21 @@ def test_resuming_gives_the_same_weights_as_one_uninterrupted_run(models_dir, pa
 
 def test_ctrl_c_saves_a_loadable_run_and_a_second_run_on_it_is_refused(models_dir, paragraph):
     run_dir = os.path.join(models_dir, "long")
+    # --save_every 2: a save soon after the start, whatever the machine's load; every wait below has a deadline
     first = run_train("--dataset", paragraph, "--out_name", "long", *TINY, "--block_size", "16", "--batch_size",
-                      "2", "--max_steps", "100000", "--eval_every", "0", "--models_dir", models_dir)
-    deadline = time.monotonic() + 300
-    while not (os.path.exists(os.path.join(run_dir, "log.csv")) and len(read_log(run_dir)) >= 2):
-        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
-        time.sleep(0.2)
+                      "2", "--max_steps", "100000", "--eval_every", "0", "--save_every", "2", "--models_dir",
+                      models_dir)
+    wait_for(lambda: os.path.exists(os.path.join(run_dir, "log.csv")), first, "first save")
 
     second = run_train("--dataset", paragraph, "--out_name", "long", *TINY, "--block_size", "16", "--max_steps",
                        "1", "--overwrite", "--models_dir", models_dir)
-    out, err = second.communicate()
+    out, err = finish(second)
     assert second.returncode == 2 and not out
     assert err == f"error: another process is writing {run_dir}\n", err
-    assert len(read_log(run_dir)) >= 2  # the first run's folder is untouched
+    assert len(read_log(run_dir)) >= 2  # the first run's save is untouched
 
     first.send_signal(signal.SIGINT)
-    out, err = first.communicate()
+    out, err = finish(first)
     assert first.returncode == 130, err
     assert "interrupted: saved step" in err and "Traceback" not in err
     steps = len(read_log(run_dir))
@@ -319,7 +331,7 @@ def test_bad_input_is_refused_before_anything_is_written(models_dir, paragraph, 
 
 def test_the_command_line_reports_bad_input_in_one_line_with_exit_2(models_dir, tmp_path):
     run = run_train("--dataset", str(tmp_path / "missing.txt"), "--out_name", "run", "--models_dir", models_dir)
-    out, err = run.communicate()
+    out, err = finish(run)
     assert run.returncode == 2 and not out
     assert err == f"error: --dataset {tmp_path / 'missing.txt'}: no such file or folder\n"
 
@@ -335,7 +347,7 @@ def test_a_flag_mistake_is_refused_before_any_training(models_dir, paragraph, ar
     run = run_train("--dataset", paragraph, "--out_name", "run", "--init_from", "scratch", "--n_layer", "1",
                     "--n_head", "2", "--n_embd", "32", "--n_ctx", "64", "--block_size", "16", "--models_dir",
                     models_dir, *args)
-    out, err = run.communicate()
+    out, err = finish(run)
     assert (run.returncode, out, err) == (2, "", line + "\n")
     assert not os.path.exists(os.path.join(models_dir, "run"))
 
@@ -345,7 +357,7 @@ def test_text_flags_stay_text(models_dir, paragraph, tmp_path):
     run = run_train("--dataset", str(tmp_path / "2024"), "--out_name", "2025", "--init_from", "scratch",
                     "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--n_ctx", "64", "--block_size", "16",
                     "--max_steps", "1", "--eval_every", "0", "--models_dir", models_dir)
-    out, err = run.communicate()
+    out, err = finish(run)
     assert run.returncode == 0, err
     assert os.path.exists(os.path.join(models_dir, "2025", "checkpoint"))
 
@@ -360,32 +372,16 @@ def test_overwrite_keeps_the_old_run_whole_until_the_first_save(models_dir, para
     def die_before_saving(*a, **k):
         raise KeyboardInterrupt  # a kill before the first save of the new run
 
-    original = train.save_run
-    train.save_run = die_before_saving
+    original = runs.Run.save
+    runs.Run.save = die_before_saving
     try:
         with pytest.raises(KeyboardInterrupt):
             train.main(paragraph, "run", max_steps=3, overwrite=True, **args)
     finally:
-        train.save_run = original
+        runs.Run.save = original
     assert {name: open(os.path.join(models_dir, "run", name), "rb").read()
             for name in os.listdir(os.path.join(models_dir, "run"))} == saved
     with pytest.raises(utils.UsageError, match="is already at step 2: give a --max_steps above it"):
         train.main(paragraph, "run", max_steps=2, resume=True, **args)
     with pytest.raises(utils.UsageError, match="is where tokenized datasets are kept"):
         train.main(paragraph, "token-cache", max_steps=2, overwrite=True, **args)
-
-
-def test_a_damaged_token_cache_is_tokenized_again(models_dir, paragraph):
-    from encoder import get_encoder
-
-    encoder = get_encoder("124M", models_dir)
-    texts = train.dataset_texts(paragraph, "--dataset")
-    cache_dir = os.path.join(models_dir, "token-cache")
-    tokens = train.tokenize(texts, encoder, cache_dir)
-    train.save_tokens(tokens, texts, cache_dir)
-    path = train.token_cache_path(texts, cache_dir)
-    with open(path, "r+b") as f:
-        f.truncate(100)
-    np.testing.assert_array_equal(train.tokenize(texts, encoder, cache_dir), tokens)
-    train.save_tokens(tokens, texts, cache_dir)
-    np.testing.assert_array_equal(np.load(path), tokens)
