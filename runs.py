@@ -526,6 +526,19 @@ def exchange(a, b):
     raise OSError(code, os.strerror(code), b)
 
 
+def write_error(error):
+    """What went wrong in writing, as the system says it, or None for an error that is no failure to write.
+    TensorFlow's SaveV2 reports a full disk as one of its own errors, whose message ends with the system's."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and isinstance(error, tf.errors.OpError):
+        message = error.message.strip().splitlines()[0] if error.message.strip() else type(error).__name__
+        return next((os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+                     if os.strerror(code) in message), message)
+    return None
+
+
 def remove(path):
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
@@ -563,9 +576,11 @@ class Run:
         return self
 
     def __exit__(self, *exc):
-        if self.log is not None:
-            self.log.close()
-        self.stack.close()
+        try:
+            if self.log is not None:  # the run ends here, whatever ended it: its last save holds its log
+                self.close_log()
+        finally:
+            self.stack.close()
 
     def open(self):
         try:
@@ -576,13 +591,19 @@ class Run:
             with self.readers_held():
                 self.recover()
                 self.remove_leftovers()
+        except OSError as e:
+            raise RunError(f"cannot write in {self.parent}: {e.strerror or e}") from None
+
+    def start_log(self):
+        """The log of this process's steps, beside the saves, starting with the saved rows."""
+        try:
             self.log = open(os.path.join(self.saves, LIVE_LOG), "w", newline="", encoding="utf-8")
             self.writer = csv.DictWriter(self.log, LOG_COLUMNS)
             self.writer.writeheader()
             self.writer.writerows(self.rows)
             self.log.flush()
         except OSError as e:
-            raise RunError(f"cannot write in {self.parent}: {e.strerror or e}") from None
+            raise RunError(f"cannot write {os.path.join(self.saves, LIVE_LOG)}: {e.strerror or e}") from None
 
     def readers_held(self):
         """The lock that a process loading the run takes while it converts a save to numpy-params/: the name is
@@ -651,7 +672,7 @@ class Run:
             utils.fsync_dir(self.saves)
         except BaseException as e:
             shutil.rmtree(partial, ignore_errors=True)
-            if isinstance(e, OSError):
+            if write_error(e):
                 raise RunError(self.failed(step, e)) from None
             raise
         try:
@@ -671,7 +692,7 @@ class Run:
     def failed(self, step, error):
         kept = (f"{self.run_dir} keeps its last save" if os.path.lexists(self.run_dir)
                 else "nothing of the run is saved")
-        return f"could not save step {step} of {self.run_dir}: {error.strerror or error}; {kept}"
+        return f"could not save step {step} of {self.run_dir}: {write_error(error)}; {kept}"
 
     def write_log(self, f):
         writer = csv.DictWriter(f, LOG_COLUMNS)
@@ -798,6 +819,7 @@ def open_run(s):
             check(s.overwrite or not os.path.lexists(s.run_dir), already_exists(s.run_dir))
         for tokens, path in s.uncached:
             save_tokens(tokens, path)
+        run.start_log()
         if s.resume:
             print(f"resuming {s.run_dir} at step {s.saved.step} (session {run.session}), to step "
                   f"{s.config['max_steps']}", file=sys.stderr)

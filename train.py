@@ -441,7 +441,6 @@ def train(params, optimizer, step, rng, tokens, val_tokens, config, run):
             if run.save_due(step, stop.requested):
                 run.save(step, params, optimizer, rng)
         bar.close()
-    run.close_log()
     if stop.requested:
         sys.stderr.write(run.interrupted(step) + "\n")
         sys.exit(130)
