@@ -421,8 +421,8 @@ def train(params, optimizer, step, rng, tokens, val_tokens, config, run):
     max_steps, n_head = config["max_steps"], config["n_head"]
     tokens_per_step = config["batch_size"] * config["block_size"] * config["grad_accum"]
     windows = val_windows(val_tokens, config["block_size"])
-    bar = tqdm(total=max_steps, initial=step, unit="step", file=sys.stderr, dynamic_ncols=True)
-    with StopRequest() as stop:
+    with StopRequest() as stop, tqdm(total=max_steps, initial=step, unit="step", file=sys.stderr,
+                                     dynamic_ncols=True) as bar:
         while step < max_steps and not stop.requested:
             lr = learning_rate_at(step, config["learning_rate"], config["warmup_steps"], config["lr_decay_steps"])
             start = time.perf_counter()
@@ -440,7 +440,6 @@ def train(params, optimizer, step, rng, tokens, val_tokens, config, run):
             bar.update()
             if run.save_due(step, stop.requested):
                 run.save(step, params, optimizer, rng)
-        bar.close()
     if stop.requested:
         sys.stderr.write(run.interrupted(step) + "\n")
         sys.exit(130)
