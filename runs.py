@@ -129,6 +129,8 @@ def already_exists(run_dir):
 
 
 def check_out_name(out_name, models_dir, resume, overwrite):
+    check(out_name is not None, f"--out_name is required: the run's folder name in {models_dir}; python train.py "
+                                f"--help lists every flag")
     check(isinstance(out_name, str) and out_name and "/" not in out_name and os.sep not in out_name
           and out_name not in (".", "..") and not out_name.startswith("."),
           f"--out_name must be a folder name in {models_dir}, not a path: got {out_name!r}")
