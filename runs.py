@@ -630,7 +630,8 @@ class Run:
             os.rename(replaced, self.run_dir)
             utils.fsync_dir(self.parent)
         if os.path.islink(self.run_dir) and not os.path.exists(self.run_dir):
-            complete = sorted(name for name in os.listdir(self.saves) if SAVE_NAME.fullmatch(name))
+            complete = sorted((name for name in os.listdir(self.saves) if SAVE_NAME.fullmatch(name)),
+                              key=lambda name: int(name.split(".")[0]))
             if complete:
                 self.point_at(complete[-1])
 
