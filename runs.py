@@ -541,6 +541,21 @@ def write_error(error):
     return None
 
 
+def put_back(run_dir):
+    """A real folder that a process moved aside for a link and died before the link took its name (only on
+    systems without an atomic exchange) goes back under its name, by whichever train.py next opens the run."""
+    replaced = os.path.join(saves_dir(run_dir), REPLACED)
+    if os.path.lexists(run_dir) or not os.path.isdir(replaced):
+        return
+    try:
+        with utils.exclusive(run_dir):  # the one process that may write the run (the lock counts up if held)
+            if not os.path.lexists(run_dir) and os.path.isdir(replaced):
+                os.rename(replaced, run_dir)
+                utils.fsync_dir(os.path.dirname(saves_dir(run_dir)))
+    except OSError as e:
+        raise RunError(f"cannot put {replaced} back as {run_dir}: {e.strerror or e}") from None
+
+
 def remove(path):
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
@@ -622,18 +637,7 @@ class Run:
         return name if head == os.path.basename(self.saves) and SAVE_NAME.fullmatch(name) else None
 
     def recover(self):
-        """What a process that died midway leaves is put right: a real folder moved aside for a link (only on
-        systems without an atomic exchange) goes back; a link whose save is gone points at the newest complete
-        save."""
-        replaced = os.path.join(self.saves, REPLACED)
-        if not os.path.lexists(self.run_dir) and os.path.isdir(replaced):
-            os.rename(replaced, self.run_dir)
-            utils.fsync_dir(self.parent)
-        if os.path.islink(self.run_dir) and not os.path.exists(self.run_dir):
-            complete = sorted((name for name in os.listdir(self.saves) if SAVE_NAME.fullmatch(name)),
-                              key=lambda name: int(name.split(".")[0]))
-            if complete:
-                self.point_at(complete[-1])
+        put_back(self.run_dir)
 
     def remove_leftovers(self):
         """Only names this module makes, in the run's own folder, and never the current save."""
@@ -752,6 +756,8 @@ def setup(flags):
     s.models_dir = plain(flags["models_dir"])
     check_models_dir(s.models_dir)
     s.resume, s.overwrite = plain(flags["resume"]), plain(flags["overwrite"])
+    if isinstance(flags["out_name"], str) and flags["out_name"] and os.sep not in flags["out_name"]:
+        put_back(os.path.join(s.models_dir, flags["out_name"]))
     s.run_dir = check_out_name(plain(flags["out_name"]), s.models_dir, s.resume, s.overwrite)
     record = read_config(s.run_dir) if s.resume else None
     if s.resume and record is None:

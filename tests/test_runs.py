@@ -230,6 +230,34 @@ def test_a_run_of_the_previous_train_py_is_resumed_and_becomes_a_link(run_copy, 
     assert_same_run(run_dir, os.path.join(straight, "run"))
 
 
+def test_without_an_exchange_a_folder_moved_aside_by_a_dead_process_is_put_back(run_copy, monkeypatch, tmp_path):
+    models_dir, dataset = run_copy
+    run_dir = os.path.join(models_dir, "run")
+    save = os.path.realpath(run_dir)
+    os.remove(run_dir)
+    shutil.move(save, run_dir)  # a real folder, as the previous train.py wrote it
+    shutil.rmtree(os.path.join(models_dir, ".run.saves"))
+    os.remove(os.path.join(run_dir, "train_config.json"))
+    monkeypatch.setattr(runs, "exchange", lambda a, b: False)  # as on a system without renameat2
+    replace = os.replace
+
+    def die_at_the_link(src, dst):
+        if dst == run_dir:
+            raise KeyboardInterrupt  # the process ends between moving the folder aside and renaming the link
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", die_at_the_link)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(dataset, "run", resume=True, max_steps=3, models_dir=models_dir, **OPTIONS)
+    assert not os.path.lexists(run_dir)  # the one moment the name is missing, on such a system
+    monkeypatch.setattr(os, "replace", replace)
+    train.main(dataset, "run", resume=True, max_steps=3, models_dir=models_dir, **OPTIONS)  # put back, resumed
+    assert os.path.islink(run_dir) and [r["step"] for r in read_log(run_dir)] == ["1", "2", "3"]
+    straight = vocabulary_only(tmp_path / "straight")
+    train.main(dataset, "run", max_steps=3, models_dir=straight, **OPTIONS)
+    assert_same_run(run_dir, os.path.join(straight, "run"))
+
+
 # ---------------------------------------------------------------------------------------------- --overwrite
 
 def test_overwrite_then_ctrl_c_before_its_first_save_leaves_the_old_run_byte_for_byte(run_copy):
@@ -554,3 +582,4 @@ def test_loading_a_run_while_it_saves_never_warns(run_copy, capfd):
         finish(trainer)
     assert len(steps) > 1  # the loads did overlap saves
     assert "warning" not in capfd.readouterr().err
+
