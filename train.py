@@ -409,7 +409,7 @@ class StopRequest:
 
     def request(self, signum, frame):
         if not self.requested:
-            tqdm.write("interrupted: stopping after this step to save it", file=sys.stderr)
+            tqdm.write("interrupted: stopping after this step", file=sys.stderr)
         self.requested = True
 
     def __exit__(self, *exc):
