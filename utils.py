@@ -75,7 +75,12 @@ class TransientError(Exception):
 
 DOWNLOAD_ATTEMPTS = 5
 RETRY_DELAY = 1.0  # seconds before the first retry, doubled for each one after it
-TIMEOUT = 30  # seconds without a byte from the server
+TIMEOUT = 30  # seconds to connect, and without a single byte from the server
+# The stall rule, as curl's --speed-limit/--speed-time: an attempt that receives less than SPEED_LIMIT bytes a
+# second on average over STALL_SECONDS ends (and is retried, resuming): a mirror sending a byte a second would
+# otherwise never time out, since every read gets its byte well within TIMEOUT.
+SPEED_LIMIT = 10 * 1024  # bytes per second: 124M's 498 MB would take 14 hours at this speed
+STALL_SECONDS = 60
 
 
 # --- Locks: one process at a time writes a model folder --------------------------------------------------------
@@ -356,7 +361,7 @@ def fetch(url, partial):
     have = os.path.getsize(partial) if os.path.exists(partial) else 0
     # Identity encoding: Content-Length and Range then count the file's own bytes, not a compressed stream's.
     headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
-    with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT) as response:
+    with requests.get(url, headers=headers, stream=True, timeout=min(TIMEOUT, STALL_SECONDS)) as response:
         if response.status_code == 416:  # the partial file is not a prefix of this file: start over
             os.remove(partial)
             raise TransientError("the server refused to resume")
@@ -372,17 +377,39 @@ def fetch(url, partial):
             os.remove(partial)
             raise TransientError("the server resumed at the wrong place")
         length = response.headers.get("Content-Length")
+        if length is not None and not re.fullmatch(r"[0-9]{1,20}", length.strip()):
+            raise ModelError(f"could not download {url}: the server sent Content-Length {length!r}, which is not "
+                             f"a number of bytes")
         total = have + int(length) if length is not None else None
         with open(partial, "ab" if have else "wb") as f, tqdm(
                 total=None if compressed else total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
                 desc=os.path.basename(url)) as bar:
-            for chunk in response.iter_content(chunk_size=1 << 20):
-                bar.update(f.write(chunk))
+            for chunk in received_chunks(response):
+                bar.update(f.write(chunk))  # the bar moves with every chunk, however small
             fsync_file(f)  # on disk before it is renamed into place
         # A server that compresses anyway: Content-Length counts the bytes on the wire, which raw.tell() counts too.
         received = have + response.raw.tell()
     if total is not None and received != total:
         raise TransientError(f"got {received} of {total} bytes")
+
+
+def received_chunks(response):
+    """The body's bytes as they arrive (read1: whatever the connection has, up to 1 MiB, without waiting for a
+    full MiB), ending the attempt by the stall rule when they come slower than SPEED_LIMIT for STALL_SECONDS."""
+    read = getattr(response.raw, "read1", None) or response.raw.read  # urllib3 < 2 has no read1
+    window_start, window_bytes = time.monotonic(), 0
+    while True:
+        chunk = read(1 << 20, decode_content=True)
+        if not chunk:
+            return
+        yield chunk
+        window_bytes += len(chunk)
+        elapsed = time.monotonic() - window_start
+        if elapsed >= STALL_SECONDS:
+            if window_bytes < SPEED_LIMIT * elapsed:
+                raise TransientError(f"the transfer ran below {SPEED_LIMIT} bytes/s for {STALL_SECONDS} s "
+                                     f"({window_bytes} bytes in {elapsed:.0f} s)")
+            window_start, window_bytes = time.monotonic(), 0
 
 
 def download_file(url, path):
