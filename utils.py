@@ -9,6 +9,7 @@ import errno
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -396,10 +397,19 @@ def fetch(url, partial):
 def received_chunks(response):
     """The body's bytes as they arrive (read1: whatever the connection has, up to 1 MiB, without waiting for a
     full MiB), ending the attempt by the stall rule when they come slower than SPEED_LIMIT for STALL_SECONDS."""
+    import urllib3  # requests' own transport, already imported with it
+
     read = getattr(response.raw, "read1", None) or response.raw.read  # urllib3 < 2 has no read1
     window_start, window_bytes = time.monotonic(), 0
     while True:
-        chunk = read(1 << 20, decode_content=True)
+        try:  # urllib3's failures as requests reports them, as its iter_content does
+            chunk = read(1 << 20, decode_content=True)
+        except urllib3.exceptions.ProtocolError as e:  # a dropped connection, a body cut short
+            raise requests.exceptions.ChunkedEncodingError(e) from None
+        except urllib3.exceptions.ReadTimeoutError as e:
+            raise requests.exceptions.ConnectionError(e) from None
+        except urllib3.exceptions.DecodeError as e:
+            raise requests.exceptions.ContentDecodingError(e) from None
         if not chunk:
             return
         yield chunk
@@ -572,13 +582,11 @@ def table_block(data, handle):
 
 def entry_shape(entry):
     """The shape in a BundleEntryProto: field 2, a TensorShapeProto whose field 2 repeats Dim {1: size}."""
-    dims = []
     for field, value in proto_fields(entry):
-        if field == 2:
-            for shape_field, dim in proto_fields(value):
-                if shape_field == 2:
-                    dims.append(dict(proto_fields(dim)).get(1, 0))
-    return tuple(dims)
+        if field == 2:  # the fields after it say where the bytes are: not needed here
+            return tuple(dict(proto_fields(dim)).get(1, 0) for shape_field, dim in proto_fields(value)
+                         if shape_field == 2)
+    return ()
 
 
 def index_shapes(prefix):
@@ -754,6 +762,14 @@ def loaded_shapes(prefix, n_layer):
     missing = [name for name in tensor_names(n_layer) if f"model/{name}" not in shapes]
     if missing:
         raise ModelError(f"the checkpoint {prefix} has no tensor model/{missing[0]}")
+    # Shapes that agree with hparams.json can still ask for more memory than the machine has; no tensor is larger
+    # than the file that holds it, so that bounds what reading them allocates. 2 bytes: the smallest float a
+    # checkpoint holds (float16; GPT-2's are float32).
+    numbers = sum(math.prod(shape) for shape in shapes.values())
+    stored = sum(os.path.getsize(path) for path in glob.glob(glob.escape(prefix) + ".data-*"))
+    if numbers * 2 > stored:
+        raise CheckpointDamaged(f"cannot read the checkpoint {prefix}: its data files hold {stored} bytes, too few "
+                                f"for the {numbers} numbers its index lists")
     return {name: shapes[f"model/{name}"][1:] if name.endswith("/w") else shapes[f"model/{name}"]
             for name in tensor_names(n_layer)}
 

@@ -90,6 +90,8 @@ BROKEN_FOLDERS = [
      "vocab.bpe line 2 ('q z') needs the symbol 'qz', which encoder.json lacks"),
     ("merge of three", merge_line(2, "a b c"), "vocab.bpe line 2 is 'a b c', not two symbols separated by one space"),
     ("garbage index", write("model.ckpt.index", b"\0" * 100), "cannot read the checkpoint index"),
+    ("data cut short", lambda d: os.truncate(os.path.join(d, utils.DATA), 1000),
+     "its data files hold 1000 bytes, too few for the "),
     ("checkpoint names ..", write("checkpoint", b'model_checkpoint_path: ".."\n'),
      "checkpoint names '..', which is no checkpoint file"),
 ]
