@@ -5,6 +5,7 @@ anything is downloaded, errors as one line on stderr, and the interactive loop.
 
 Nothing here imports gpt2: the scripts hand their `main` in, so `python gpt2.py` never loads gpt2 twice.
 """
+import codecs
 import contextlib
 import difflib
 import inspect
@@ -20,6 +21,7 @@ import utils
 # The flags that take text: fire would turn `--prompt_file 2024` into a number and `--prompt 1,2` into a tuple.
 TEXT_FLAGS = {"prompt", "prompt_file", "model_size", "models_dir"}
 INTERACTIVE_PROMPT = "Model prompt >>> "
+PROMPT_HEAD_BYTES = 1 << 20  # read before the model's context is known: enough to tell text from not-text
 EXIT_BROKEN_PIPE = 141  # what the shell reports for `cat`, `yes` or `git log` when a reader such as `head` quits
 
 
@@ -87,16 +89,28 @@ def open_prompt(prompt, prompt_file=None):
         except OSError as e:
             raise utils.UsageError(f"{source}: {e.strerror}") from None
 
+    def not_utf8(e):
+        return utils.UsageError(f"{source} is not UTF-8 text (byte {e.start} cannot be decoded)")
+
+    try:  # the first MiB now, so that a prompt that is not text is refused before any download
+        head = stream.read(PROMPT_HEAD_BYTES)
+        # a character cut at the end of the head is no error, unless the head is all there is
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < PROMPT_HEAD_BYTES)
+    except UnicodeDecodeError as e:
+        raise not_utf8(e) from None
+    except OSError as e:
+        raise utils.UsageError(f"{source}: {e.strerror}") from None
+
     def read(max_bytes=None):
         try:
-            data = stream.read() if max_bytes is None else stream.read(max_bytes + 1)
+            data = head + (stream.read() if max_bytes is None else stream.read(max(0, max_bytes + 1 - len(head))))
             if prompt_file is not None:
                 stream.close()
             check(max_bytes is None or len(data) <= max_bytes, f"{source} is more than {max_bytes} bytes, more "
                   f"than the model's context can hold: the prompt was not read further")
             return data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise utils.UsageError(f"{source} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
+            raise not_utf8(e) from None
         except OSError as e:
             raise utils.UsageError(f"{source}: {e.strerror}") from None
     return read
