@@ -5,6 +5,7 @@ anything is downloaded, errors as one line on stderr, and the interactive loop.
 
 Nothing here imports gpt2: the scripts hand their `main` in, so `python gpt2.py` never loads gpt2 twice.
 """
+import codecs
 import contextlib
 import difflib
 import inspect
@@ -20,6 +21,7 @@ import utils
 # The flags that take text: fire would turn `--prompt_file 2024` into a number and `--prompt 1,2` into a tuple.
 TEXT_FLAGS = {"prompt", "prompt_file", "model_size", "models_dir"}
 INTERACTIVE_PROMPT = "Model prompt >>> "
+PROMPT_HEAD_BYTES = 1 << 20  # read before the model's context is known: enough to tell text from not-text
 EXIT_BROKEN_PIPE = 141  # what the shell reports for `cat`, `yes` or `git log` when a reader such as `head` quits
 
 
@@ -66,23 +68,63 @@ def check_text(text, source):
     return text
 
 
-def read_prompt(prompt, prompt_file=None):
-    """The prompt's text: as given, or read from standard input ("-") or from prompt_file."""
+def open_prompt(prompt, prompt_file=None):
+    """Check where the prompt comes from, before anything is downloaded, and open it: a function
+    read(max_bytes=None) that returns its text. A file is opened once, so a pipe (`--prompt_file <(cmd)`) or a
+    FIFO is read by the same open that checked it."""
     check(isinstance(prompt, str), f"the prompt must be text, got {prompt!r}")
     check(prompt_file is None or isinstance(prompt_file, str), f"--prompt_file must be a path, got {prompt_file!r}")
     if prompt_file is None and prompt != "-":
-        return check_text(prompt, "the prompt")
+        text = check_text(prompt, "the prompt")
+        return lambda max_bytes=None: text
     check(prompt_file is None or prompt == "", "give either a prompt or --prompt_file, not both")
-    source = "the prompt on standard input" if prompt_file is None else f"--prompt_file {prompt_file}"
-    try:
-        if prompt_file is None:
-            return sys.stdin.buffer.read().decode("utf-8")
-        with open(prompt_file, "rb") as f:
-            return f.read().decode("utf-8")
+    if prompt_file is None:
+        source = "the prompt on standard input"
+        check(sys.stdin is not None, "standard input is closed, so there is no prompt to read from it (`-`)")
+        stream = sys.stdin.buffer
+    else:
+        source = f"--prompt_file {prompt_file}"
+        try:
+            stream = open(prompt_file, "rb")
+        except OSError as e:
+            raise utils.UsageError(f"{source}: {e.strerror}") from None
+
+    def not_utf8(e):
+        return utils.UsageError(f"{source} is not UTF-8 text (byte {e.start} cannot be decoded)")
+
+    try:  # the first MiB now, so that a prompt that is not text is refused before any download
+        head = stream.read(PROMPT_HEAD_BYTES)
+        # a character cut at the end of the head is no error, unless the head is all there is
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < PROMPT_HEAD_BYTES)
     except UnicodeDecodeError as e:
-        raise utils.UsageError(f"{source} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
+        raise not_utf8(e) from None
     except OSError as e:
         raise utils.UsageError(f"{source}: {e.strerror}") from None
+
+    def read(max_bytes=None):
+        try:
+            data = head + (stream.read() if max_bytes is None else stream.read(max(0, max_bytes + 1 - len(head))))
+            if prompt_file is not None:
+                stream.close()
+            check(max_bytes is None or len(data) <= max_bytes, f"{source} is more than {max_bytes} bytes, more "
+                  f"than the model's context can hold: the prompt was not read further")
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise not_utf8(e) from None
+        except OSError as e:
+            raise utils.UsageError(f"{source}: {e.strerror}") from None
+    return read
+
+
+def read_prompt(prompt, prompt_file=None, max_bytes=None):
+    """The prompt's text: as given, or read from standard input ("-") or from prompt_file. With max_bytes, a
+    longer prompt is refused after reading max_bytes + 1 bytes of it."""
+    return open_prompt(prompt, prompt_file)(max_bytes)
+
+
+def prompt_bytes_limit(n_ctx, encoder):
+    """The most bytes a prompt that fits n_ctx tokens can have: each token covers at most longest_token bytes."""
+    return n_ctx * encoder.longest_token
 
 
 def check_fits(n_prompt, n_tokens_to_generate, n_ctx):
@@ -103,9 +145,15 @@ def check_memory(hparams, num_samples, n_positions):
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not every system tells
         return
-    check(caches + sampling <= memory,
-          f"--num_samples {num_samples} needs about {(caches + sampling) / 2**30:.1f} GiB for its caches, more than "
-          f"this machine's {memory / 2**30:.1f} GiB of memory")
+    need = caches + sampling
+    if need <= memory:
+        return
+    one = need / num_samples
+    check(one <= memory, f"the model (n_layer {hparams['n_layer']}, n_embd {hparams['n_embd']}, n_vocab "
+                         f"{hparams['n_vocab']}) needs about {one / 2**30:.1f} GiB for the key/value caches of "
+                         f"{n_positions} positions, more than this machine's {memory / 2**30:.1f} GiB of memory")
+    raise utils.UsageError(f"--num_samples {num_samples} needs about {need / 2**30:.1f} GiB for its caches, more "
+                           f"than this machine's {memory / 2**30:.1f} GiB of memory")
 
 
 # ---- argv -> fire ----
@@ -222,6 +270,13 @@ def help_stub(main):
     return stub
 
 
+def utf8_stdout():
+    """stdout in UTF-8, whatever the console's encoding (GPT-2 writes any character; a cp1252 stdout cannot take
+    them all). A closed stdout (`>&-`) is refused before any work: the output would have nowhere to go."""
+    check(sys.stdout is not None, "standard output is closed (>&-): there is nowhere to write the output")
+    sys.stdout.reconfigure(encoding="utf-8")
+
+
 @contextlib.contextmanager
 def one_line_errors():
     """What every script does with a failure: one line on stderr and an exit code, never a traceback."""
@@ -258,8 +313,8 @@ def run(main, argv=None):
 
     argv = sys.argv[1:] if argv is None else argv
     warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
-    sys.stdout.reconfigure(encoding="utf-8")  # GPT-2 writes any character; a cp1252 stdout cannot take them all
     with one_line_errors():
+        utf8_stdout()
         if asks_for_help(argv):
             return show_help(help_stub(main))
         values = parse_argv(argv, main)
@@ -274,8 +329,8 @@ def run_script(main, text_flags, positional=None, argv=None):
     import fire
 
     argv = sys.argv[1:] if argv is None else argv
-    sys.stdout.reconfigure(encoding="utf-8")
     with one_line_errors():
+        utf8_stdout()
         if asks_for_help(argv):
             return show_help(main)
         values = parse_argv(argv, main, positional)
@@ -296,10 +351,20 @@ def call_main(main, kwargs):
 
 # ---- interactive mode ----
 
-def read_line(tty):
-    """The next prompt from standard input, without its newline; None at the end of input."""
+class LineTooLong(utils.UsageError):
+    pass
+
+
+def read_line(tty, max_bytes=None):
+    """The next prompt from standard input, without its newline; None at the end of input. A piped line of more
+    than max_bytes raises LineTooLong once it has been skipped, a block at a time, without keeping it."""
     if not tty:
-        line = sys.stdin.buffer.readline()
+        limit = -1 if max_bytes is None else max_bytes + 1
+        line = sys.stdin.buffer.readline(limit)
+        if max_bytes is not None and len(line) > max_bytes and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = sys.stdin.buffer.readline(1 << 16)
+            raise LineTooLong(f"the prompt is more than {max_bytes} bytes, more than the model's context can hold")
         return line.decode("utf-8").removesuffix("\n") if line else None
     # input() edits the line with readline only when stdin and stdout are terminals, and readline writes the
     # prompt and the echo to stdout. stdout is for the continuations, so it points at stderr for the moment.
@@ -315,9 +380,11 @@ def read_line(tty):
         os.close(saved)
 
 
-def prompt_loop(continue_prompt):
+def prompt_loop(continue_prompt, max_bytes=None):
     """Continue prompt after prompt from standard input with the loaded model, until Ctrl-D or Ctrl-C at the
-    prompt (status 0). continue_prompt(text) prints the continuation to stdout."""
+    prompt (status 0). continue_prompt(text) prints the continuation to stdout; a piped line longer than
+    max_bytes is refused without being read whole."""
+    check(sys.stdin is not None, "standard input is closed, so --interactive has no prompts to read")
     tty = sys.stdin.isatty()
     if tty:
         try:
@@ -326,9 +393,12 @@ def prompt_loop(continue_prompt):
             pass
     while True:
         try:
-            line = read_line(tty)
+            line = read_line(tty, max_bytes)
         except KeyboardInterrupt:
             line = None
+        except LineTooLong as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
         except UnicodeDecodeError as e:
             print(f"error: the prompt is not UTF-8 text (byte {e.start} cannot be decoded)", file=sys.stderr)
             continue

@@ -47,6 +47,9 @@ class Encoder:
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self.bpe_ranks = {pair: rank for rank, pair in enumerate(bpe_merges)}
+        # Symbols spell one byte per character, so this is the most bytes one token covers (128 for GPT-2):
+        # a text of n bytes needs at least n / longest_token ids.
+        self.longest_token = max(map(len, encoder), default=1)
         # word -> its ids. Prose repeats words, so most lookups hit; the least recently used words are
         # dropped beyond CACHED_WORDS, so a long-lived Encoder that meets millions of words stays small.
         self.cached_word_ids = functools.lru_cache(maxsize=CACHED_WORDS)(self.word_ids)
@@ -93,13 +96,21 @@ class Encoder:
         return [self.encoder[symbol] for symbol in self.bpe(spelled)]
 
     def encode(self, text, max_tokens=None):
-        """The token ids of text. With max_tokens, stop early once more than max_tokens ids are produced: the
-        result is then a prefix of the full encoding, longer than max_tokens, and a huge text is refused
-        without encoding all of it."""
+        """The token ids of text. With max_tokens, stop early once the text is known to need more than max_tokens
+        ids: the result is then longer than max_tokens, and a huge text is refused without encoding all of it.
+        It is a prefix of the full encoding, except that a long word whose bytes alone need more ids than are
+        left is not merged at all (a word of a million letters would cost seconds): the ids of its first bytes
+        stand in for it."""
         ids = []
         for match in PRETOKENIZE.finditer(text):  # finditer, not findall: the words are cut only as needed
             word = match[0]
-            ids.extend(self.cached_word_ids(word) if len(word) <= CACHED_WORD_LENGTH else self.word_ids(word))
+            if len(word) <= CACHED_WORD_LENGTH:
+                ids.extend(self.cached_word_ids(word))
+            elif max_tokens is not None and -(-len(word.encode("utf-8")) // self.longest_token) > max_tokens - len(ids):
+                spelled = word.encode("utf-8")[:max_tokens - len(ids) + 1]
+                ids.extend(self.encoder[self.byte_encoder[b]] for b in spelled)
+            else:
+                ids.extend(self.word_ids(word))
             if max_tokens is not None and len(ids) > max_tokens:
                 break
         return ids

@@ -9,7 +9,8 @@ import math
 import numpy as np
 
 import utils
-from cli import check, check_arguments, check_fits, check_memory, check_text, prompt_loop, read_prompt, run
+from cli import (check, check_arguments, check_fits, check_memory, check_text, open_prompt, prompt_bytes_limit,
+                 prompt_loop, run)
 from encoder import get_encoder
 
 
@@ -272,9 +273,11 @@ def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="mode
     check_arguments(n_tokens_to_generate, temperature, top_k, top_p, seed, num_samples, stop_at_endoftext, interactive)
     check(not interactive or (prompt == "" and prompt_file is None),
           "--interactive reads its prompts from standard input: give no prompt or --prompt_file")
-    prompt = "" if interactive else read_prompt(prompt, prompt_file)
+    read_prompt = (lambda max_bytes: "") if interactive else open_prompt(prompt, prompt_file)
     model_dir = utils.prepare_tokenizer(model_size, models_dir)  # a few MB: enough to measure the prompt
     encoder, hparams = get_encoder(model_size, models_dir), utils.load_hparams(model_dir)
+    max_bytes = prompt_bytes_limit(hparams["n_ctx"], encoder)  # more could not fit the context: never read
+    prompt = read_prompt(max_bytes)
 
     def prompt_ids(text):
         # Encoding stops past the context, so a prompt file of any size is refused at once.
@@ -315,7 +318,7 @@ def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="mode
         return texts[0] if num_samples == 1 else texts
 
     if interactive:  # the same seed gives the same text for the same prompt: every prompt starts afresh
-        return prompt_loop(lambda text: continuation(prompt_ids(text), stream=True))
+        return prompt_loop(lambda text: continuation(prompt_ids(text), stream=True), max_bytes)
     return continuation(input_ids, stream)
 
 

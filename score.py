@@ -172,6 +172,7 @@ def read_text(path):
     source = "standard input" if path == "-" else path
     try:
         if path == "-":
+            check(sys.stdin is not None, "standard input is closed, so there is no text to read from it (`-`)")
             data = sys.stdin.buffer.read()
         else:
             with open(path, "rb") as f:

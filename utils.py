@@ -9,6 +9,7 @@ import errno
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-from encoder import get_encoder
+from encoder import bytes_to_unicode, get_encoder
 
 RELEASE_SIZES = ("124M", "355M", "774M", "1558M")
 RELEASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
@@ -33,6 +34,13 @@ RELEASE_FILES = tuple(sorted(TOKENIZER_FILES + CHECKPOINT_FILES))
 CONVERTED = "numpy-params"
 
 HPARAMS = {"n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"}
+# Far beyond any GPT-2 (1558M: n_embd 1600, 25 heads, 48 layers, n_ctx 1024), yet small enough that nothing
+# counted from them (tensor names, cache sizes) can take the machine before the checkpoint is compared with them.
+HPARAMS_LIMIT = {"n_vocab": 2**20, "n_ctx": 2**20, "n_embd": 2**16, "n_head": 2**10, "n_layer": 2**10}
+# OpenAI's sizes: a folder under one of these names that says otherwise holds another model.
+RELEASE_HPARAMS = {size: {"n_vocab": 50257, "n_ctx": 1024, "n_embd": n_embd, "n_head": n_head, "n_layer": n_layer}
+                   for size, n_layer, n_embd, n_head in (("124M", 12, 768, 12), ("355M", 24, 1024, 16),
+                                                         ("774M", 36, 1280, 20), ("1558M", 48, 1600, 25))}
 N_VOCAB, N_MERGES = 50257, 50000
 # The release's encoder.json and vocab.bpe are the same for every size: files with these hashes need no parsing.
 VOCAB_SHA256 = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
@@ -68,14 +76,27 @@ class TransientError(Exception):
 
 DOWNLOAD_ATTEMPTS = 5
 RETRY_DELAY = 1.0  # seconds before the first retry, doubled for each one after it
-TIMEOUT = 30  # seconds without a byte from the server
+TIMEOUT = 30  # seconds to connect, and without a single byte from the server
+# The stall rule, as curl's --speed-limit/--speed-time: an attempt that receives less than SPEED_LIMIT bytes a
+# second on average over STALL_SECONDS ends (and is retried, resuming): a mirror sending a byte a second would
+# otherwise never time out, since every read gets its byte well within TIMEOUT.
+SPEED_LIMIT = 10 * 1024  # bytes per second: 124M's 498 MB would take 14 hours at this speed
+STALL_SECONDS = 60
 
 
 # --- Locks: one process at a time writes a model folder --------------------------------------------------------
 
-def lock_path(path, kind=""):
+# The kinds of lock a folder has. Each lock file is named ".<folder><kind>.lock", and no kind ends with another
+# (".download" and ".writer" end in different letters), so two locks have the same file name only if they are
+# the same kind of lock on the same folder: the download lock of a model named "foo.writer" is not the writer
+# lock of a run named "foo", as it was when the download lock had no kind.
+LOCK_KINDS = (".download", ".writer")
+
+
+def lock_path(path, kind=".download"):
     """The lock file of a folder: hidden, beside it rather than in it, so that it is never listed as a model
-    nor copied with one. `kind` names a second, independent lock on the same folder."""
+    nor copied with one. `kind` (one of LOCK_KINDS) names independent locks on the same folder."""
+    assert kind in LOCK_KINDS, kind
     parent, name = os.path.split(os.path.normpath(path))
     return os.path.join(parent, f".{name}{kind}.lock")
 
@@ -192,53 +213,127 @@ def checkpoint_problem(path):
             return "names no checkpoint"
 
 
+def is_whole(value):
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is a Python int
+
+
+def hparams_values_problem(hparams):
+    """What makes these hparams impossible for a GPT-2, or None. Checked before any size in them is used to
+    allocate or count anything: `n_layer: 1000000000` would otherwise build 12e9 tensor names."""
+    if not isinstance(hparams, dict):
+        return "is not a JSON object"
+    for name in sorted(HPARAMS):
+        if name not in hparams:
+            return f"has no {name}"
+        value = hparams[name]
+        if not is_whole(value) or not 1 <= value <= HPARAMS_LIMIT[name]:
+            return f"has {name} {json.dumps(value)}, not a whole number from 1 to {HPARAMS_LIMIT[name]}"
+    if hparams["n_embd"] % hparams["n_head"]:
+        return f"has n_embd {hparams['n_embd']}, which n_head {hparams['n_head']} does not divide into equal heads"
+
+
 def hparams_problem(path):
     try:
         hparams = read_json(path)
     except ValueError as e:  # UnicodeDecodeError is a ValueError too
         return f"not valid JSON ({e})"
-    if not isinstance(hparams, dict) or not all(isinstance(hparams.get(k), int) for k in HPARAMS):
-        return f"needs {', '.join(sorted(HPARAMS))} (whole numbers)"
+    return hparams_values_problem(hparams)
+
+
+def unique_keys(pairs):
+    """json's object_pairs_hook: a JSON object that names a key twice would otherwise keep the last silently."""
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"the key {key!r} appears twice")
+        result[key] = value
+    return result
 
 
 def encoder_problem(path):
+    """encoder.json maps N_VOCAB distinct symbols, spelled in bytes_to_unicode's 256 characters, to the ids
+    0..N_VOCAB-1, each id once; every single byte is a symbol (the BPE starts from them)."""
     if sha256_of(path) == VOCAB_SHA256["encoder.json"]:
         return None
     try:
-        encoder = read_json(path)
+        with open(path, encoding="utf-8") as f:
+            encoder = json.load(f, object_pairs_hook=unique_keys)
     except ValueError as e:
         return f"not valid JSON ({e})"
     if not isinstance(encoder, dict):
         return "is not a JSON object"
     if len(encoder) != N_VOCAB:
         return f"holds {len(encoder)} entries, not {N_VOCAB}"
+    byte_symbols = set(bytes_to_unicode().values())
+    seen = set()
+    for symbol, i in encoder.items():
+        if not is_whole(i) or not 0 <= i < N_VOCAB:
+            return f"maps {symbol!r} to {json.dumps(i)}, not an id from 0 to {N_VOCAB - 1}"
+        if i in seen:
+            return f"gives the id {i} to two symbols (one is {symbol!r})"
+        seen.add(i)
+        if not symbol or not set(symbol) <= byte_symbols:
+            return f"holds the symbol {symbol!r}, not spelled in GPT-2's byte alphabet"
+    missing = byte_symbols - encoder.keys()
+    if missing:
+        return f"has no id for the byte symbol {min(missing)!r}"
+
+
+def read_merges(path):
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    return lines[0], [line for line in lines[1:] if line]
 
 
 def vocab_problem(path):
     if sha256_of(path) == VOCAB_SHA256["vocab.bpe"]:
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
+        header, merges = read_merges(path)
     except ValueError:
         return "not UTF-8 text"
-    if not lines[0].startswith("#version"):
+    if not header.startswith("#version"):
         return "does not start with its #version line"
-    merges = [line for line in lines[1:] if line]
-    if len(merges) != N_MERGES or any(len(line.split()) != 2 for line in merges):
-        return f"holds {len(merges)} lines, not {N_MERGES} merges of two symbols"
+    if len(merges) != N_MERGES:
+        return f"holds {len(merges)} lines, not {N_MERGES} merges"
+    for number, line in enumerate(merges, 2):
+        if len(line.split(" ")) != 2 or "" in line.split(" "):
+            return f"line {number} is {line!r}, not two symbols separated by one space"
+
+
+def merges_problem(model_dir):
+    """What makes vocab.bpe's merges unusable with encoder.json, or None: each merge joins two symbols of
+    encoder.json into a third, or the tokenizer would meet a symbol it has no id for. Both files are valid
+    alone (file_problem); the release's pair, known by its hashes, needs no parsing."""
+    encoder_path, vocab_path = os.path.join(model_dir, "encoder.json"), os.path.join(model_dir, "vocab.bpe")
+    if sha256_of(encoder_path) == VOCAB_SHA256["encoder.json"] and sha256_of(vocab_path) == VOCAB_SHA256["vocab.bpe"]:
+        return None
+    encoder = read_json(encoder_path)
+    for number, line in enumerate(read_merges(vocab_path)[1], 2):
+        for symbol in (*line.split(" "), line.replace(" ", "")):
+            if symbol not in encoder:
+                return f"vocab.bpe line {number} ({line!r}) needs the symbol {symbol!r}, which encoder.json lacks"
 
 
 VALIDATORS = {"checkpoint": checkpoint_problem, "hparams.json": hparams_problem, "encoder.json": encoder_problem,
               "vocab.bpe": vocab_problem}
 
 
+# The small files are parsed whole: one far larger than its kind ever is would only fill memory.
+SIZE_LIMIT = {"checkpoint": 1 << 20, "hparams.json": 1 << 20, "encoder.json": 16 << 20, "vocab.bpe": 16 << 20}
+
+
 def file_problem(path, name):
     """What is wrong with the file at path as the model file `name` ("missing", "not valid JSON (...)"), or None.
     A file that exists but cannot be read (no permission, a disk error) is no reason to replace it: ModelError."""
     try:
-        if os.path.getsize(path) == 0:
+        size = os.path.getsize(path)
+        if size == 0:
             return "empty"
+        if size > SIZE_LIMIT.get(name, size):
+            return f"is {size / 2**20:.0f} MiB, more than {SIZE_LIMIT[name] >> 20} MiB: no GPT-2 {name} is that large"
+        if not os.path.isfile(path):
+            return "is not a regular file"
         validate = VALIDATORS.get(name)
         return validate(path) if validate else None
     except FileNotFoundError:
@@ -285,7 +380,7 @@ def fetch(url, partial):
     have = os.path.getsize(partial) if os.path.exists(partial) else 0
     # Identity encoding: Content-Length and Range then count the file's own bytes, not a compressed stream's.
     headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
-    with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT) as response:
+    with requests.get(url, headers=headers, stream=True, timeout=min(TIMEOUT, STALL_SECONDS)) as response:
         if response.status_code == 416:  # the partial file is not a prefix of this file: start over
             os.remove(partial)
             raise TransientError("the server refused to resume")
@@ -301,17 +396,48 @@ def fetch(url, partial):
             os.remove(partial)
             raise TransientError("the server resumed at the wrong place")
         length = response.headers.get("Content-Length")
+        if length is not None and not re.fullmatch(r"[0-9]{1,20}", length.strip()):
+            raise ModelError(f"could not download {url}: the server sent Content-Length {length!r}, which is not "
+                             f"a number of bytes")
         total = have + int(length) if length is not None else None
         with open(partial, "ab" if have else "wb") as f, tqdm(
                 total=None if compressed else total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
                 desc=os.path.basename(url)) as bar:
-            for chunk in response.iter_content(chunk_size=1 << 20):
-                bar.update(f.write(chunk))
+            for chunk in received_chunks(response):
+                bar.update(f.write(chunk))  # the bar moves with every chunk, however small
             fsync_file(f)  # on disk before it is renamed into place
         # A server that compresses anyway: Content-Length counts the bytes on the wire, which raw.tell() counts too.
         received = have + response.raw.tell()
     if total is not None and received != total:
         raise TransientError(f"got {received} of {total} bytes")
+
+
+def received_chunks(response):
+    """The body's bytes as they arrive (read1: whatever the connection has, up to 1 MiB, without waiting for a
+    full MiB), ending the attempt by the stall rule when they come slower than SPEED_LIMIT for STALL_SECONDS."""
+    import urllib3  # requests' own transport, already imported with it
+
+    read = getattr(response.raw, "read1", None) or response.raw.read  # urllib3 < 2 has no read1
+    window_start, window_bytes = time.monotonic(), 0
+    while True:
+        try:  # urllib3's failures as requests reports them, as its iter_content does
+            chunk = read(1 << 20, decode_content=True)
+        except urllib3.exceptions.ProtocolError as e:  # a dropped connection, a body cut short
+            raise requests.exceptions.ChunkedEncodingError(e) from None
+        except urllib3.exceptions.ReadTimeoutError as e:
+            raise requests.exceptions.ConnectionError(e) from None
+        except urllib3.exceptions.DecodeError as e:
+            raise requests.exceptions.ContentDecodingError(e) from None
+        if not chunk:
+            return
+        yield chunk
+        window_bytes += len(chunk)
+        elapsed = time.monotonic() - window_start
+        if elapsed >= STALL_SECONDS:
+            if window_bytes < SPEED_LIMIT * elapsed:
+                raise TransientError(f"the transfer ran below {SPEED_LIMIT} bytes/s for {STALL_SECONDS} s "
+                                     f"({window_bytes} bytes in {elapsed:.0f} s)")
+            window_start, window_bytes = time.monotonic(), 0
 
 
 def download_file(url, path):
@@ -376,19 +502,179 @@ def identity(path):
 # --- Reading the checkpoint -----------------------------------------------------------------------------------------
 
 def checkpoint_prefix(model_dir):
-    """The checkpoint's path prefix, as named in the `checkpoint` file (relative to the model folder).
+    """The checkpoint's path prefix, as named in the `checkpoint` file, always inside the model folder.
 
     A folder copied from elsewhere may name its checkpoint by an absolute path that no longer exists
-    (gpt-2-simple on Colab writes "/content/checkpoint/run1/model-1000"): the same name in this folder is used."""
+    (gpt-2-simple on Colab writes "/content/checkpoint/run1/model-1000"), and a hostile one may name a file of
+    someone else's: any name that leads out of the folder (absolute, or through "..") is taken by its file name
+    in this folder, so nothing outside the folder is ever read."""
     with open(os.path.join(model_dir, "checkpoint"), encoding="utf-8", errors="replace") as f:
         match = CHECKPOINT_LINE.search(f.read())
     if not match:
         raise ModelError(f"{model_dir}/checkpoint does not name a checkpoint (no model_checkpoint_path line)")
-    named = os.path.join(model_dir, match.group(1))
-    here = os.path.join(model_dir, os.path.basename(match.group(1)))
-    if not os.path.exists(named + ".index") and os.path.exists(here + ".index"):
-        return here
-    return named
+    named, inside = match.group(1), os.path.abspath(model_dir)
+    path = os.path.abspath(os.path.join(model_dir, named))
+    if not os.path.isabs(named) and path != inside and os.path.commonpath([path, inside]) == inside:
+        return os.path.join(model_dir, os.path.relpath(path, inside))
+    name = re.split(r"[/\\]", named)[-1]  # a Windows path names its file after a backslash
+    if name in ("", ".", ".."):
+        raise ModelError(f"{model_dir}/checkpoint names {named!r}, which is no checkpoint file")
+    return os.path.join(model_dir, name)
+
+
+# --- The checkpoint's index: every tensor's name and shape, without reading the weights ----------------------------
+# A TensorFlow checkpoint's .index is a LevelDB-format table: blocks of key/value entries, where a key is a
+# variable's name and its value a BundleEntryProto (dtype, shape, where its bytes are in the data file). Reading
+# it here takes about a millisecond and no TensorFlow (whose import takes seconds), so the shapes are compared
+# with hparams.json before any weight is read, on every run, warm or cold.
+
+TABLE_MAGIC = 0xdb4775248b80fb57  # the last 8 bytes of every table
+FOOTER_SIZE = 48  # two block handles, padded, then the magic number
+BLOCK_TRAILER = 5  # after each block: its compression type (1 byte) and a CRC (4)
+MAX_INDEX_BYTES = 64 << 20  # 1558M's index is 18 KB; a file this large is no GPT-2 index
+
+
+class UnreadableIndex(ValueError):
+    """The .index file is not a table we can read."""
+
+
+def varint(data, pos):
+    """A protobuf/LevelDB base-128 varint at data[pos:] -> (value, position after it)."""
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise UnreadableIndex("a number runs past its end")
+        byte = data[pos]
+        value |= (byte & 0x7f) << shift
+        pos, shift = pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
+
+
+def proto_fields(data):
+    """(field number, value) for each field of a serialized protobuf message: ints for varints, bytes otherwise."""
+    pos = 0
+    while pos < len(data):
+        key, pos = varint(data, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = varint(data, pos)
+        elif wire in (1, 5):  # fixed64, fixed32
+            value, pos = data[pos:pos + (8 if wire == 1 else 4)], pos + (8 if wire == 1 else 4)
+        elif wire == 2:
+            length, pos = varint(data, pos)
+            value, pos = data[pos:pos + length], pos + length
+        else:
+            raise UnreadableIndex(f"a protobuf field of wire type {wire}")
+        if pos > len(data):
+            raise UnreadableIndex("a protobuf field runs past its end")
+        yield field, value
+
+
+def table_block(data, handle):
+    """The key/value entries of the block a handle (offset, size varints) points to."""
+    offset, pos = varint(handle, 0)
+    size, _ = varint(handle, pos)
+    if offset + size + BLOCK_TRAILER > len(data) - FOOTER_SIZE:
+        raise UnreadableIndex("a block lies outside the file")
+    if data[offset + size] != 0:
+        raise UnreadableIndex("a compressed block")
+    block = data[offset:offset + size]
+    if len(block) < 4:
+        raise UnreadableIndex("a block too short for its restart count")
+    n_restarts = int.from_bytes(block[-4:], "little")
+    end = len(block) - 4 * (n_restarts + 1)
+    if end < 0:
+        raise UnreadableIndex("a block with more restarts than bytes")
+    pos, key = 0, b""
+    while pos < end:
+        shared, pos = varint(block, pos)
+        unshared, pos = varint(block, pos)
+        length, pos = varint(block, pos)
+        if shared > len(key) or pos + unshared + length > end:
+            raise UnreadableIndex("an entry runs past its block")
+        key = key[:shared] + block[pos:pos + unshared]
+        yield key, block[pos + unshared:pos + unshared + length]
+        pos += unshared + length
+
+
+def entry_shape(entry):
+    """The shape in a BundleEntryProto: field 2, a TensorShapeProto whose field 2 repeats Dim {1: size}."""
+    for field, value in proto_fields(entry):
+        if field == 2:  # the fields after it say where the bytes are: not needed here
+            return tuple(dict(proto_fields(dim)).get(1, 0) for shape_field, dim in proto_fields(value)
+                         if shape_field == 2)
+    return ()
+
+
+def index_shapes(prefix):
+    """{variable name: shape} of every tensor in the checkpoint at prefix, read from its .index alone."""
+    path = prefix + ".index"
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_INDEX_BYTES + 1)
+    except OSError as e:
+        raise ModelError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        if len(data) > MAX_INDEX_BYTES:
+            raise UnreadableIndex(f"larger than {MAX_INDEX_BYTES >> 20} MB")
+        if len(data) < FOOTER_SIZE or int.from_bytes(data[-8:], "little") != TABLE_MAGIC:
+            raise UnreadableIndex("no table footer")
+        _, pos = varint(data, len(data) - FOOTER_SIZE)  # the metaindex handle: offset, size
+        _, pos = varint(data, pos)
+        shapes = {}
+        for _, handle in table_block(data, data[pos:len(data) - 8]):
+            for key, entry in table_block(data, handle):
+                if key:  # the empty key holds the bundle's header, not a tensor
+                    shapes[key.decode("utf-8", errors="replace")] = entry_shape(entry)
+        return shapes
+    except UnreadableIndex as e:
+        raise ModelError(f"cannot read the checkpoint index {path}: {e}") from None
+
+
+def expected_shapes(hparams):
+    """{variable name: shape} of every tensor a checkpoint with these (checked) hparams holds."""
+    n_vocab, n_ctx, n_embd = hparams["n_vocab"], hparams["n_ctx"], hparams["n_embd"]
+    block = {"ln_1/g": (n_embd,), "ln_1/b": (n_embd,), "ln_2/g": (n_embd,), "ln_2/b": (n_embd,),
+             "attn/c_attn/w": (1, n_embd, 3 * n_embd), "attn/c_attn/b": (3 * n_embd,),
+             "attn/c_proj/w": (1, n_embd, n_embd), "attn/c_proj/b": (n_embd,),
+             "mlp/c_fc/w": (1, n_embd, 4 * n_embd), "mlp/c_fc/b": (4 * n_embd,),
+             "mlp/c_proj/w": (1, 4 * n_embd, n_embd), "mlp/c_proj/b": (n_embd,)}
+    shapes = {"wte": (n_vocab, n_embd), "wpe": (n_ctx, n_embd), "ln_f/g": (n_embd,), "ln_f/b": (n_embd,)}
+    shapes.update({f"h{i}/{name}": shape for i in range(hparams["n_layer"]) for name, shape in block.items()})
+    return {f"model/{name}": shape for name, shape in shapes.items()}
+
+
+BLOCK_NAME = re.compile(r"model/h(\d+)/")
+
+
+def checkpoint_mismatch(shapes, hparams):
+    """The first way the checkpoint's tensors (shapes: from index_shapes) disagree with hparams.json, as a phrase
+    naming the tensor or the value, or None. Names outside model/ (a step counter, say) are not the model's."""
+    blocks = {int(m.group(1)) for m in map(BLOCK_NAME.match, shapes) if m}
+    if blocks != set(range(hparams["n_layer"])):
+        found = f"blocks h0..h{max(blocks)}" if blocks == set(range(len(blocks))) else \
+            f"blocks {', '.join(f'h{i}' for i in sorted(blocks)[:5])}{' ...' * (len(blocks) > 5)}" if blocks else \
+            "no blocks"
+        return f"the checkpoint holds {found}, but hparams.json says n_layer {hparams['n_layer']}"
+    expected = expected_shapes(hparams)
+    for name, shape in expected.items():
+        if name not in shapes:
+            return f"the checkpoint has no tensor {name}"
+        if shapes[name] != shape:
+            return (f"the checkpoint's {name} is {list(shapes[name])}, but hparams.json "
+                    f"({', '.join(f'{k} {hparams[k]}' for k in ('n_vocab', 'n_ctx', 'n_embd'))}) makes it {list(shape)}")
+    extra = sorted(name for name in shapes if name.startswith("model/") and name not in expected)
+    if extra:
+        return f"the checkpoint holds {extra[0]}, which no GPT-2 has"
+
+
+def check_checkpoint(model_dir, hparams):
+    """Raise ModelError unless every tensor of the folder's checkpoint has the shape hparams.json implies. Reads
+    the index only: this runs before any weight is read, and takes about a millisecond."""
+    mismatch = checkpoint_mismatch(index_shapes(checkpoint_prefix(model_dir)), hparams)
+    if mismatch:
+        raise ModelError(f"model folder {model_dir} cannot be loaded: {mismatch}")
 
 
 @contextlib.contextmanager
@@ -487,18 +773,40 @@ def checksum(array):
     return int(words.view(np.uint64).sum())  # integer sums wrap around, exactly and in any order
 
 
-def load_converted(converted_dir, fingerprint, n_layer):
-    """The params converted on an earlier run, memory-mapped, or None if they are missing, stale or damaged."""
+def loaded_shapes(prefix, n_layer):
+    """{name: shape} of each tensor as load_params returns it (the conv weights squeezed to [in, out]), from the
+    checkpoint's index: what the converted copy must hold too."""
+    shapes = index_shapes(prefix)
+    missing = [name for name in tensor_names(n_layer) if f"model/{name}" not in shapes]
+    if missing:
+        raise ModelError(f"the checkpoint {prefix} has no tensor model/{missing[0]}")
+    # Shapes that agree with hparams.json can still ask for more memory than the machine has; no tensor is larger
+    # than the file that holds it, so that bounds what reading them allocates. 2 bytes: the smallest float a
+    # checkpoint holds (float16; GPT-2's are float32).
+    numbers = sum(math.prod(shape) for shape in shapes.values())
+    stored = sum(os.path.getsize(path) for path in glob.glob(glob.escape(prefix) + ".data-*"))
+    if numbers * 2 > stored:
+        raise CheckpointDamaged(f"cannot read the checkpoint {prefix}: its data files hold {stored} bytes, too few "
+                                f"for the {numbers} numbers its index lists")
+    return {name: shapes[f"model/{name}"][1:] if name.endswith("/w") else shapes[f"model/{name}"]
+            for name in tensor_names(n_layer)}
+
+
+def load_converted(converted_dir, fingerprint, shapes):
+    """The params converted on an earlier run, memory-mapped, or None if they are missing, stale or damaged.
+    shapes ({name: shape}, from the checkpoint's index) are the tensors it must hold: its manifest is trusted for
+    nothing that the checkpoint says otherwise."""
     try:
         manifest = read_json(os.path.join(converted_dir, "manifest.json"))
-        if manifest["checkpoint"] != fingerprint or sorted(manifest["tensors"]) != sorted(tensor_names(n_layer)):
+        if manifest["checkpoint"] != fingerprint or sorted(manifest["tensors"]) != sorted(shapes):
             return None
         flat = {}
         for name, expected in manifest["tensors"].items():
+            if tuple(expected["shape"]) != shapes[name]:  # before the file is mapped
+                return None
             array = np.load(os.path.join(converted_dir, name.replace("/", ".") + ".npy"), mmap_mode="r")
             array = np.asarray(array)  # a plain ndarray view of the mapping: np.memmap adds cost to every op
-            if array.shape != tuple(expected["shape"]) or array.dtype != np.float32 or \
-                    checksum(array) != expected["checksum"]:
+            if array.shape != shapes[name] or array.dtype != np.float32 or checksum(array) != expected["checksum"]:
                 return None
             flat[name] = array
         return flat
@@ -547,8 +855,9 @@ def load_params(model_dir, n_layer):
     speed-up: when it cannot be written (a read-only folder, a full disk), a warning says so and the run goes on."""
     prefix = checkpoint_prefix(model_dir)
     fingerprint = checkpoint_fingerprint(prefix)
+    shapes = loaded_shapes(prefix, n_layer)
     converted_dir = os.path.join(model_dir, CONVERTED)
-    flat = load_converted(converted_dir, fingerprint, n_layer)
+    flat = load_converted(converted_dir, fingerprint, shapes)
     if flat is not None:
         return flat
     try:
@@ -557,7 +866,7 @@ def load_params(model_dir, n_layer):
         warn_unsaved(converted_dir, e)
         return read_tf_checkpoint(prefix, n_layer)
     with held, terminate_as_exit():
-        flat = load_converted(converted_dir, fingerprint, n_layer)  # written while this process waited?
+        flat = load_converted(converted_dir, fingerprint, shapes)  # written while this process waited?
         if flat is None:
             for leftover in glob.glob(glob.escape(converted_dir) + ".tmp*"):  # its writer died: we hold the lock
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -572,9 +881,11 @@ def load_params(model_dir, n_layer):
 # --- Model folders --------------------------------------------------------------------------------------------------
 
 def local_models(models_dir):
+    """The model folders in models_dir; hidden ones (a run's .<name>.tmp... and .<name>.old... folders while it
+    saves) are no models of their own."""
     try:
         return sorted(name for name in os.listdir(models_dir)
-                      if os.path.isfile(os.path.join(models_dir, name, "checkpoint")))
+                      if not name.startswith(".") and os.path.isfile(os.path.join(models_dir, name, "checkpoint")))
     except OSError:
         return []
 
@@ -603,7 +914,33 @@ def prepare_tokenizer(model_size, models_dir):
     if model_size in RELEASE_SIZES:
         download_release(model_size, model_dir, TOKENIZER_FILES)
     report_problems(model_dir, folder_problems(model_dir, TOKENIZER_FILES))
+    check_tokenizer_folder(model_size, model_dir)
     return model_dir
+
+
+def from_openai():
+    """Whether release sizes come from OpenAI's bucket. A mirror (GPT2_MODELS_URL) may serve any model under a
+    release size's name, as the tests' mirror does; its checkpoint is still checked against its hparams.json."""
+    return not os.environ.get("GPT2_MODELS_URL") or models_url() == RELEASE_URL
+
+
+def check_tokenizer_folder(model_size, model_dir):
+    """The checks that need more than one of the small files, after each was found valid alone: a release size's
+    hparams are the release's, hparams.json's n_vocab is encoder.json's size, and vocab.bpe's merges make
+    symbols encoder.json has. Raises ModelError naming the file and the value."""
+    hparams = read_json(os.path.join(model_dir, "hparams.json"))  # valid alone: file_problem said so
+    release = RELEASE_HPARAMS.get(model_size) if from_openai() else None
+    for name in sorted(release or ()):
+        if hparams[name] != release[name]:
+            raise ModelError(f"{model_dir}/hparams.json says {name} {hparams[name]}, but OpenAI's {model_size} has "
+                             f"{name} {release[name]}: the folder holds another model (give it a name of its own, "
+                             f"or remove it to download {model_size})")
+    if hparams["n_vocab"] != N_VOCAB:
+        raise ModelError(f"{model_dir}/hparams.json says n_vocab {hparams['n_vocab']}, but encoder.json holds "
+                         f"{N_VOCAB} tokens")
+    problem = merges_problem(model_dir)
+    if problem:
+        raise ModelError(f"model folder {model_dir} cannot be loaded: {problem}")
 
 
 def prepare_model(model_size, models_dir):
@@ -613,11 +950,21 @@ def prepare_model(model_size, models_dir):
     if model_size in RELEASE_SIZES:
         download_release(model_size, model_dir, CHECKPOINT_FILES)
     report_problems(model_dir, checkpoint_problems(model_dir))
+    load_hparams(model_dir)  # which compares the checkpoint's index with hparams.json
     return model_dir
 
 
 def load_hparams(model_dir):
-    return read_json(os.path.join(model_dir, "hparams.json"))
+    """hparams.json, checked: whole numbers within HPARAMS_LIMIT, and, once the folder holds a checkpoint, the
+    shapes of its tensors (from the index, before any weight is read). Raises ModelError naming the value."""
+    path = os.path.join(model_dir, "hparams.json")
+    problem = file_problem(path, "hparams.json")
+    if problem:
+        raise ModelError(f"model folder {model_dir} cannot be loaded: hparams.json {problem}")
+    hparams = read_json(path)
+    if not checkpoint_problems(model_dir):
+        check_checkpoint(model_dir, hparams)
+    return hparams
 
 
 def load_model_params(model_size, models_dir, n_layer):

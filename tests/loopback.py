@@ -13,7 +13,7 @@ class ReleaseServer(http.server.ThreadingHTTPServer):
     """Serves files[name] at /124M/<name>. Faults, consumed one per request:
     faults[name] = ["503", "cut", "pause", ...]; "cut" sends half of the body and drops the connection; "pause"
     sends half, sets the event `paused`, and sends the rest once `resume` is set (or drops the connection if the
-    client went away).
+    client went away); "slow" sends one byte every trickle_delay seconds; "length:abc" sends that Content-Length.
     range_support=False makes it ignore Range headers, as some servers do; compress=True gzips every answer
     (Content-Encoding: gzip), whatever the client asked for; chunk_delay slows every 64 KiB sent."""
 
@@ -22,7 +22,7 @@ class ReleaseServer(http.server.ThreadingHTTPServer):
     def __init__(self, files):
         super().__init__(("127.0.0.1", 0), Handler)
         self.files, self.faults, self.range_support, self.requests = files, {}, True, []
-        self.compress, self.chunk_delay, self.accept_encodings = False, 0.0, []
+        self.compress, self.chunk_delay, self.accept_encodings, self.trickle_delay = False, 0.0, [], 0.05
         self.paused, self.resume = threading.Event(), threading.Event()
 
     @property
@@ -61,8 +61,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if server.compress:
             body = gzip.compress(body)
             self.send_header("Content-Encoding", "gzip")
-        self.send_header("Content-Length", str(len(body)))
+        length = fault.removeprefix("length:") if fault and fault.startswith("length:") else str(len(body))
+        self.send_header("Content-Length", length)
         self.end_headers()
+        if fault == "slow":  # one byte at a time, trickle_delay apart, until the client goes away
+            self.send(body, piece=1, delay=server.trickle_delay)
+            return
         if fault in ("cut", "pause"):
             self.send(body[:len(body) // 2])
             if fault == "pause":
@@ -73,13 +77,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             body = body[len(body) // 2:]
         self.send(body)
 
-    def send(self, body):
+    def send(self, body, piece=1 << 16, delay=None):
+        delay = self.server.chunk_delay if delay is None else delay
         try:
-            for i in range(0, len(body), 1 << 16):
-                if self.server.chunk_delay:
-                    threading.Event().wait(self.server.chunk_delay)
-                self.wfile.write(body[i:i + (1 << 16)])
-            self.wfile.flush()
+            for i in range(0, len(body), piece):
+                if delay:
+                    threading.Event().wait(delay)
+                self.wfile.write(body[i:i + piece])
+                self.wfile.flush()
         except ConnectionError:  # the client was killed: what it does next is the test's business
             self.close_connection = True
 

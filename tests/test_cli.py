@@ -1,5 +1,6 @@
 """The command line, run the way a user runs it: argv checked against main's signature before anything runs,
 prompts taken verbatim, --help, stdout that closes early or cannot encode; gpt2_pico.py on the same table."""
+import json
 import os
 import shutil
 import subprocess
@@ -166,8 +167,10 @@ def test_bench_model_is_written_on_requirements_txt_alone_and_atomically(tmp_pat
     import utils
 
     os.makedirs(tmp_path / "124M")  # the release vocabulary, as prepare_tokenizer would download it
-    for name in utils.TOKENIZER_FILES:
+    for name in ("encoder.json", "vocab.bpe"):
         shutil.copyfile(os.path.join(tiny_model.path, name), tmp_path / "124M" / name)
+    with open(tmp_path / "124M" / "hparams.json", "w") as f:  # 124M's own: a release size holds the release's
+        json.dump(utils.RELEASE_HPARAMS["124M"], f)
     command = [sys.executable, "-c", BLOCK_DEV_MODULES, str(tmp_path)]
     failed = subprocess.run([*command, "fail"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert "is not JSON serializable" in failed.stderr

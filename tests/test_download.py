@@ -173,7 +173,7 @@ def test_html_answering_mirror_fails_in_one_line_then_a_good_mirror_recovers(tmp
 @pytest.mark.parametrize("name, content, problem", [
     ("encoder.json", b'{"a": 0}', "encoder.json holds 1 entries, not 50257"),
     ("encoder.json", b"5", "encoder.json is not a JSON object"),
-    ("vocab.bpe", b"#version: 0.2\na b\n", "vocab.bpe holds 1 lines, not 50000 merges of two symbols"),
+    ("vocab.bpe", b"#version: 0.2\na b\n", "vocab.bpe holds 1 lines, not 50000 merges"),
     ("vocab.bpe", b"a b\n", "vocab.bpe does not start with its #version line"),
     ("checkpoint", b"<html></html>", "checkpoint names no checkpoint"),
 ])
@@ -189,7 +189,7 @@ def test_404_on_a_first_download_leaves_no_empty_model_folder(tmp_path, server):
     del server.files["hparams.json"]
     with pytest.raises(utils.ModelError, match="hparams.json: HTTP 404"):
         utils.prepare_model("124M", str(tmp_path))
-    assert os.listdir(tmp_path) == [".124M.lock"]  # the lock file, hidden beside the folder; no folder
+    assert os.listdir(tmp_path) == [".124M.download.lock"]  # the lock file, hidden beside the folder; no folder
 
 
 @pytest.mark.parametrize("url", ["127.0.0.1:8000", "ftp://example.com/gpt-2", "http://"])

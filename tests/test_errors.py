@@ -142,7 +142,7 @@ def local_model(tmp_path, tiny_model):
     (lambda d: os.remove(d / "model.ckpt.index"), "model.ckpt.index missing"),
     (lambda d: open(d / "vocab.bpe", "w").close(), "vocab.bpe empty"),
     (lambda d: (d / "hparams.json").write_text("{"), "hparams.json not valid JSON"),
-    (lambda d: (d / "hparams.json").write_text('{"n_layer": 2}'), "hparams.json needs n_ctx, n_embd"),
+    (lambda d: (d / "hparams.json").write_text('{"n_layer": 2}'), "hparams.json has no n_ctx"),
     (lambda d: (d / "checkpoint").write_text("nothing here"), "checkpoint names no checkpoint"),
     (lambda d: os.truncate(d / "model.ckpt.data-00000-of-00001", 1000), "cannot read the checkpoint"),
 ], ids=["missing index", "empty vocab", "bad hparams", "hparams keys", "bad checkpoint file", "truncated data"])

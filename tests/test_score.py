@@ -297,8 +297,8 @@ BAD_INPUTS = [
     (["text.txt", "--stride", str(N_CTX + 1)], 2, f"context of {N_CTX}, got {N_CTX + 1}"),
     (["text.txt", "--stride", "2.5"], 2, "--stride must be a whole number, got 2.5"),
     (["text.txt", "--top", "-1"], 2, "--top must be a whole number >= 0, got -1"),
-    (["text.txt", "--model_size", "fewer"], 2, "has 50257 tokens but the model has 50000"),
-    (["text.txt", "--model_size", "past"], 2, "token id 60000, but the model has only 50257 tokens"),
+    (["text.txt", "--model_size", "fewer"], 1, "hparams.json says n_vocab 50000, but encoder.json holds 50257 tokens"),
+    (["text.txt", "--model_size", "past"], 1, "encoder.json maps '!' to 60000, not an id from 0 to 50256"),
     (["text.txt", "--model_size", "nowhere"], 2, "unknown model 'nowhere'"),
     (["text.txt", "--model_size", "broken"], 1, "cannot be loaded: encoder.json missing; vocab.bpe missing"),
 ]
