@@ -13,7 +13,6 @@ import numbers
 import os
 import shlex
 import sys
-import warnings
 
 import utils
 
@@ -38,7 +37,7 @@ def is_number(value):
 
 def check_arguments(n_tokens_to_generate=40, temperature=0.0, top_k=0, top_p=1.0, seed=None, num_samples=1,
                     stop_at_endoftext=False, interactive=False, **_):
-    """Raise UsageError for the first value that cannot work; warn about sampling flags that have no effect."""
+    """Raise UsageError for the first value that cannot work."""
     check(is_int(n_tokens_to_generate) and n_tokens_to_generate >= 1,
           f"--n_tokens_to_generate must be a whole number >= 1, got {n_tokens_to_generate!r}")
     check(is_number(temperature) and temperature >= 0, f"--temperature must be a number >= 0, got {temperature!r}")
@@ -48,13 +47,24 @@ def check_arguments(n_tokens_to_generate=40, temperature=0.0, top_k=0, top_p=1.0
     check(is_int(num_samples) and num_samples >= 1, f"--num_samples must be a whole number >= 1, got {num_samples!r}")
     for name, value in (("stop_at_endoftext", stop_at_endoftext), ("interactive", interactive)):
         check(isinstance(value, bool), f"--{name} must be True or False, got {value!r}")
-    if temperature == 0:  # greedy: a warning, not an error, so a script that always passes --seed keeps working
-        unused = [f"--{name}" for name, off in (("top_k", top_k == 0), ("top_p", top_p == 1), ("seed", seed is None),
-                                                ("num_samples", num_samples == 1)) if not off]
-        if unused:
-            warnings.warn(f"{', '.join(unused)} only matter{'s' * (len(unused) == 1)} when sampling, and "
-                          f"--temperature is 0 (greedy): every sample is the same most-likely text; add "
-                          f"--temperature 1 to sample")
+
+
+def warn(message):
+    """A usage warning: one line on stderr. Not Python's `warnings`: PYTHONWARNINGS=ignore would hide it, -W error
+    would turn it into a traceback, and it would show only once per place in the code (once per interactive run)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def warn_unused_flags(temperature=0.0, top_k=0, top_p=1.0, seed=None, num_samples=1, **_):
+    """Sampling flags given at temperature 0 change nothing: a warning, not an error, so a script that always
+    passes --seed keeps working."""
+    if temperature != 0:
+        return
+    unused = [f"--{name}" for name, off in (("top_k", top_k == 0), ("top_p", top_p == 1), ("seed", seed is None),
+                                            ("num_samples", num_samples == 1)) if not off]
+    if unused:
+        warn(f"{', '.join(unused)} only matter{'s' * (len(unused) == 1)} when sampling, and --temperature is 0 "
+             f"(greedy): every sample is the same most-likely text; add --temperature 1 to sample")
 
 
 def check_text(text, source):
@@ -257,7 +267,6 @@ def run(main, argv=None):
     import fire
 
     argv = sys.argv[1:] if argv is None else argv
-    warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
     sys.stdout.reconfigure(encoding="utf-8")  # GPT-2 writes any character; a cp1252 stdout cannot take them all
     with one_line_errors():
         if asks_for_help(argv):

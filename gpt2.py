@@ -9,7 +9,8 @@ import math
 import numpy as np
 
 import utils
-from cli import check, check_arguments, check_fits, check_memory, check_text, prompt_loop, read_prompt, run
+from cli import (check, check_arguments, check_fits, check_memory, check_text, prompt_loop, read_prompt, run,
+                 warn_unused_flags)
 from encoder import get_encoder
 
 
@@ -236,8 +237,8 @@ def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperatu
 
 def generate(inputs, params, n_head, n_tokens_to_generate, temperature=0.0, top_k=0, top_p=1.0, seed=None,
              num_samples=None):
-    """The new ids: greedy by default (temperature 0), sampled otherwise (see `sample`). With num_samples=N,
-    a list of N such lists, computed as one batch."""
+    """The new ids: greedy by default (temperature 0, where top_k, top_p and seed change nothing), sampled otherwise
+    (see `sample`). With num_samples=N, a list of N such lists, computed as one batch."""
     if num_samples is not None and num_samples < 1:
         raise ValueError(f"num_samples must be at least 1 (or None), got {num_samples}")
     rngs = sampling_rngs(seed, num_samples or 1)
@@ -273,6 +274,8 @@ def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="mode
     check(not interactive or (prompt == "" and prompt_file is None),
           "--interactive reads its prompts from standard input: give no prompt or --prompt_file")
     prompt = "" if interactive else read_prompt(prompt, prompt_file)
+    if not interactive:
+        warn_unused_flags(temperature, top_k, top_p, seed, num_samples)
     model_dir = utils.prepare_tokenizer(model_size, models_dir)  # a few MB: enough to measure the prompt
     encoder, hparams = get_encoder(model_size, models_dir), utils.load_hparams(model_dir)
 
@@ -315,7 +318,12 @@ def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="mode
         return texts[0] if num_samples == 1 else texts
 
     if interactive:  # the same seed gives the same text for the same prompt: every prompt starts afresh
-        return prompt_loop(lambda text: continuation(prompt_ids(text), stream=True))
+        def continue_prompt(text):
+            ids = prompt_ids(text)
+            warn_unused_flags(temperature, top_k, top_p, seed, num_samples)  # with each continuation they apply to
+            continuation(ids, stream=True)
+
+        return prompt_loop(continue_prompt)
     return continuation(input_ids, stream)
 
 

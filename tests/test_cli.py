@@ -117,11 +117,18 @@ def test_help_shows_the_prompt_and_only_the_flags(script):
         assert "-i, --interactive" in result.stdout
 
 
-def test_sampling_flags_at_temperature_0_warn_in_one_line(tiny_model):
+# Usage warnings are the CLI's own lines on stderr: Python's warnings filters (PYTHONWARNINGS, which is what
+# `-W` sets for a child process) neither hide them nor turn them into tracebacks.
+WARNING_FILTERS = [None, "ignore", "error"]
+
+
+@pytest.mark.parametrize("filters", WARNING_FILTERS, ids=lambda f: f"PYTHONWARNINGS={f}")
+def test_sampling_flags_at_temperature_0_warn_in_one_line(tiny_model, filters):
+    env = {"PYTHONWARNINGS": filters} if filters else {}
     result = run_cli("gpt2.py", "Hello", "--num_samples", "2", "--top_k", "40", "--seed", "1",
                      "--n_tokens_to_generate", "5", "--model_size", tiny_model.name, "--models_dir",
-                     tiny_model.models_dir, text=True)
-    assert result.returncode == 0
+                     tiny_model.models_dir, text=True, env=env)
+    assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == ["warning: --top_k, --seed, --num_samples only matter when sampling, and "
                                           "--temperature is 0 (greedy): every sample is the same most-likely text; "
                                           "add --temperature 1 to sample"]
