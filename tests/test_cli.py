@@ -25,8 +25,11 @@ def test_loading_the_unloadable_model_fails_differently(unloadable_model):
 # (scripts, argv, the error line's fragments; SCRIPT is the script's name)
 BOTH, GPT2, PICO = ("gpt2.py", "gpt2_pico.py"), ("gpt2.py",), ("gpt2_pico.py",)
 ARGV_ERRORS = [
-    (BOTH, ["Hello", "--bogus", "3", "--n_tokens", "5"],
+    (PICO, ["Hello", "--bogus", "3", "--n_tokens", "5"],
      "unknown flags --bogus, --n_tokens; did you mean --n_tokens_to_generate? `python SCRIPT --help` lists"),
+    (GPT2, ["Hello", "--bogus", "3", "--n_tokens", "5"],
+     "unknown flags --bogus, --n_tokens; did you mean --n_tokens_to_generate, --min_new_tokens? `python SCRIPT "
+     "--help` lists"),
     (BOTH, ["Alan", "Turing", "theorized"],
      "the prompt must be one argument, got 3 words; quote it: python SCRIPT 'Alan Turing theorized'"),
     (BOTH, ["Hello", "--prompt", "again"], "give the prompt once"),
