@@ -43,6 +43,21 @@ ARGV_ERRORS = [
     (GPT2, ["Hello", "--temperature", "1e999"], "--temperature must be a number >= 0, got inf"),
     (GPT2, ["Hello", "--stop_at_endoftext=maybe"], "--stop_at_endoftext must be True or False, got 'maybe'"),
     (GPT2, ["Hello", "--interactive"], "--interactive reads its prompts from standard input: give no prompt"),
+    # the generation controls (issue 21)
+    (GPT2, ["Hello", "--stop", "\n", "--stop="], "--stop must not be empty: every text contains the empty string"),
+    (GPT2, ["Hello", "--stop"], "--stop needs a value"),
+    (GPT2, ["Hello", "--stop", "caf\udce9"], "--stop is not valid UTF-8 text (character 3 cannot be encoded)"),
+    (GPT2, ["Hello", "--repetition_penalty", "0"], "--repetition_penalty must be a number > 0 (1: off), got 0"),
+    (GPT2, ["Hello", "--repetition_penalty", "-1.3"], "--repetition_penalty must be a number > 0 (1: off), got -1.3"),
+    (GPT2, ["Hello", "--repetition_penalty", "nan"], "--repetition_penalty must be a number > 0 (1: off), got 'nan'"),
+    (GPT2, ["Hello", "--presence_penalty", "high"], "--presence_penalty must be a number (0: off), got 'high'"),
+    (GPT2, ["Hello", "--frequency_penalty", "1e999"], "--frequency_penalty must be a number (0: off), got inf"),
+    (GPT2, ["Hello", "--no_repeat_ngram_size", "-1"], "--no_repeat_ngram_size must be a whole number >= 0 (0: off), "
+                                                      "got -1"),
+    (GPT2, ["Hello", "--no_repeat_ngram_size", "2.5"], "--no_repeat_ngram_size must be a whole number >= 0"),
+    (GPT2, ["Hello", "--min_new_tokens", "-3"], "--min_new_tokens must be a whole number >= 0 (0: off), got -3"),
+    (GPT2, ["Hello", "--min_p", "1.5"], "--min_p must be a number in [0, 1] (0: off), got 1.5"),
+    (GPT2, ["Hello", "--min_p", "-0.1"], "--min_p must be a number in [0, 1] (0: off), got -0.1"),
 ]
 
 
