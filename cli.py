@@ -87,6 +87,15 @@ def warn_unused_flags(temperature=0.0, top_k=0, top_p=1.0, seed=None, num_sample
              f"(greedy): every sample is the same most-likely text; add --temperature 1 to sample")
 
 
+def warn_literal_escapes(stop):
+    """`--stop "\\n"` is a backslash and an n: a user who meant a newline would never see it match."""
+    for text in [stop] if isinstance(stop, str) else stop or []:
+        escapes = [f"\\{c}" for c in "nt" if f"\\{c}" in text]
+        if escapes:
+            warn(f'--stop "{text}" holds {" and ".join(escapes)} as typed, a backslash and a letter, not a newline or '
+                 f"a tab; in bash, --stop $'\\n' is a newline")
+
+
 def check_text(text, source):
     """Text that cannot be written as UTF-8 (a lone surrogate, from invalid UTF-8 in argv) cannot be encoded."""
     try:

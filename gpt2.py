@@ -10,7 +10,7 @@ import numpy as np
 
 import utils
 from cli import (check, check_arguments, check_fits, check_memory, check_text, prompt_loop, read_prompt, run,
-                 warn_unused_flags)
+                 warn_literal_escapes, warn_unused_flags)
 from encoder import get_encoder
 from stopping import SampleText
 
@@ -287,16 +287,19 @@ def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperatu
         logits = gpt2(inputs[start:start + PREFILL_CHUNK], **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
     kv_cache = [cache.repeat(len(rngs)) for cache in kv_cache]  # from here on, each sample has its own history
     logits = np.broadcast_to(logits, (len(rngs), logits.shape[-1]))  # [n_vocab] -> [n_samples, n_vocab]
-    # What the controls look at: each sample's text so far and how often it generated each token
+    # What the controls look at: each sample's text so far and, for presence and frequency, how often it generated
+    # each token
     ids = np.empty((len(rngs), len(inputs) + n_tokens_to_generate), dtype=np.int64)  # [n_samples, n_prompt + n_new]
     ids[:, :len(inputs)] = inputs
-    counts = np.zeros(logits.shape, dtype=np.float32)  # [n_samples, n_vocab]
+    counting = controls.get("presence_penalty") or controls.get("frequency_penalty")
+    counts = np.zeros(logits.shape, dtype=np.float32) if counting else None  # [n_samples, n_vocab]
     for step in range(n_tokens_to_generate):
         n_seen = len(inputs) + step
         logits = process_logits(logits, ids[:, :n_seen], counts, step, **controls)
         next_ids = sample(logits, rngs, temperature, top_k, top_p, min_p)
         ids[:, n_seen] = next_ids
-        counts[np.arange(len(rngs)), next_ids] += 1
+        if counting:
+            counts[np.arange(len(rngs)), next_ids] += 1
         yield next_ids
         if step + 1 < n_tokens_to_generate:  # every earlier position is cached: only the new tokens go through
             logits = gpt2(next_ids[:, None], **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
@@ -359,6 +362,7 @@ def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="mode
                     stop=stop, min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                     frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                     min_new_tokens=min_new_tokens)
+    warn_literal_escapes(stop)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     controls = dict(repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                     frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size,

@@ -197,3 +197,25 @@ def test_stop_in_interactive_mode(tiny_model):
                       stdin="\n".join(prompts) + "\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "".join(text + "\n" for text in expected)
+
+
+def test_stop_strings_reach_main_verbatim_and_in_order():
+    import cli
+
+    got = {}
+
+    def main(prompt="", n_tokens_to_generate=40, stop=None, *, stream=False):
+        got.update(prompt=prompt, stop=stop)
+
+    stops = ["\n", "it's", '"quoted"', "5", "--", "[1, 2]", "None", " ", "🙂"]
+    cli.run(main, ["Hello", *(f"--stop={text}" for text in stops)])
+    assert got == {"prompt": "Hello", "stop": stops}
+    cli.run(main, ["Hello", "--stop", "Q:"])
+    assert got["stop"] == ["Q:"]
+
+
+def test_a_typed_backslash_n_is_a_warning(tiny_model):
+    result = gpt2_cli(tiny_model, "Hello", "--n_tokens_to_generate", "3", "--stop", "\\n", "--stop", "x")
+    assert result.returncode == 0
+    assert result.stderr == ("warning: --stop \"\\n\" holds \\n as typed, a backslash and a letter, not a newline or "
+                             "a tab; in bash, --stop $'\\n' is a newline\n")
