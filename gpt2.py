@@ -345,7 +345,8 @@ def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="mode
         stop_at_endoftext: end a sample when it generates <|endoftext|>
         prompt_file: read the prompt from this UTF-8 file instead
         interactive: load the model once, then continue each line typed (or piped) on standard input
-        stop: end a sample as soon as its text contains this text, which is left out (the flag may be repeated)
+        stop: end a sample as soon as its text contains this text, which is left out; a list: any of them (the flag
+            may be repeated)
         min_p: sample only from tokens at least min_p times as likely as the most likely one (0: off)
         repetition_penalty: divide a positive logit, multiply a negative one, of every token already in the text
             (prompt included) by this (1.0: off; HF's repetition_penalty)
