@@ -205,8 +205,9 @@ def sample(logits, rngs, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0):  # [n_
 def penalize_repetition(logits, ids, penalty):  # ids: [n_samples, n_seen], the prompt and the new tokens so far
     """HF's repetition_penalty (from the CTRL paper) on every token already in the text: a positive logit is divided
     by penalty, a negative one multiplied, so either way a penalty above 1 makes the token less likely."""
-    seen = np.take_along_axis(logits, ids, axis=-1)  # -> [n_samples, n_seen]; a repeated id just writes twice
-    np.put_along_axis(logits, ids, np.where(seen < 0, seen * penalty, seen / penalty), axis=-1)
+    rows = np.arange(len(logits))[:, None]
+    seen = logits[rows, ids]  # -> [n_samples, n_seen]; a token seen twice is penalized once, written twice
+    logits[rows, ids] = np.where(seen < 0, seen * penalty, seen / penalty)
 
 
 def penalize_presence_and_frequency(logits, counts, presence, frequency):  # counts: [n_samples, n_vocab]
@@ -216,10 +217,13 @@ def penalize_presence_and_frequency(logits, counts, presence, frequency):  # cou
 
 def repeated_ngram_ends(ids, n):  # [n_seen] -> [n_found]
     """The tokens that would repeat an n-gram of ids: those that followed an earlier occurrence of its last n-1."""
-    if len(ids) < n:
+    n_ngrams = len(ids) - n + 1  # the n-grams the text holds start at 0 .. n_ngrams - 1
+    if n_ngrams < 1:
         return ids[:0]
-    ngrams = np.lib.stride_tricks.sliding_window_view(ids, n)  # [n_seen - n + 1, n], every n-gram in the text
-    return ngrams[np.all(ngrams[:, :-1] == ids[len(ids) - n + 1:], axis=-1), -1]
+    same_start = np.ones(n_ngrams, dtype=bool)
+    for j, token in enumerate(ids[n_ngrams:]):  # the last n-1 tokens: does each n-gram begin with them?
+        same_start &= ids[j:j + n_ngrams] == token
+    return ids[n - 1:][same_start]  # the last token of each n-gram that does
 
 
 def ban_repeated_ngrams(logits, ids, n):
@@ -237,10 +241,11 @@ def process_logits(logits, ids, counts, n_new, repetition_penalty=1.0, presence_
             and n_new >= min_new_tokens:
         return logits  # every control off: the model's logits as they are
     logits = np.array(logits)  # a copy: the first step's logits are one row broadcast to the batch, read-only
-    if repetition_penalty != 1:
-        penalize_repetition(logits, ids, repetition_penalty)
-    if presence_penalty or frequency_penalty:
-        penalize_presence_and_frequency(logits, counts, presence_penalty, frequency_penalty)
+    with np.errstate(over="ignore"):  # a huge penalty overflows to -inf: the token is out, as intended
+        if repetition_penalty != 1:
+            penalize_repetition(logits, ids, repetition_penalty)
+        if presence_penalty or frequency_penalty:
+            penalize_presence_and_frequency(logits, counts, presence_penalty, frequency_penalty)
     if no_repeat_ngram_size:
         ban_repeated_ngrams(logits, ids, no_repeat_ngram_size)
     if n_new < min_new_tokens:  # HF's min_new_tokens: <|endoftext|> cannot end a sample this early

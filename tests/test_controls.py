@@ -267,3 +267,12 @@ def test_min_p_at_temperature_0_warns(tiny_model):
     assert result.returncode == 0
     assert result.stderr == ("warning: --min_p only matters when sampling, and --temperature is 0 (greedy): every "
                              "sample is the same most-likely text; add --temperature 1 to sample\n")
+
+
+@pytest.mark.filterwarnings("error")
+def test_huge_penalties_push_tokens_out_without_a_warning():
+    logits = np.array([[100.0, -100.0, 1.0, 0.5]], dtype=np.float32)
+    counts = np.array([[0, 0, 4, 0]], dtype=np.float32)
+    out = gpt2.process_logits(logits, np.array([[0, 1]]), counts, 4, repetition_penalty=1e38, frequency_penalty=1e38)
+    assert out[0, 1] == -np.inf and out[0, 2] == -np.inf  # overflowed: out of the running
+    assert 0 < out[0, 0] < 1e-30 and out[0, 3] == 0.5 and gpt2.sample(out, gpt2.sampling_rngs(0, 1)).tolist() == [3]
