@@ -365,9 +365,9 @@ def controls_section(args):
     logits = np.random.default_rng(0).standard_normal((1, hparams["n_vocab"])).astype(np.float32)
     text = np.random.default_rng(1).integers(0, hparams["n_vocab"], (1, hparams["n_ctx"] - 1))
     controls = dict(repetition_penalty=1.3, no_repeat_ngram_size=3)
-    step, control = alternating_best(lambda: gpt2.gpt2(ids[-1:], **params, n_head=n_head, last_only=True),
-                                     lambda: [gpt2.process_logits(logits, text, None, 1, **controls) for _ in range(10)],
-                                     rounds=10)
+    step, control = alternating_best(
+        lambda: gpt2.gpt2(ids[-1:], **params, n_head=n_head, last_only=True),
+        lambda: [gpt2.process_logits(logits, text, None, 1, **controls) for _ in range(10)], rounds=10)
     report(f"repetition_penalty + no_repeat_ngram, {text.shape[1]} tokens", f"{control / 10 * 1e3:.2f} ms",
            f"per token, {control / 10 / step:.1%} of one token's forward pass ({step * 1e3:.0f} ms)")
 
