@@ -369,7 +369,7 @@ def controls_section(args):
         lambda: gpt2.gpt2(ids[-1:], **params, n_head=n_head, last_only=True),
         lambda: [gpt2.process_logits(logits, text, None, 1, **controls) for _ in range(10)], rounds=10)
     report(f"repetition_penalty + no_repeat_ngram, {text.shape[1]} tokens", f"{control / 10 * 1e3:.2f} ms",
-           f"per token, {control / 10 / step:.1%} of one token's forward pass ({step * 1e3:.0f} ms)")
+           f"per token, {control / 10 / step:.2%} of one token's forward pass ({step * 1e3:.0f} ms)")
 
 
 def score_section(args):
