@@ -12,6 +12,9 @@ Sections, in the order they run (all by default):
   prompt, --new_tokens new tokens, prefill excluded) for gpt2.py with its KV cache, gpt2_pico.py (no cache) and
   HF transformers with its KV cache, against the hardware ceiling (streaming every weight through a float32
   GEMV); 8 sampled continuations in one batch against one; a 1000-token prefill against HF.
+- controls: decode tok/s (greedy, as above) with every generation control off against the decode loop before
+  the controls existed, with --repetition_penalty and --no_repeat_ngram_size on against off, and with every
+  control on (sampled, min-p, presence and frequency penalties too).
 - score: tokens/s of score.py on a 5000-token text at stride 512, against HF on the same windows and batches.
 - backward: one forward + backward pass of train.py over 4 x 256 tokens against PyTorch's loss.backward(): time
   and peak RSS, each side in a process of its own.
@@ -231,7 +234,7 @@ def tokenizer_bench(report):
         report(f"tokenizer, ordinary text ({megabytes:.2f} MB)", f"{megabytes / ours_text:.2f} MB/s")
 
 
-SECTIONS = ("tokenizer", "inference", "score", "backward", "train")
+SECTIONS = ("tokenizer", "inference", "controls", "score", "backward", "train")
 
 
 def bench_model(models_dir):
@@ -318,6 +321,57 @@ def inference_section(args):
            f"{warm_rss / weight_bytes:.2f}x weights (target <= 1.3x)")
 
 
+def decode_before_controls(inputs, params, n_head, n_tokens_to_generate):
+    """generate_steps' greedy loop as it was before the generation controls (issue 21), to time against."""
+    kv_cache = gpt2.new_kv_cache(params, n_head, len(inputs) + n_tokens_to_generate - 1)
+    logits = gpt2.gpt2(inputs, **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
+    kv_cache = [cache.repeat(1) for cache in kv_cache]
+    logits, rngs, tokens = logits[None], gpt2.sampling_rngs(None, 1), []
+    for step in range(n_tokens_to_generate):
+        next_ids = gpt2.sample(logits, rngs)
+        tokens.append(int(next_ids[0]))
+        if step + 1 < n_tokens_to_generate:
+            logits = gpt2.gpt2(next_ids[:, None], **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
+    return tokens
+
+
+def controls_section(args):
+    """Decode tok/s with every generation control off, against the loop before the controls existed, and with the
+    repetition penalty and the n-gram ban on (the two that look at the whole text every step), against off."""
+    model_dir, hparams = bench_model(args.models_dir)
+    params = nest(load_params(model_dir, hparams["n_layer"]), hparams["n_layer"])
+    ids, n_head, n = get_encoder(MODEL, args.models_dir).encode(PROMPT), hparams["n_head"], args.new_tokens
+    variants = {
+        "before": lambda n_tokens: decode_before_controls(ids, params, n_head, n_tokens),
+        "off": lambda n_tokens: gpt2.generate(ids, params, n_head, n_tokens),
+        "penalties": lambda n_tokens: gpt2.generate(ids, params, n_head, n_tokens, repetition_penalty=1.3,
+                                                    no_repeat_ngram_size=3),
+        "all": lambda n_tokens: gpt2.generate(ids, params, n_head, n_tokens, temperature=1.0, seed=0, min_p=0.05,
+                                              repetition_penalty=1.3, no_repeat_ngram_size=3, presence_penalty=0.5,
+                                              frequency_penalty=0.5, min_new_tokens=n),
+    }
+    assert variants["before"](20) == variants["off"](20)  # the same tokens: only the time may differ
+    sides = [lambda f=f, k=k: f(k) for f in variants.values() for k in (1, 1 + n)]
+    times = alternating_best(*sides, rounds=5)  # decode: 1 + n tokens minus 1 token leaves the n decode steps
+    decode = {name: n / (times[2 * i + 1] - times[2 * i]) for i, name in enumerate(variants)}
+    report("decode, controls off", f"{decode['off']:.1f} tok/s",
+           f"{decode['off'] / decode['before']:.2f}x the loop before the controls ({decode['before']:.1f} tok/s)")
+    report("decode, repetition_penalty + no_repeat_ngram", f"{decode['penalties']:.1f} tok/s",
+           f"{decode['penalties'] / decode['off']:.2f}x controls off (target >= 0.9x)")
+    report("decode, every control on, sampled", f"{decode['all']:.1f} tok/s",
+           f"{decode['all'] / decode['off']:.2f}x controls off, greedy")
+    # The controls' own work per token, alone: on a shared machine a few milliseconds get lost in the noise of
+    # whole decode runs, so this says directly what they add to a step, for a text filling the whole context.
+    logits = np.random.default_rng(0).standard_normal((1, hparams["n_vocab"])).astype(np.float32)
+    text = np.random.default_rng(1).integers(0, hparams["n_vocab"], (1, hparams["n_ctx"] - 1))
+    controls = dict(repetition_penalty=1.3, no_repeat_ngram_size=3)
+    step, control = alternating_best(
+        lambda: gpt2.gpt2(ids[-1:], **params, n_head=n_head, last_only=True),
+        lambda: [gpt2.process_logits(logits, text, None, 1, **controls) for _ in range(10)], rounds=10)
+    report(f"repetition_penalty + no_repeat_ngram, {text.shape[1]} tokens", f"{control / 10 * 1e3:.2f} ms",
+           f"per token, {control / 10 / step:.2%} of one token's forward pass ({step * 1e3:.0f} ms)")
+
+
 def score_section(args):
     model_dir, hparams = bench_model(args.models_dir)
     flat = load_params(model_dir, hparams["n_layer"])
@@ -350,6 +404,7 @@ def main():
     forced = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
     print(f"numpy {np.__version__}, {os.cpu_count()} cores" + (f"; BLAS kernels forced by {forced}" if forced else ""))
     run = {"tokenizer": lambda: tokenizer_bench(report), "inference": lambda: inference_section(args),
+           "controls": lambda: controls_section(args),
            "score": lambda: score_section(args), "backward": lambda: backward_section(args),
            "train": lambda: train_section(report)}
     for name in sections:

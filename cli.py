@@ -14,12 +14,12 @@ import numbers
 import os
 import shlex
 import sys
-import warnings
 
 import utils
 
 # The flags that take text: fire would turn `--prompt_file 2024` into a number and `--prompt 1,2` into a tuple.
-TEXT_FLAGS = {"prompt", "prompt_file", "model_size", "models_dir"}
+TEXT_FLAGS = {"prompt", "prompt_file", "model_size", "models_dir", "stop"}
+REPEATABLE_FLAGS = {"stop"}  # given several times, each value counts (a list); any other flag keeps its last value
 INTERACTIVE_PROMPT = "Model prompt >>> "
 PROMPT_HEAD_BYTES = 1 << 20  # read before the model's context is known: enough to tell text from not-text
 EXIT_BROKEN_PIPE = 141  # what the shell reports for `cat`, `yes` or `git log` when a reader such as `head` quits
@@ -39,8 +39,9 @@ def is_number(value):
 
 
 def check_arguments(n_tokens_to_generate=40, temperature=0.0, top_k=0, top_p=1.0, seed=None, num_samples=1,
-                    stop_at_endoftext=False, interactive=False, **_):
-    """Raise UsageError for the first value that cannot work; warn about sampling flags that have no effect."""
+                    stop_at_endoftext=False, interactive=False, stop=None, min_p=0.0, repetition_penalty=1.0,
+                    presence_penalty=0.0, frequency_penalty=0.0, no_repeat_ngram_size=0, min_new_tokens=0, **_):
+    """Raise UsageError for the first value that cannot work."""
     check(is_int(n_tokens_to_generate) and n_tokens_to_generate >= 1,
           f"--n_tokens_to_generate must be a whole number >= 1, got {n_tokens_to_generate!r}")
     check(is_number(temperature) and temperature >= 0, f"--temperature must be a number >= 0, got {temperature!r}")
@@ -50,13 +51,51 @@ def check_arguments(n_tokens_to_generate=40, temperature=0.0, top_k=0, top_p=1.0
     check(is_int(num_samples) and num_samples >= 1, f"--num_samples must be a whole number >= 1, got {num_samples!r}")
     for name, value in (("stop_at_endoftext", stop_at_endoftext), ("interactive", interactive)):
         check(isinstance(value, bool), f"--{name} must be True or False, got {value!r}")
-    if temperature == 0:  # greedy: a warning, not an error, so a script that always passes --seed keeps working
-        unused = [f"--{name}" for name, off in (("top_k", top_k == 0), ("top_p", top_p == 1), ("seed", seed is None),
-                                                ("num_samples", num_samples == 1)) if not off]
-        if unused:
-            warnings.warn(f"{', '.join(unused)} only matter{'s' * (len(unused) == 1)} when sampling, and "
-                          f"--temperature is 0 (greedy): every sample is the same most-likely text; add "
-                          f"--temperature 1 to sample")
+    check_stops(stop)
+    check(is_number(min_p) and 0 <= min_p <= 1, f"--min_p must be a number in [0, 1] (0: off), got {min_p!r}")
+    check(is_number(repetition_penalty) and repetition_penalty > 0,
+          f"--repetition_penalty must be a number > 0 (1: off), got {repetition_penalty!r}")
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        check(is_number(value), f"--{name} must be a number (0: off), got {value!r}")
+    for name, value in (("no_repeat_ngram_size", no_repeat_ngram_size), ("min_new_tokens", min_new_tokens)):
+        check(is_int(value) and value >= 0, f"--{name} must be a whole number >= 0 (0: off), got {value!r}")
+
+
+def check_stops(stop):
+    """--stop: text, or (given several times) a list of texts, none of them empty."""
+    stops = [stop] if isinstance(stop, str) else stop
+    check(stops is None or (isinstance(stops, (list, tuple)) and all(isinstance(s, str) for s in stops)),
+          f"--stop must be text, got {stop!r}")
+    for text in stops or []:
+        check(text != "", "--stop must not be empty: every text contains the empty string")
+        check_text(text, "--stop")
+
+
+def warn(message):
+    """A usage warning: one line on stderr. Not Python's `warnings`: PYTHONWARNINGS=ignore would hide it, -W error
+    would turn it into a traceback, and it would show only once per place in the code (once per interactive run)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def warn_unused_flags(temperature=0.0, top_k=0, top_p=1.0, seed=None, num_samples=1, min_p=0.0, **_):
+    """Sampling flags given at temperature 0 change nothing: a warning, not an error, so a script that always
+    passes --seed keeps working."""
+    if temperature != 0:
+        return
+    unused = [f"--{name}" for name, off in (("top_k", top_k == 0), ("top_p", top_p == 1), ("min_p", min_p == 0),
+                                            ("seed", seed is None), ("num_samples", num_samples == 1)) if not off]
+    if unused:
+        warn(f"{', '.join(unused)} only matter{'s' * (len(unused) == 1)} when sampling, and --temperature is 0 "
+             f"(greedy): every sample is the same most-likely text; add --temperature 1 to sample")
+
+
+def warn_literal_escapes(stop):
+    """`--stop "\\n"` is a backslash and an n: a user who meant a newline would never see it match."""
+    for text in [stop] if isinstance(stop, str) else stop or []:
+        escapes = [f"\\{c}" for c in "nt" if f"\\{c}" in text]
+        if escapes:
+            warn(f'--stop "{text}" holds {" and ".join(escapes)} as typed, a backslash and a letter, not a newline or '
+                 f"a tab; in bash, --stop $'\\n' is a newline")
 
 
 def check_text(text, source):
@@ -208,7 +247,10 @@ def parse_argv(argv, main, positional="prompt"):
                 value = args.pop(0)
         if is_bool_flag(flags[name]) and value.lower() in ("true", "false"):
             value = value.capitalize()
-        values[name] = value
+        if name in REPEATABLE_FLAGS:
+            values.setdefault(name, []).append(value)
+        else:
+            values[name] = value
     if unknown:
         raise utils.UsageError(f"unknown flag{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
                                f"{closest_flags(unknown, flags)}")
@@ -233,7 +275,8 @@ def script_name():
 
 
 def fire_command(values, text_flags=TEXT_FLAGS):
-    """argv for fire: text flags as quoted Python strings, which fire hands over exactly as typed."""
+    """argv for fire: text flags as quoted Python strings (a repeated one as a list of them), which fire hands over
+    exactly as typed."""
     return [f"--{name}={value!r}" if name in text_flags else f"--{name}={value}" for name, value in values.items()]
 
 
@@ -249,7 +292,9 @@ class Shown:
 
 HELP_TYPES = {"prompt": str, "n_tokens_to_generate": int, "model_size": str, "models_dir": str, "temperature": float,
               "top_k": int, "top_p": float, "seed": int, "num_samples": int, "stop_at_endoftext": bool,
-              "prompt_file": str, "interactive": bool}
+              "prompt_file": str, "interactive": bool, "stop": str, "min_p": float, "repetition_penalty": float,
+              "presence_penalty": float, "frequency_penalty": float, "no_repeat_ngram_size": int,
+              "min_new_tokens": int}
 
 
 def help_stub(main):
@@ -312,7 +357,6 @@ def run(main, argv=None):
     import fire
 
     argv = sys.argv[1:] if argv is None else argv
-    warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
     with one_line_errors():
         utf8_stdout()
         if asks_for_help(argv):

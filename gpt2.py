@@ -10,8 +10,9 @@ import numpy as np
 
 import utils
 from cli import (check, check_arguments, check_fits, check_memory, check_text, open_prompt, prompt_bytes_limit,
-                 prompt_loop, run)
+                 prompt_loop, run, warn_literal_escapes, warn_unused_flags)
 from encoder import get_encoder
+from stopping import SampleText
 
 
 def gelu(x):
@@ -160,6 +161,11 @@ def top_p_mask(probs, top_p):  # [n_samples, n_vocab] -> [n_samples, n_vocab] of
     return probs >= smallest_kept
 
 
+def min_p_mask(probs, min_p):  # [n_samples, n_vocab] -> [n_samples, n_vocab] of bool
+    """The tokens min-p keeps: those at least min_p times as likely as the most likely one (min_p 0: all)."""
+    return probs >= min_p * np.max(probs, axis=-1, keepdims=True)  # p >= min_p * max(p)
+
+
 def draw(probs, uniforms):  # [n_samples, n_vocab], [n_samples] -> [n_samples]
     """Inverse-CDF sampling: for u in [0, 1), the first token whose cumulative probability passes u * total.
     The probabilities need not add up to 1, and a token of probability 0 is never drawn."""
@@ -170,10 +176,10 @@ def draw(probs, uniforms):  # [n_samples, n_vocab], [n_samples] -> [n_samples]
     return np.array(tokens)
 
 
-def sample(logits, rngs, temperature=0.0, top_k=0, top_p=1.0):  # [n_samples, n_vocab] -> [n_samples]
+def sample(logits, rngs, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0):  # [n_samples, n_vocab] -> [n_samples]
     """Each sample's next token: the most likely one when temperature is 0, otherwise a draw from
-    softmax(logits / temperature) restricted to the top_k most likely tokens and then to the nucleus of
-    top_p (HF transformers' order). Sample i draws one number from rngs[i], so it gets the same token
+    softmax(logits / temperature) restricted to the top_k most likely tokens, then to the nucleus of top_p,
+    then to min_p (HF transformers' order). Sample i draws one number from rngs[i], so it gets the same token
     whether it is sampled alone or in a batch."""
     if temperature == 0:
         return np.argmax(logits, axis=-1)
@@ -188,7 +194,63 @@ def sample(logits, rngs, temperature=0.0, top_k=0, top_p=1.0):  # [n_samples, n_
     probs[~top_k_mask(logits, top_k)] = 0.0
     probs /= np.sum(probs, axis=-1, keepdims=True)  # the largest logit's weight is 1: never 0 / 0
     probs[~top_p_mask(probs, top_p)] = 0.0
+    if min_p > 0:
+        probs[~min_p_mask(probs, min_p)] = 0.0
     return draw(probs, [rng.random() for rng in rngs])
+
+
+# Controls on the logits before sampling (HF's logits processors). Each takes the batch's logits, [n_samples, n_vocab],
+# and changes them in place.
+
+def penalize_repetition(logits, ids, penalty):  # ids: [n_samples, n_seen], the prompt and the new tokens so far
+    """HF's repetition_penalty (from the CTRL paper) on every token already in the text: a positive logit is divided
+    by penalty, a negative one multiplied, so either way a penalty above 1 makes the token less likely."""
+    rows = np.arange(len(logits))[:, None]
+    seen = logits[rows, ids]  # -> [n_samples, n_seen]; a token seen twice is penalized once, written twice
+    logits[rows, ids] = np.where(seen < 0, seen * penalty, seen / penalty)
+
+
+def penalize_presence_and_frequency(logits, counts, presence, frequency):  # counts: [n_samples, n_vocab]
+    """OpenAI's penalties on what each sample has generated: logit - frequency * count - presence * (count > 0)."""
+    logits -= frequency * counts + presence * np.sign(counts)  # counts are float32 and >= 0: sign is 0 or 1
+
+
+def repeated_ngram_ends(ids, n):  # [n_seen] -> [n_found]
+    """The tokens that would repeat an n-gram of ids: those that followed an earlier occurrence of its last n-1."""
+    n_ngrams = len(ids) - n + 1  # the n-grams the text holds start at 0 .. n_ngrams - 1
+    if n_ngrams < 1:
+        return ids[:0]
+    same_start = np.ones(n_ngrams, dtype=bool)
+    for j, token in enumerate(ids[n_ngrams:]):  # the last n-1 tokens: does each n-gram begin with them?
+        same_start &= ids[j:j + n_ngrams] == token
+    return ids[n - 1:][same_start]  # the last token of each n-gram that does
+
+
+def ban_repeated_ngrams(logits, ids, n):
+    """HF's no_repeat_ngram_size: no n-gram may occur twice in the text (prompt included)."""
+    for row, text in zip(logits, ids):
+        row[repeated_ngram_ends(text, n)] = -np.inf
+
+
+def process_logits(logits, ids, counts, n_new, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                   no_repeat_ngram_size=0, min_new_tokens=0):  # -> [n_samples, n_vocab]
+    """The logits with every control that is on applied, in HF's order (presence and frequency, which HF does not
+    have, right after the repetition penalty, as llama.cpp does). ids: [n_samples, n_seen], the text so far;
+    counts: [n_samples, n_vocab], how often each sample generated each token; n_new: how many it has generated."""
+    if (repetition_penalty, presence_penalty, frequency_penalty, no_repeat_ngram_size) == (1, 0, 0, 0) \
+            and n_new >= min_new_tokens:
+        return logits  # every control off: the model's logits as they are
+    logits = np.array(logits)  # a copy: the first step's logits are one row broadcast to the batch, read-only
+    with np.errstate(over="ignore"):  # a huge penalty overflows to -inf: the token is out, as intended
+        if repetition_penalty != 1:
+            penalize_repetition(logits, ids, repetition_penalty)
+        if presence_penalty or frequency_penalty:
+            penalize_presence_and_frequency(logits, counts, presence_penalty, frequency_penalty)
+    if no_repeat_ngram_size:
+        ban_repeated_ngrams(logits, ids, no_repeat_ngram_size)
+    if n_new < min_new_tokens:  # HF's min_new_tokens: <|endoftext|> cannot end a sample this early
+        logits[:, ENDOFTEXT] = -np.inf
+    return logits
 
 
 def sampling_rngs(seed, n_samples):
@@ -203,8 +265,10 @@ ENDOFTEXT = 50256  # GPT-2's document separator; the official code also starts u
 PREFILL_CHUNK = 256
 
 
-def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperature=0.0, top_k=0, top_p=1.0):
+def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperature=0.0, top_k=0, top_p=1.0,
+                   min_p=0.0, **controls):
     """Yields the next token of each of len(rngs) samples of one prompt, step by step: [n_samples] ids.
+    controls: the keyword arguments of process_logits (repetition_penalty, presence_penalty, ...), all off by default.
 
     The samples run as one batch: the prompt is read once, then every step is a single forward pass for all
     of them, which reads the weights from memory once instead of once per sample.
@@ -228,28 +292,49 @@ def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperatu
         logits = gpt2(inputs[start:start + PREFILL_CHUNK], **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
     kv_cache = [cache.repeat(len(rngs)) for cache in kv_cache]  # from here on, each sample has its own history
     logits = np.broadcast_to(logits, (len(rngs), logits.shape[-1]))  # [n_vocab] -> [n_samples, n_vocab]
+    # What the controls look at: each sample's text so far and, for presence and frequency, how often it generated
+    # each token
+    ids = np.empty((len(rngs), len(inputs) + n_tokens_to_generate), dtype=np.int64)  # [n_samples, n_prompt + n_new]
+    ids[:, :len(inputs)] = inputs
+    counting = controls.get("presence_penalty") or controls.get("frequency_penalty")
+    counts = np.zeros(logits.shape, dtype=np.float32) if counting else None  # [n_samples, n_vocab]
     for step in range(n_tokens_to_generate):
-        next_ids = sample(logits, rngs, temperature, top_k, top_p)
+        n_seen = len(inputs) + step
+        logits = process_logits(logits, ids[:, :n_seen], counts, step, **controls)
+        next_ids = sample(logits, rngs, temperature, top_k, top_p, min_p)
+        ids[:, n_seen] = next_ids
+        if counting:
+            counts[np.arange(len(rngs)), next_ids] += 1
         yield next_ids
         if step + 1 < n_tokens_to_generate:  # every earlier position is cached: only the new tokens go through
             logits = gpt2(next_ids[:, None], **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
 
 
 def generate(inputs, params, n_head, n_tokens_to_generate, temperature=0.0, top_k=0, top_p=1.0, seed=None,
-             num_samples=None):
-    """The new ids: greedy by default (temperature 0), sampled otherwise (see `sample`). With num_samples=N,
-    a list of N such lists, computed as one batch."""
+             num_samples=None, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+             no_repeat_ngram_size=0, min_new_tokens=0):
+    """The new ids: greedy by default (temperature 0, where top_k, top_p, min_p and seed change nothing), sampled
+    otherwise (see `sample`). With num_samples=N, a list of N such lists, computed as one batch.
+    The controls on the logits are all off by default (see `process_logits`): repetition_penalty (HF's, over the
+    prompt and the new tokens), presence_penalty and frequency_penalty (OpenAI's, over the new tokens),
+    no_repeat_ngram_size (HF's, prompt included), min_new_tokens (no <|endoftext|> among the first N new tokens).
+    Stop strings are text, not ids: `main(stop=...)` has them."""
     if num_samples is not None and num_samples < 1:
         raise ValueError(f"num_samples must be at least 1 (or None), got {num_samples}")
     rngs = sampling_rngs(seed, num_samples or 1)
-    steps = list(generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperature, top_k, top_p))
+    controls = dict(repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                    frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                    min_new_tokens=min_new_tokens)
+    steps = list(generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperature, top_k, top_p, min_p,
+                                **controls))
     samples = np.array(steps, dtype=np.int64).reshape(-1, len(rngs)).T.tolist()  # [n_steps, N] -> N lists
     return samples if num_samples else samples[0]
 
 
 def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="models", temperature=0.0, top_k=0,
-         top_p=1.0, seed=None, num_samples=1, stop_at_endoftext=False, prompt_file=None, interactive=False, *,
-         stream=False):
+         top_p=1.0, seed=None, num_samples=1, stop_at_endoftext=False, prompt_file=None, interactive=False, stop=None,
+         min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, no_repeat_ngram_size=0,
+         min_new_tokens=0, *, stream=False):
     """Continue a prompt with GPT-2.
 
     Args:
@@ -265,15 +350,34 @@ def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="mode
         stop_at_endoftext: end a sample when it generates <|endoftext|>
         prompt_file: read the prompt from this UTF-8 file instead
         interactive: load the model once, then continue each line typed (or piped) on standard input
+        stop: end a sample as soon as its text contains this text, which is left out; a list: any of them (the flag
+            may be repeated)
+        min_p: sample only from tokens at least min_p times as likely as the most likely one (0: off)
+        repetition_penalty: divide a positive logit, multiply a negative one, of every token already in the text
+            (prompt included) by this (1.0: off; HF's repetition_penalty)
+        presence_penalty: subtract this from the logit of every token generated so far (0: off; OpenAI's)
+        frequency_penalty: subtract this times the number of times a token was generated so far (0: off; OpenAI's)
+        no_repeat_ngram_size: no sequence of this many tokens occurs twice in the text, prompt included (0: off)
+        min_new_tokens: <|endoftext|> cannot be chosen before this many new tokens (0: off)
         stream: print the text to stdout as it is generated (the command line always does)
     Returns:
         The continuation, or a list of num_samples continuations if num_samples > 1.
     """
     # Everything that needs no weights is checked first, so a mistake never waits for a download.
-    check_arguments(n_tokens_to_generate, temperature, top_k, top_p, seed, num_samples, stop_at_endoftext, interactive)
+    check_arguments(n_tokens_to_generate, temperature, top_k, top_p, seed, num_samples, stop_at_endoftext, interactive,
+                    stop=stop, min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                    frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                    min_new_tokens=min_new_tokens)
+    warn_literal_escapes(stop)
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    controls = dict(repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                    frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                    min_new_tokens=min_new_tokens)
     check(not interactive or (prompt == "" and prompt_file is None),
           "--interactive reads its prompts from standard input: give no prompt or --prompt_file")
     read_prompt = (lambda max_bytes: "") if interactive else open_prompt(prompt, prompt_file)
+    if not interactive:
+        warn_unused_flags(temperature, top_k, top_p, seed, num_samples, min_p=min_p)
     model_dir = utils.prepare_tokenizer(model_size, models_dir)  # a few MB: enough to measure the prompt
     encoder, hparams = get_encoder(model_size, models_dir), utils.load_hparams(model_dir)
     max_bytes = prompt_bytes_limit(hparams["n_ctx"], encoder)  # more could not fit the context: never read
@@ -291,34 +395,37 @@ def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="mode
     params = utils.load_model_params(model_size, models_dir, hparams["n_layer"])
 
     def continuation(ids, stream):
-        samples = [[] for _ in range(num_samples)]
-        finished = [False] * num_samples
-        text_so_far = encoder.stream_decoder()  # holds back a character until all of its bytes have arrived
-        steps = generate_steps(ids, params, hparams["n_head"], n_tokens_to_generate,
-                               sampling_rngs(seed, num_samples), temperature, top_k, top_p)
+        texts = [SampleText(encoder.stream_decoder(), stops) for _ in range(num_samples)]
+        steps = generate_steps(ids, params, hparams["n_head"], n_tokens_to_generate, sampling_rngs(seed, num_samples),
+                               temperature, top_k, top_p, min_p, **controls)
         for next_ids in steps:
-            for i, token in enumerate(next_ids.tolist()):
-                if finished[i]:
-                    continue
+            for text, token in zip(texts, next_ids.tolist()):
+                if text.done:
+                    continue  # a sample that has stopped takes nothing more
                 if stop_at_endoftext and token == ENDOFTEXT:
-                    finished[i] = True  # the separator ends the sample; it is not part of its text
-                    continue
-                samples[i].append(token)
-                if stream and num_samples == 1:
-                    print(text_so_far.decode(encoder.decode_bytes([token])), end="", flush=True)
-            if all(finished):
+                    new_text = text.finish()  # the separator ends the sample; it is not part of its text
+                else:
+                    new_text = text.add(encoder.decode_bytes([token]))  # cut before a stop string, if one appears
+                if stream and num_samples == 1 and new_text:
+                    print(new_text, end="", flush=True)
+            if all(text.done for text in texts):
                 break
-        texts = [encoder.decode(ids) for ids in samples]
+        rest = [text.finish() for text in texts]  # what each held back, in case it began a stop string
         if stream:
             if num_samples == 1:
-                print(text_so_far.decode(b"", final=True), flush=True)
+                print(rest[0], flush=True)
             else:  # the samples advance together, so each is printed whole, under its own heading
                 for i, text in enumerate(texts, 1):
-                    print(f"{'=' * 30} sample {i} of {num_samples} {'=' * 30}\n{text}", flush=True)
-        return texts[0] if num_samples == 1 else texts
+                    print(f"{'=' * 30} sample {i} of {num_samples} {'=' * 30}\n{text.text}", flush=True)
+        return texts[0].text if num_samples == 1 else [text.text for text in texts]
 
     if interactive:  # the same seed gives the same text for the same prompt: every prompt starts afresh
-        return prompt_loop(lambda text: continuation(prompt_ids(text), stream=True), max_bytes)
+        def continue_prompt(text):
+            ids = prompt_ids(text)
+            warn_unused_flags(temperature, top_k, top_p, seed, num_samples, min_p=min_p)  # with each continuation
+            continuation(ids, stream=True)
+
+        return prompt_loop(continue_prompt, max_bytes)
     return continuation(input_ids, stream)
 
 

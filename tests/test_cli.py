@@ -26,8 +26,11 @@ def test_loading_the_unloadable_model_fails_differently(unloadable_model):
 # (scripts, argv, the error line's fragments; SCRIPT is the script's name)
 BOTH, GPT2, PICO = ("gpt2.py", "gpt2_pico.py"), ("gpt2.py",), ("gpt2_pico.py",)
 ARGV_ERRORS = [
-    (BOTH, ["Hello", "--bogus", "3", "--n_tokens", "5"],
+    (PICO, ["Hello", "--bogus", "3", "--n_tokens", "5"],
      "unknown flags --bogus, --n_tokens; did you mean --n_tokens_to_generate? `python SCRIPT --help` lists"),
+    (GPT2, ["Hello", "--bogus", "3", "--n_tokens", "5"],
+     "unknown flags --bogus, --n_tokens; did you mean --n_tokens_to_generate, --min_new_tokens? `python SCRIPT "
+     "--help` lists"),
     (BOTH, ["Alan", "Turing", "theorized"],
      "the prompt must be one argument, got 3 words; quote it: python SCRIPT 'Alan Turing theorized'"),
     (BOTH, ["Hello", "--prompt", "again"], "give the prompt once"),
@@ -41,6 +44,21 @@ ARGV_ERRORS = [
     (GPT2, ["Hello", "--temperature", "1e999"], "--temperature must be a number >= 0, got inf"),
     (GPT2, ["Hello", "--stop_at_endoftext=maybe"], "--stop_at_endoftext must be True or False, got 'maybe'"),
     (GPT2, ["Hello", "--interactive"], "--interactive reads its prompts from standard input: give no prompt"),
+    # the generation controls (issue 21)
+    (GPT2, ["Hello", "--stop", "\n", "--stop="], "--stop must not be empty: every text contains the empty string"),
+    (GPT2, ["Hello", "--stop"], "--stop needs a value"),
+    (GPT2, ["Hello", "--stop", "caf\udce9"], "--stop is not valid UTF-8 text (character 3 cannot be encoded)"),
+    (GPT2, ["Hello", "--repetition_penalty", "0"], "--repetition_penalty must be a number > 0 (1: off), got 0"),
+    (GPT2, ["Hello", "--repetition_penalty", "-1.3"], "--repetition_penalty must be a number > 0 (1: off), got -1.3"),
+    (GPT2, ["Hello", "--repetition_penalty", "nan"], "--repetition_penalty must be a number > 0 (1: off), got 'nan'"),
+    (GPT2, ["Hello", "--presence_penalty", "high"], "--presence_penalty must be a number (0: off), got 'high'"),
+    (GPT2, ["Hello", "--frequency_penalty", "1e999"], "--frequency_penalty must be a number (0: off), got inf"),
+    (GPT2, ["Hello", "--no_repeat_ngram_size", "-1"], "--no_repeat_ngram_size must be a whole number >= 0 (0: off), "
+                                                      "got -1"),
+    (GPT2, ["Hello", "--no_repeat_ngram_size", "2.5"], "--no_repeat_ngram_size must be a whole number >= 0"),
+    (GPT2, ["Hello", "--min_new_tokens", "-3"], "--min_new_tokens must be a whole number >= 0 (0: off), got -3"),
+    (GPT2, ["Hello", "--min_p", "1.5"], "--min_p must be a number in [0, 1] (0: off), got 1.5"),
+    (GPT2, ["Hello", "--min_p", "-0.1"], "--min_p must be a number in [0, 1] (0: off), got -0.1"),
 ]
 
 
@@ -118,11 +136,18 @@ def test_help_shows_the_prompt_and_only_the_flags(script):
         assert "-i, --interactive" in result.stdout
 
 
-def test_sampling_flags_at_temperature_0_warn_in_one_line(tiny_model):
+# Usage warnings are the CLI's own lines on stderr: Python's warnings filters (PYTHONWARNINGS, which is what
+# `-W` sets for a child process) neither hide them nor turn them into tracebacks.
+WARNING_FILTERS = [None, "ignore", "error"]
+
+
+@pytest.mark.parametrize("filters", WARNING_FILTERS, ids=lambda f: f"PYTHONWARNINGS={f}")
+def test_sampling_flags_at_temperature_0_warn_in_one_line(tiny_model, filters):
+    env = {"PYTHONWARNINGS": filters} if filters else {}
     result = run_cli("gpt2.py", "Hello", "--num_samples", "2", "--top_k", "40", "--seed", "1",
                      "--n_tokens_to_generate", "5", "--model_size", tiny_model.name, "--models_dir",
-                     tiny_model.models_dir, text=True)
-    assert result.returncode == 0
+                     tiny_model.models_dir, text=True, env=env)
+    assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == ["warning: --top_k, --seed, --num_samples only matter when sampling, and "
                                           "--temperature is 0 (greedy): every sample is the same most-likely text; "
                                           "add --temperature 1 to sample"]

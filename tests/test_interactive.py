@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pexpect
+import pytest
 
 import gpt2
 from tests.conftest import ROOT
@@ -78,3 +79,19 @@ def test_interactive_takes_no_prompt_file(tiny_model):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == "error: --interactive reads its prompts from standard input: give no prompt or " \
                             "--prompt_file\n"
+
+
+@pytest.mark.parametrize("filters", [None, "ignore", "error"], ids=lambda f: f"PYTHONWARNINGS={f}")
+def test_ignored_sampling_flags_warn_with_every_prompt(tiny_model, filters):
+    # greedy (temperature 0) with --seed and --top_k: each continuation they do not change says so again, whatever
+    # Python's warnings filters are (which would show a `warnings` message once, or not at all)
+    env = {**os.environ, **({"PYTHONWARNINGS": filters} if filters else {})}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "gpt2.py"), "--interactive",
+                             *flags(tiny_model, n_tokens_to_generate=6, seed=3, top_k=40)], input="Hello\nHello\n",
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    warning = ("warning: --top_k, --seed only matter when sampling, and --temperature is 0 (greedy): every sample is "
+               "the same most-likely text; add --temperature 1 to sample")
+    assert result.stderr.splitlines() == [warning, warning]
+    greedy = gpt2.main("Hello", n_tokens_to_generate=6, model_size=tiny_model.name, models_dir=tiny_model.models_dir)
+    assert result.stdout == 2 * (greedy + "\n")

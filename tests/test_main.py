@@ -30,7 +30,7 @@ def cli(tiny_model):
 def scripted_tokens(monkeypatch):
     """Makes generation emit given token ids, so what main does with them can be checked exactly."""
     def script(*per_sample):
-        def steps(inputs, params, n_head, n_tokens_to_generate, rngs, *args):
+        def steps(inputs, params, n_head, n_tokens_to_generate, rngs, *args, **controls):
             assert len(rngs) == len(per_sample)
             for step in zip(*per_sample):
                 yield np.array(step)
@@ -128,7 +128,7 @@ def test_stop_at_endoftext_ends_each_sample(run, scripted_tokens):
 def test_stop_at_endoftext_stops_generating_once_every_sample_has_stopped(run, scripted_tokens, monkeypatch):
     taken = []
 
-    def steps(*args):
+    def steps(*args, **controls):
         for token in (15496, gpt2.ENDOFTEXT, 995, 995):
             taken.append(token)
             yield np.array([token])

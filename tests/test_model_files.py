@@ -123,10 +123,15 @@ def test_temporary_folder_of_a_killed_conversion_is_removed_by_the_next(tmp_path
     assert sorted(n for n in os.listdir(model_dir) if n.startswith(CONVERTED)) == [CONVERTED]
 
 
-def test_read_only_models_folder_runs_with_one_warning(tmp_path, tiny_model, expected_stdout):
+# The warnings are the CLI's own lines: Python's warnings filters (what `-W` sets in a child) change nothing.
+WARNING_FILTERS = {"default": {}, "ignore": {"PYTHONWARNINGS": "ignore"}, "error": {"PYTHONWARNINGS": "error"}}
+
+
+@pytest.mark.parametrize("filters", list(WARNING_FILTERS), ids=lambda f: f"PYTHONWARNINGS={f}")
+def test_read_only_models_folder_runs_with_one_warning(tmp_path, tiny_model, expected_stdout, filters):
     copy_model(tiny_model, tmp_path / "writable")
     with read_only(tmp_path / "writable", tmp_path / "ro") as models_dir:
-        result = run_cli(models_dir)
+        result = run_cli(models_dir, env=WARNING_FILTERS[filters])
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected_stdout
     lines = stderr_lines(result)
@@ -134,11 +139,12 @@ def test_read_only_models_folder_runs_with_one_warning(tmp_path, tiny_model, exp
                                                    "(Read-only file system)") and "start-up stays slow" in lines[0]
 
 
+@pytest.mark.parametrize("filters", list(WARNING_FILTERS), ids=lambda f: f"PYTHONWARNINGS={f}")
 def test_full_disk_during_conversion_runs_with_one_warning_and_nothing_partial(tmp_path, tiny_model,
-                                                                               expected_stdout):
+                                                                               expected_stdout, filters):
     with small_disk(tmp_path / "disk", "20m") as disk:  # the 15 MB model fits, a second copy of its weights not
         model_dir = copy_model(tiny_model, disk)
-        result = run_cli(disk)
+        result = run_cli(disk, env=WARNING_FILTERS[filters])
         left = os.listdir(model_dir)
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected_stdout
