@@ -10,7 +10,7 @@ import numpy as np
 
 import utils
 from cli import check, check_arguments, check_fits, check_memory, check_text, prompt_loop, read_prompt, run
-from encoder import get_encoder
+from encoder import load_encoder
 
 
 def gelu(x):
@@ -254,7 +254,8 @@ def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="mode
     Args:
         prompt: the text to continue; "" generates unconditionally (from <|endoftext|>); "-" reads standard input
         n_tokens_to_generate: how many tokens to add (prompt + n_tokens_to_generate - 1 <= the context, 1024)
-        model_size: 124M, 355M, 774M or 1558M (downloaded if missing), or a model folder under models_dir
+        model_size: 124M, 355M, 774M or 1558M (downloaded if missing), a model folder under models_dir, a path
+            to a model folder (./x), or a Hugging Face Hub repo id (owner/name[@revision])
         models_dir: where model folders live
         temperature: 0 picks the most likely token every time; above 0, samples from softmax(logits / temperature)
         top_k: sample only from the top_k most likely tokens (0: no limit)
@@ -274,7 +275,7 @@ def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="mode
           "--interactive reads its prompts from standard input: give no prompt or --prompt_file")
     prompt = "" if interactive else read_prompt(prompt, prompt_file)
     model_dir = utils.prepare_tokenizer(model_size, models_dir)  # a few MB: enough to measure the prompt
-    encoder, hparams = get_encoder(model_size, models_dir), utils.load_hparams(model_dir)
+    encoder, hparams = load_encoder(model_dir), utils.load_hparams(model_dir)
 
     def prompt_ids(text):
         # Encoding stops past the context, so a prompt file of any size is refused at once.

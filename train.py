@@ -593,12 +593,7 @@ def check_init_from(init_from, models_dir, flags):
         check(flags["block_size"] <= flags["n_ctx"], f"--block_size {flags['block_size']} is longer than --n_ctx "
                                                      f"{flags['n_ctx']}, the model's context")
         return
-    check(isinstance(init_from, str) and init_from and init_from == os.path.basename(init_from)
-          and init_from not in (".", ".."),
-          f"--init_from must be scratch, a release size or a model folder in {models_dir}, got {init_from!r}")
-    check(init_from in utils.RELEASE_SIZES or os.path.isdir(os.path.join(models_dir, init_from)),
-          f"unknown --init_from {init_from!r}: use scratch, one of {', '.join(utils.RELEASE_SIZES)} (downloaded "
-          f"if missing) or a model folder in {models_dir}")
+    utils.check_model_name(init_from, models_dir, flag="--init_from", also=("scratch",))
     if init_from in utils.RELEASE_SIZES:  # every release model reads 1024 positions
         check(flags["block_size"] <= 1024, f"--block_size {flags['block_size']} is longer than {init_from}'s "
                                            f"context of 1024")
