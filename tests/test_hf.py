@@ -33,10 +33,10 @@ def run(script, *args, cwd=ROOT, env=None):
 
 
 def one_line_error(result, code):
-    """The error line of a run that must have failed with exactly one line on stderr."""
+    """The error line of a run that must have failed with exactly one line on stderr (besides progress bars)."""
     assert result.returncode == code, result.stderr
     assert result.stdout == "" and "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "%|" not in line]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
 
