@@ -27,7 +27,7 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt \
     && useradd --create-home --uid 10001 gpt2 && mkdir /app/models && chown 10001 /app/models
-COPY encoder.py utils.py gpt2.py gpt2_pico.py ./
+COPY encoder.py utils.py hf.py cli.py gpt2.py gpt2_pico.py ./
 USER 10001
 VOLUME /app/models
 ENTRYPOINT ["python", "gpt2.py"]

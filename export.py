@@ -43,24 +43,25 @@ def write_folder(out, write, overwrite):
     old out is renamed aside first and deleted only once the new one is in place, so the one copy of a model is
     never deleted (a crash between the two renames leaves the old one as .<name>.old<pid> beside out)."""
     parent, name = os.path.split(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    with utils.exclusive(out), utils.terminate_as_exit():
-        check(overwrite or not os.path.exists(out), f"--out {out} already exists: --overwrite replaces it")
-        for leftover in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.tmp*")):
-            shutil.rmtree(leftover, ignore_errors=True)  # from an export that was killed: we hold the lock
-        tmp_dir, old_dir = os.path.join(parent, f".{name}.tmp{os.getpid()}"), os.path.join(parent, f".{name}.old{os.getpid()}")
-        try:
-            write(tmp_dir)
-            fsync_tree(tmp_dir)
-            if os.path.exists(out):
-                os.rename(out, old_dir)  # a folder cannot replace a non-empty one in one rename
-            os.rename(tmp_dir, out)
-            utils.fsync_dir(parent)
-        except OSError as e:
-            raise utils.ModelError(f"could not write {out}: {e.strerror or e}") from None
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-        shutil.rmtree(old_dir, ignore_errors=True)
+    tmp_dir, old_dir = os.path.join(parent, f".{name}.tmp{os.getpid()}"), os.path.join(parent, f".{name}.old{os.getpid()}")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        with utils.exclusive(out), utils.terminate_as_exit():
+            check(overwrite or not os.path.exists(out), f"--out {out} already exists: --overwrite replaces it")
+            for leftover in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.tmp*")):
+                shutil.rmtree(leftover, ignore_errors=True)  # from an export that was killed: we hold the lock
+            try:
+                write(tmp_dir)
+                fsync_tree(tmp_dir)
+                if os.path.exists(out):
+                    os.rename(out, old_dir)  # a folder cannot replace a non-empty one in one rename
+                os.rename(tmp_dir, out)
+                utils.fsync_dir(parent)
+            finally:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+            shutil.rmtree(old_dir, ignore_errors=True)
+    except OSError as e:  # a read-only or full disk
+        raise utils.ModelError(f"could not write {out}: {e.strerror or e}") from None
 
 
 def main(model_size, out, format="hf", dtype="float32", models_dir="models", overwrite=False):

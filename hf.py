@@ -9,6 +9,7 @@ nor TensorFlow: the safetensors package reads the file into NumPy arrays.
 utils.py calls in here for any folder that holds a config.json and no TensorFlow checkpoint; export.py writes
 through `save_hf_model`.
 """
+import functools
 import json
 import os
 import re
@@ -181,6 +182,7 @@ def safetensors_header(path):
             from None
 
 
+@functools.lru_cache(maxsize=1)  # checked, then read: one unpickling of a file that may be gigabytes
 def torch_state(path):
     """PyTorch's pickle format, read only as plain tensors (weights_only: a pickle can run code otherwise)."""
     try:
@@ -318,7 +320,8 @@ def hub_download(repo, revision, patterns, name):
     except errors.RevisionNotFoundError:
         raise utils.ModelError(f"{repo} on {where} has no revision {revision!r}") from None
     except errors.LocalEntryNotFoundError:  # no connection, or offline, and not (all) in the cache
-        reason = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else f"{where} cannot be reached"
+        offline = getattr(constants, "is_offline_mode", lambda: constants.HF_HUB_OFFLINE)()  # a function since 1.0
+        reason = "HF_HUB_OFFLINE is set" if offline else f"{where} cannot be reached"
         raise utils.ModelError(f"{name} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {reason}") \
             from None
     except errors.HfHubHTTPError as e:

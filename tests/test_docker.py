@@ -57,3 +57,23 @@ def test_compare_script_usage_error_without_docker():
     result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "compare_with_official.sh")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "usage:" in result.stderr
+
+
+def test_app_image_holds_every_module_gpt2_py_imports():
+    """The app stage copies an explicit list of files: a module gpt2.py needs (at start-up or inside a function,
+    as utils imports hf) that is missing from the COPY line or from .dockerignore's allow-list would break
+    `docker run` only."""
+    with open(os.path.join(ROOT, "Dockerfile")) as f:
+        copied = set(re.search(r"^COPY (.+) \./$", f.read().split("AS app")[1], re.MULTILINE).group(1).split())
+    with open(os.path.join(ROOT, ".dockerignore")) as f:
+        allowed = {line[1:].strip() for line in f if line.startswith("!")}
+    local = {name[:-3] for name in os.listdir(ROOT) if name.endswith(".py")}
+    needed, todo = set(), ["gpt2", "gpt2_pico"]
+    while todo:
+        module = todo.pop()
+        needed.add(module)
+        with open(os.path.join(ROOT, module + ".py")) as f:
+            imported = re.findall(r"^\s*(?:from|import) (\w+)", f.read(), re.MULTILINE)
+        todo += [name for name in imported if name in local and name not in needed]
+    files = {module + ".py" for module in needed}
+    assert files <= copied and files <= allowed, (files - copied, files - allowed)
