@@ -411,7 +411,8 @@ def save_safetensors(path, tensors, dtype):
 
 def hf_config(hparams, dtype):
     """config.json for GPT2LMHeadModel: the shape, and every option at the value the forward pass here
-    implements (the dropouts are GPT-2's training values, as in OpenAI's and HF's own configs)."""
+    implements (the dropouts are GPT-2's training values, as in OpenAI's and HF's own configs). n_ctx repeats
+    n_positions, as the Hub's GPT-2 configs do: llama.cpp's convert_hf_to_gguf.py reads it."""
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": hparams["n_vocab"],
             "n_positions": hparams["n_ctx"], "n_ctx": hparams["n_ctx"], "n_embd": hparams["n_embd"],
             "n_layer": hparams["n_layer"], "n_head": hparams["n_head"], "n_inner": None, **IMPLEMENTED,

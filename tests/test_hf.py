@@ -247,6 +247,9 @@ def test_export_loads_in_transformers_with_our_logits_and_no_warning(exported, t
     folder = exported[dtype]
     assert sorted(os.listdir(folder)) == ["config.json", "generation_config.json", "merges.txt",
                                           "model.safetensors", "tokenizer_config.json", "vocab.json"]
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    assert config["n_ctx"] == config["n_positions"] == 1024  # llama.cpp's converter reads n_ctx
     model, info, logged = load_in_transformers(folder)
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
     assert logged == "", logged
@@ -372,3 +375,14 @@ def test_score_on_an_hf_folder_equals_score_on_its_release_copy(tmp_path, hf_fol
     assert hf_scores["n_tokens"] == release_scores["n_tokens"] > 128  # several windows of n_ctx
     assert hf_scores["logprobs"] == release_scores["logprobs"]
     assert hf_scores["mean_nll"] == release_scores["mean_nll"]
+
+
+def test_sharded_safetensors_load(tmp_path, hf_folders):
+    folder, model = hf_folders["float32"]
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="4MB")
+    copy_vocab(tmp_path / "sharded")
+    files = os.listdir(tmp_path / "sharded")
+    assert "model.safetensors.index.json" in files and "model.safetensors" not in files
+    assert sum(name.endswith(".safetensors") for name in files) > 1
+    ids, logits, *_ = ours(tmp_path / "sharded")
+    assert_close(logits, hf_logits(model, ids))
