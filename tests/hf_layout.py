@@ -70,13 +70,14 @@ class HubServer(http.server.ThreadingHTTPServer):
       HEAD /{repo}/resolve/{rev}/{path}          ETag, X-Repo-Commit, Content-Length
       GET  /{repo}/resolve/{rev}/{path}          the bytes, or from a Range's start (206)
     A repo it does not hold (or one asked for without its token) is a 404 with X-Error-Code RepoNotFound, as the
-    Hub answers. `requests` records (method, path) of every request."""
+    Hub answers. `requests` records (method, path) of every request, `ranges` the Range header of each GET of a
+    file. cuts[path] = n drops the connection 1000 bytes before the end of the next n whole-file answers for path."""
 
     daemon_threads = True
 
     def __init__(self, repos):
         super().__init__(("127.0.0.1", 0), HubHandler)
-        self.repos, self.requests = repos, []
+        self.repos, self.requests, self.ranges, self.cuts = repos, [], [], {}
 
     @property
     def url(self):
@@ -146,6 +147,8 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         if name not in files:
             return self.not_found("EntryNotFound", head)
         data, start = files[name], 0
+        if not head:
+            self.server.ranges.append((name, self.headers.get("Range")))
         headers = [("ETag", f'"{hashlib.sha256(data).hexdigest()}"'), ("X-Repo-Commit", repo["sha"]),
                    ("Accept-Ranges", "bytes")]
         ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
@@ -154,6 +157,16 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             end = int(ranged.group(2)) + 1 if ranged.group(2) else len(data)
             headers.append(("Content-Range", f"bytes {start}-{end - 1}/{len(data)}"))
             return self.answer(206, data[start:end], headers)
+        if not head and self.server.cuts.get(name):
+            self.server.cuts[name] -= 1
+            self.send_response(200)
+            for key, value in [*headers, ("Content-Length", str(len(data)))]:
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data[:-1000])
+            self.wfile.flush()
+            self.close_connection = True
+            return
         self.answer(200, data, headers, head)
 
     def do_GET(self):

@@ -146,3 +146,15 @@ def test_score_and_export_take_a_repo_id(hub, hf_folder, tmp_path):
     assert result.returncode == 0, result.stderr
     assert generate(str(tmp_path / "copy"), env).stdout == generate(str(hf_folder), env).stdout
     shutil.rmtree(tmp_path / "copy")
+
+
+def test_a_dropped_download_resumes_where_it_stopped(hub, hf_folder):
+    server, env = hub
+    server.cuts["model.safetensors"] = 1
+    result = generate("test/tiny", env)
+    assert (result.returncode, result.stdout) == (0, generate(str(hf_folder), env).stdout), result.stderr
+    size = (hf_folder / "model.safetensors").stat().st_size
+    fetches = [header for name, header in server.ranges if name == "model.safetensors"]
+    assert fetches[0] is None and len(fetches) == 2, fetches  # the whole file, then the rest of it
+    # huggingface_hub writes 10 MiB at a time: what it had written is not asked for again
+    assert 0 < int(fetches[1].removeprefix("bytes=").split("-")[0]) < size
