@@ -43,7 +43,8 @@ def write_folder(out, write, overwrite):
     old out is renamed aside first and deleted only once the new one is in place, so the one copy of a model is
     never deleted (a crash between the two renames leaves the old one as .<name>.old<pid> beside out)."""
     parent, name = os.path.split(os.path.abspath(out))
-    tmp_dir, old_dir = os.path.join(parent, f".{name}.tmp{os.getpid()}"), os.path.join(parent, f".{name}.old{os.getpid()}")
+    tmp_dir = os.path.join(parent, f".{name}.tmp{os.getpid()}")
+    old_dir = os.path.join(parent, f".{name}.old{os.getpid()}")
     try:
         os.makedirs(parent, exist_ok=True)
         with utils.exclusive(out), utils.terminate_as_exit():

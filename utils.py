@@ -572,10 +572,10 @@ def model_kind(model_size, models_dir):
     owner/name[@revision]), or None. An existing path wins over a repo id, as in transformers' from_pretrained."""
     import hf
 
-    if is_bare_name(model_size):
-        if model_size in RELEASE_SIZES or os.path.isdir(os.path.join(models_dir, model_size)):
-            return "folder" if model_size not in RELEASE_SIZES else "release"
-        return None
+    if model_size in RELEASE_SIZES:
+        return "release"
+    if is_bare_name(model_size):  # never a path nor a repo id, even if ./<name> exists
+        return "folder" if os.path.isdir(os.path.join(models_dir, model_size)) else None
     if os.path.isdir(os.path.expanduser(model_size)):
         return "path"
     return "hub" if hf.parse_repo_id(model_size) else None

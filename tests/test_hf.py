@@ -269,7 +269,8 @@ def test_export_tokenizer_in_transformers_gives_tiktokens_ids(exported, tiktoken
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(exported["float32"])
-    for text in [PROMPT, "Hello world", " leading space\n\nnew lines\ttabs", "naïve café 日本語 🤖", "it's 2024!!"]:
+    texts = [PROMPT, "Hello world", " leading space\n\nnew lines\ttabs", "naïve café 日本語 🤖", "it's 2024!!"]
+    for text in texts:
         assert tokenizer(text)["input_ids"] == tiktoken_gpt2.encode(text, disallowed_special=()), text
     assert tokenizer.eos_token_id == 50256
 
