@@ -387,3 +387,17 @@ def test_sharded_safetensors_load(tmp_path, hf_folders):
     assert sum(name.endswith(".safetensors") for name in files) > 1
     ids, logits, *_ = ours(tmp_path / "sharded")
     assert_close(logits, hf_logits(model, ids))
+
+
+def test_export_at_real_gpt2_logit_magnitudes(tmp_path, realistic_model):
+    """Real GPT-2's logits are about a hundred; float32 rounding grows with them (as in test_model.py)."""
+    out = str(tmp_path / "realistic")
+    result = run("export.py", "--model_size", realistic_model.name, "--models_dir", realistic_model.models_dir,
+                 "--out", out)
+    assert result.returncode == 0, result.stderr
+    model, *_ = load_in_transformers(out)
+    ids, logits, *_ = ours(out)
+    expected = hf_logits(model, ids)
+    diff, magnitude = np.abs(logits - expected).max(), np.abs(expected).max()
+    print(f"max |logits - HF| = {diff:.3g} of logits up to {magnitude:.3g}")
+    assert magnitude > 50 and diff <= 1e-4 * max(1.0, magnitude / 30)
