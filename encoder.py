@@ -128,10 +128,17 @@ class Encoder:
 
 
 def get_encoder(model_name, models_dir):
-    model_dir = os.path.join(models_dir, model_name)
-    with open(os.path.join(model_dir, "encoder.json"), encoding="utf-8") as f:
+    return load_encoder(os.path.join(models_dir, model_name))
+
+
+def load_encoder(model_dir):
+    """The tokenizer of a model folder: encoder.json and vocab.bpe in OpenAI's release, or the same two tables
+    under Hugging Face's names, vocab.json and merges.txt."""
+    vocab, merges = ("encoder.json", "vocab.bpe") if os.path.exists(os.path.join(model_dir, "encoder.json")) \
+        else ("vocab.json", "merges.txt")
+    with open(os.path.join(model_dir, vocab), encoding="utf-8") as f:
         encoder = json.load(f)
-    with open(os.path.join(model_dir, "vocab.bpe"), encoding="utf-8") as f:
-        lines = f.read().split("\n")[1:]  # the first line is a "#version" header
-    bpe_merges = [tuple(line.split()) for line in lines if line]
+    with open(os.path.join(model_dir, merges), encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    bpe_merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
     return Encoder(encoder, bpe_merges)

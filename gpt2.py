@@ -11,7 +11,7 @@ import numpy as np
 import utils
 from cli import (check, check_arguments, check_fits, check_memory, check_text, open_prompt, prompt_bytes_limit,
                  prompt_loop, run, warn_literal_escapes, warn_unused_flags)
-from encoder import get_encoder
+from encoder import load_encoder
 from stopping import SampleText
 
 
@@ -340,7 +340,8 @@ def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="mode
     Args:
         prompt: the text to continue; "" generates unconditionally (from <|endoftext|>); "-" reads standard input
         n_tokens_to_generate: how many tokens to add (prompt + n_tokens_to_generate - 1 <= the context, 1024)
-        model_size: 124M, 355M, 774M or 1558M (downloaded if missing), or a model folder under models_dir
+        model_size: 124M, 355M, 774M or 1558M (downloaded if missing), a model folder under models_dir, a path
+            to a model folder (./x), or a Hugging Face Hub repo id (owner/name[@revision])
         models_dir: where model folders live
         temperature: 0 picks the most likely token every time; above 0, samples from softmax(logits / temperature)
         top_k: sample only from the top_k most likely tokens (0: no limit)
@@ -379,7 +380,7 @@ def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="mode
     if not interactive:
         warn_unused_flags(temperature, top_k, top_p, seed, num_samples, min_p=min_p)
     model_dir = utils.prepare_tokenizer(model_size, models_dir)  # a few MB: enough to measure the prompt
-    encoder, hparams = get_encoder(model_size, models_dir), utils.load_hparams(model_dir)
+    encoder, hparams = load_encoder(model_dir), utils.load_hparams(model_dir)
     max_bytes = prompt_bytes_limit(hparams["n_ctx"], encoder)  # more could not fit the context: never read
     prompt = read_prompt(max_bytes)
 

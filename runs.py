@@ -33,7 +33,7 @@ import numpy as np
 
 import utils
 from cli import check, is_int, is_number
-from encoder import get_encoder
+from encoder import load_encoder
 from gpt2 import ENDOFTEXT
 
 VAL_FRACTION = 0.1  # without --val_dataset, the last 10% of the tokens are held out for validation
@@ -155,12 +155,7 @@ def check_init_from(init_from, models_dir, flags):
         check(flags["block_size"] <= flags["n_ctx"], f"--block_size {flags['block_size']} is longer than --n_ctx "
                                                      f"{flags['n_ctx']}, the model's context")
         return
-    check(isinstance(init_from, str) and init_from and init_from == os.path.basename(init_from)
-          and init_from not in (".", ".."),
-          f"--init_from must be scratch, a release size or a model folder in {models_dir}, got {init_from!r}")
-    check(init_from in utils.RELEASE_SIZES or os.path.isdir(os.path.join(models_dir, init_from)),
-          f"unknown --init_from {init_from!r}: use scratch, one of {', '.join(utils.RELEASE_SIZES)} (downloaded "
-          f"if missing) or a model folder in {models_dir}")
+    utils.check_model_name(init_from, models_dir, flag="--init_from", also=("scratch",))
     if init_from in utils.RELEASE_SIZES:  # every release model reads 1024 positions
         check(flags["block_size"] <= 1024, f"--block_size {flags['block_size']} is longer than {init_from}'s "
                                            f"context of 1024")
@@ -307,10 +302,10 @@ def vocabulary_fingerprint(vocab_dir):
     digest = hashlib.sha256()
     for name in ("encoder.json", "vocab.bpe"):
         try:
-            with open(os.path.join(vocab_dir, name), "rb") as f:
+            with open(utils.tokenizer_file(vocab_dir, name), "rb") as f:  # or HF's vocab.json, merges.txt
                 digest.update(f.read() + b"\0")
         except OSError as e:
-            raise RunError(f"cannot read {os.path.join(vocab_dir, name)}: {e.strerror}") from None
+            raise RunError(f"cannot read {utils.tokenizer_file(vocab_dir, name)}: {e.strerror}") from None
     return digest.hexdigest()
 
 
@@ -792,7 +787,7 @@ def setup(flags):
     if record is not None:
         check_fingerprints(record, options, fingerprints, s.run_dir)
 
-    s.encoder = get_encoder(os.path.basename(s.vocab_dir), os.path.dirname(s.vocab_dir))
+    s.encoder = load_encoder(s.vocab_dir)
     cache_dir = os.path.join(s.models_dir, TOKEN_CACHE)
     s.uncached = []  # (tokens, path) to write once the run holds its lock
     streams = []

@@ -16,7 +16,7 @@ from tqdm import tqdm
 import gpt2
 import utils
 from cli import check, is_int, run_script
-from encoder import get_encoder
+from encoder import load_encoder
 from gpt2 import ENDOFTEXT
 
 # Logits are [rows, n_seq, n_vocab]: 206 MB for a single 1024-token window of GPT-2. Rows go through the model
@@ -195,7 +195,8 @@ def main(path=None, model_size="124M", models_dir="models", stride=None, per_tok
 
     Args:
         path: the UTF-8 text file to score, or - for standard input
-        model_size: 124M, 355M, 774M or 1558M (downloaded if missing), or a model folder under models_dir
+        model_size: 124M, 355M, 774M or 1558M (downloaded if missing), a model folder under models_dir, a path
+            to a model folder (./x), or a Hugging Face Hub repo id (owner/name[@revision])
         models_dir: where model folders live
         stride: how far apart windows start, 1..n_ctx (default n_ctx / 2). What it buys is context. Every
             token after the first window is predicted from at least n_ctx - stride tokens, so a smaller stride
@@ -220,7 +221,7 @@ def main(path=None, model_size="124M", models_dir="models", stride=None, per_tok
     n_ctx, n_vocab = hparams["n_ctx"], hparams["n_vocab"]
     stride = max(1, n_ctx // 2) if stride is None else stride
     check(1 <= stride <= n_ctx, f"--stride must be between 1 and the model's context of {n_ctx}, got {stride}")
-    encoder = get_encoder(model_size, models_dir)
+    encoder = load_encoder(model_dir)
     check(len(encoder.encoder) == n_vocab, f"the tokenizer in {model_dir} has {len(encoder.encoder)} tokens but "
           f"the model has {n_vocab}: encoder.json does not belong to this model")
     ids = encoder.encode(text)

@@ -23,7 +23,7 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-from encoder import bytes_to_unicode, get_encoder
+from encoder import bytes_to_unicode, load_encoder
 
 RELEASE_SIZES = ("124M", "355M", "774M", "1558M")
 RELEASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
@@ -885,23 +885,61 @@ def local_models(models_dir):
     saves) are no models of their own."""
     try:
         return sorted(name for name in os.listdir(models_dir)
-                      if not name.startswith(".") and os.path.isfile(os.path.join(models_dir, name, "checkpoint")))
+                      if not name.startswith(".") and
+                      any(os.path.isfile(os.path.join(models_dir, name, f)) for f in ("checkpoint", "config.json")))
     except OSError:
         return []
 
 
-def check_model_name(model_size, models_dir):
-    """Only the release sizes download; any other name must be a model folder that is already there."""
-    if not isinstance(model_size, str) or not model_size or "/" in model_size or os.sep in model_size \
-            or ".." in model_size:
-        raise UsageError(f"--model_size must be a release size or the name of a folder in {models_dir}, "
-                         f"not a path: got {model_size!r}")
+def is_bare_name(model_size):
+    return "/" not in model_size and os.sep not in model_size and model_size not in (".", "..") \
+        and not model_size.startswith("~")
+
+
+def model_kind(model_size, models_dir):
+    """What a model name stands for, without looking it up anywhere: "release" (a release size), "folder" (a
+    folder in models_dir), "path" (an existing folder: ./x, ../runs/x, /abs/x), "hub" (a Hub repo id,
+    owner/name[@revision]), or None. An existing path wins over a repo id, as in transformers' from_pretrained."""
+    import hf
+
+    if model_size in RELEASE_SIZES:
+        return "release"
+    if is_bare_name(model_size):  # never a path nor a repo id, even if ./<name> exists
+        return "folder" if os.path.isdir(os.path.join(models_dir, model_size)) else None
+    if os.path.isdir(os.path.expanduser(model_size)):
+        return "path"
+    return "hub" if hf.parse_repo_id(model_size) else None
+
+
+def resolve_model(model_size, models_dir):
+    """The local folder a model name stands for: models_dir/<name> for a release size or a folder there, the
+    path itself, or a Hub repo's snapshot in huggingface_hub's cache (its small files fetched now, the weights by
+    prepare_model). The name must have passed check_model_name."""
+    kind = model_kind(model_size, models_dir)
+    if kind == "hub":
+        import hf
+
+        return hf.hub_folder(model_size)
+    return os.path.expanduser(model_size) if kind == "path" else os.path.join(models_dir, model_size)
+
+
+def check_model_name(model_size, models_dir, flag="--model_size", also=()):
+    """Only the release sizes and Hub repo ids download; any other name must be a model folder that is already
+    there. `also` names other values the flag takes (train.py's "scratch")."""
+    if not isinstance(model_size, str) or not model_size:
+        raise UsageError(f"{flag} must be a model name, a folder or a Hub repo id, got {model_size!r}")
     if os.path.exists(models_dir) and not os.path.isdir(models_dir):
         raise ModelError(f"--models_dir {models_dir} is a file, not a folder")
-    if model_size not in RELEASE_SIZES and not os.path.isdir(os.path.join(models_dir, model_size)):
+    if model_kind(model_size, models_dir) is None:
         found = ", ".join(local_models(models_dir)) or "none"
-        raise UsageError(f"unknown model {model_size!r}: use one of {', '.join(RELEASE_SIZES)} (downloaded if "
-                         f"missing) or a model folder in {models_dir} (found: {found})")
+        here = f"; for the folder {model_size} here, write ./{model_size}" if is_bare_name(model_size) and \
+            os.path.isdir(model_size) else ""
+        if not is_bare_name(model_size):
+            raise UsageError(f"no such model folder {model_size!r}, and it is no Hub repo id (owner/name)")
+        raise UsageError(f"unknown {'model' if flag == '--model_size' else flag} {model_size!r}: use "
+                         f"{''.join(name + ', ' for name in also)}one of {', '.join(RELEASE_SIZES)} (downloaded if "
+                         f"missing), a model folder in {models_dir} (found: {found}), a path to a model folder, or "
+                         f"a Hugging Face Hub repo id such as openai-community/gpt2{here}")
 
 
 def prepare_tokenizer(model_size, models_dir):
@@ -910,7 +948,9 @@ def prepare_tokenizer(model_size, models_dir):
     Another folder with a problem is reported with one line naming the file."""
     models_url()  # a bad GPT2_MODELS_URL is a usage error, reported before any work
     check_model_name(model_size, models_dir)
-    model_dir = os.path.join(models_dir, model_size)
+    model_dir = resolve_model(model_size, models_dir)
+    if is_hf_layout(model_dir):
+        return prepare_hf_tokenizer(model_dir)
     if model_size in RELEASE_SIZES:
         download_release(model_size, model_dir, TOKENIZER_FILES)
     report_problems(model_dir, folder_problems(model_dir, TOKENIZER_FILES))
@@ -947,6 +987,8 @@ def prepare_model(model_size, models_dir):
     """The model's folder, checked to hold a complete checkpoint. A release model's missing or broken files are
     downloaded (again); another folder with a problem is reported, never half-loaded."""
     model_dir = prepare_tokenizer(model_size, models_dir)
+    if is_hf_layout(model_dir):
+        return prepare_hf_model(model_dir)
     if model_size in RELEASE_SIZES:
         download_release(model_size, model_dir, CHECKPOINT_FILES)
     report_problems(model_dir, checkpoint_problems(model_dir))
@@ -957,6 +999,10 @@ def prepare_model(model_size, models_dir):
 def load_hparams(model_dir):
     """hparams.json, checked: whole numbers within HPARAMS_LIMIT, and, once the folder holds a checkpoint, the
     shapes of its tensors (from the index, before any weight is read). Raises ModelError naming the value."""
+    if is_hf_layout(model_dir):
+        import hf
+
+        return hf.check_config(model_dir)
     path = os.path.join(model_dir, "hparams.json")
     problem = file_problem(path, "hparams.json")
     if problem:
@@ -967,10 +1013,40 @@ def load_hparams(model_dir):
     return hparams
 
 
+# --- Hugging Face's layout (hf.py does the work) --------------------------------------------------------------------
+
+def is_hf_layout(model_dir):
+    import hf
+
+    return hf.is_hf_folder(model_dir)
+
+
+def prepare_hf_tokenizer(model_dir):
+    """An HF folder checked to be a GPT-2 that the forward pass implements, with its tokenizer files."""
+    import hf
+
+    hf.check_tokenizer(model_dir, hf.check_config(model_dir)["n_vocab"])
+    return model_dir
+
+
+def prepare_hf_model(model_dir):
+    """An HF folder (a Hub repo's weights fetched now) whose tensors fit its config.json, checked from the
+    safetensors header before any data is read."""
+    import hf
+
+    hf.fetch_weights(model_dir)
+    hf.check_weights(model_dir, hf.check_config(model_dir))
+    return model_dir
+
+
 def load_model_params(model_size, models_dir, n_layer):
     """The params tree of a prepared model. A release checkpoint that TensorFlow finds damaged (a data file
     shorter than its index says, a checksum that does not match) is downloaded once more before giving up."""
-    model_dir = os.path.join(models_dir, model_size)
+    model_dir = resolve_model(model_size, models_dir)
+    if is_hf_layout(model_dir):
+        import hf
+
+        return nest(hf.load_params(model_dir, hf.check_config(model_dir)), n_layer)
     try:
         flat = load_params(model_dir, n_layer)
     except CheckpointDamaged:
@@ -986,7 +1062,7 @@ def load_model_params(model_size, models_dir, n_layer):
 def load_encoder_hparams_and_params(model_size, models_dir):
     model_dir = prepare_model(model_size, models_dir)
     hparams = load_hparams(model_dir)
-    return get_encoder(model_size, models_dir), hparams, load_model_params(model_size, models_dir, hparams["n_layer"])
+    return load_encoder(model_dir), hparams, load_model_params(model_size, models_dir, hparams["n_layer"])
 
 
 def save_release_model(model_dir, params, hparams, vocab_dir, prefix="model.ckpt"):
@@ -1013,6 +1089,12 @@ def save_release_model(model_dir, params, hparams, vocab_dir, prefix="model.ckpt
         f.write(f'model_checkpoint_path: "{prefix}"\nall_model_checkpoint_paths: "{prefix}"\n')
     with open(os.path.join(model_dir, "hparams.json"), "w", encoding="utf-8") as f:
         json.dump(hparams, f, indent=2)
-    for name in ("encoder.json", "vocab.bpe"):
-        shutil.copyfile(os.path.join(vocab_dir, name), os.path.join(model_dir, name))
+    for name in ("encoder.json", "vocab.bpe"):  # or HF's names for them, vocab.json and merges.txt
+        shutil.copyfile(tokenizer_file(vocab_dir, name), os.path.join(model_dir, name))
     fsync_folder(model_dir)
+
+
+def tokenizer_file(model_dir, name):
+    import hf
+
+    return hf.tokenizer_source(model_dir, name)

@@ -61,7 +61,7 @@ def test_compare_script_usage_error_without_docker():
 
 # ---- the app image runs every script: what they import is copied in, and allowed by .dockerignore ----
 
-SCRIPTS_IN_IMAGE = ("gpt2.py", "gpt2_pico.py", "train.py", "score.py")
+SCRIPTS_IN_IMAGE = ("gpt2.py", "gpt2_pico.py", "train.py", "score.py", "export.py")
 
 
 def local_imports(path):

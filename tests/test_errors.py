@@ -46,8 +46,8 @@ BAD_ARGUMENTS = [
     (["--stop_at_endoftext=maybe"], "--stop_at_endoftext must be True or False, got 'maybe'"),
     (["--temperature", "1e999"], "--temperature must be a number >= 0, got inf"),
     (["--prompt_file", "/nonexistent/prompt.txt"], "--prompt_file /nonexistent/prompt.txt: No such file"),
-    (["--model_size", "../124M"], "--model_size must be a release size or the name of a folder in"),
-    (["--model_size", "a/b"], "not a path: got 'a/b'"),
+    (["--model_size", "../124M"], "no such model folder '../124M', and it is no Hub repo id (owner/name)"),
+    (["--model_size", "a/b/c"], "no such model folder 'a/b/c'"),
 ]
 
 

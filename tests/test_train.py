@@ -300,7 +300,7 @@ BAD_INPUT = [  # (flags, what the one line says)
     (dict(block_size=65), "longer than --n_ctx"),
     (dict(n_embd=30, n_head=4), "must be divisible by --n_head"),
     (dict(init_from="gpt5"), "unknown --init_from"),
-    (dict(init_from="../models/124M"), "--init_from must be"),
+    (dict(init_from="../models/124M"), "no such model folder '../models/124M'"),
     (dict(out_name="runs/mine"), "not a path"),
     (dict(out_name="355M"), "release model's name"),
     (dict(out_name="existing"), "already exists"),

@@ -1,0 +1,106 @@
+"""Write any model that loads here into another folder: Hugging Face's layout, or OpenAI's release layout.
+
+    python export.py --model_size NAME --out DIR [--format hf|release] [--dtype float32|float16|bfloat16]
+                     [--models_dir DIR] [--overwrite]
+
+HF's layout is what transformers, accelerate and DeepSpeed, vLLM and llama.cpp's convert_hf_to_gguf.py read, so
+a model fine-tuned here can go on from there. The release layout without a run's optimizer state is a model to
+hand to someone (train.py's run folder also holds AdamW's moments, twice the model's size).
+"""
+import glob
+import os
+import shutil
+
+import hf
+import utils
+from cli import check, run_script
+
+FORMATS = ("hf", "release")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def check_out(out, model_dir, overwrite):
+    """The folder to write: refused if it exists (unless --overwrite), if it is a file, or if replacing it would
+    delete the model being exported."""
+    check(isinstance(out, str) and out, f"--out must be a folder to write, got {out!r}")
+    check(not os.path.isfile(out), f"--out {out} is a file; give a folder to write")
+    check(overwrite or not os.path.exists(out), f"--out {out} already exists: --overwrite replaces it")
+    source, target = os.path.realpath(model_dir), os.path.realpath(out)
+    check(source != target and not source.startswith(target + os.sep),
+          f"--out {out} holds the model being exported: write it somewhere else")
+
+
+def fsync_tree(folder):
+    """Every file written into folder (TensorFlow's and safetensors' writers do not fsync), then the folder."""
+    for path in sorted(glob.glob(os.path.join(folder, "*"))):
+        with open(path, "rb+") as f:
+            utils.fsync_file(f)
+    utils.fsync_dir(folder)
+
+
+def write_folder(out, write, overwrite):
+    """Run write(tmp_dir), then put tmp_dir in place of out. Until the rename a crash leaves out as it was; an
+    old out is renamed aside first and deleted only once the new one is in place, so the one copy of a model is
+    never deleted (a crash between the two renames leaves the old one as .<name>.old<pid> beside out)."""
+    parent, name = os.path.split(os.path.abspath(out))
+    tmp_dir = os.path.join(parent, f".{name}.tmp{os.getpid()}")
+    old_dir = os.path.join(parent, f".{name}.old{os.getpid()}")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        with utils.exclusive(out), utils.terminate_as_exit():
+            check(overwrite or not os.path.exists(out), f"--out {out} already exists: --overwrite replaces it")
+            for leftover in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.tmp*")):
+                shutil.rmtree(leftover, ignore_errors=True)  # from an export that was killed: we hold the lock
+            try:
+                write(tmp_dir)
+                fsync_tree(tmp_dir)
+                if os.path.exists(out):
+                    os.rename(out, old_dir)  # a folder cannot replace a non-empty one in one rename
+                os.rename(tmp_dir, out)
+                utils.fsync_dir(parent)
+            finally:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+            shutil.rmtree(old_dir, ignore_errors=True)
+    except OSError as e:  # a read-only or full disk
+        raise utils.ModelError(f"could not write {out}: {e.strerror or e}") from None
+
+
+def main(model_size, out, format="hf", dtype="float32", models_dir="models", overwrite=False):
+    """Write a model (a release size, a model folder, a path, a Hub repo id) to --out in Hugging Face's layout or
+    OpenAI's release layout.
+
+    Args:
+        model_size: the model: 124M, 355M, 774M or 1558M (downloaded if missing), a model folder under models_dir,
+            a path to a model folder (./x), or a Hugging Face Hub repo id (owner/name[@revision])
+        out: the folder to write; an existing one is refused unless --overwrite
+        format: hf (config.json, model.safetensors, vocab.json, merges.txt, generation_config.json), or release
+            (OpenAI's TensorFlow checkpoint, hparams.json, encoder.json, vocab.bpe; no optimizer state)
+        dtype: the weights' type in model.safetensors: float32, float16 or bfloat16 (release: float32 only)
+        models_dir: where model folders live
+        overwrite: replace --out if it exists (the old folder is deleted only once the new one is in place)
+    """
+    check(format in FORMATS, f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    check(dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check(format == "hf" or dtype == "float32", f"--format release holds float32 weights only, got --dtype {dtype}")
+    check(isinstance(overwrite, bool), f"--overwrite must be True or False, got {overwrite!r}")
+    check(isinstance(out, str) and out, f"--out must be a folder to write, got {out!r}")
+    check(overwrite or not os.path.exists(out), f"--out {out} already exists: --overwrite replaces it")
+    model_dir = utils.prepare_model(model_size, models_dir)
+    check_out(out, model_dir, overwrite)
+    hparams = utils.load_hparams(model_dir)
+    hparams = {key: hparams[key] for key in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")}
+    params = utils.load_model_params(model_size, models_dir, hparams["n_layer"])
+    if format == "hf":
+        write_folder(out, lambda tmp: hf.save_hf_model(tmp, params, hparams, model_dir, dtype), overwrite)
+    else:
+        write_folder(out, lambda tmp: utils.save_release_model(tmp, params, hparams, model_dir), overwrite)
+    layout = "Hugging Face's layout" if format == "hf" else "OpenAI's release layout"
+    print(f"wrote {model_size} to {out} in {layout} ({dtype})")
+
+
+def cli():
+    run_script(main, text_flags={"model_size", "out", "format", "dtype", "models_dir"})
+
+
+if __name__ == "__main__":
+    cli()
