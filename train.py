@@ -1,11 +1,16 @@
 """Training GPT-2 in NumPy: the backward pass, then AdamW and the training loop.
 
 The first half mirrors gpt2.py's forward pass one piece at a time. Each `*_forward` computes what gpt2.py computes
-and also returns a cache: the inputs and intermediate values its gradient needs. The `*_backward(dout, cache)`
-beside it receives dout, the gradient of the loss with respect to that piece's output, and returns the gradient
-with respect to its input and, for a piece with weights, a dict of weight gradients under the weights' own names.
-Put together, the gradients form a tree with exactly the keys and shapes of the params tree. Shapes are for a
-batch of token ids [batch, seq]; n_embd is written C where it keeps lines short.
+and also returns a cache: the inputs and intermediate values its gradient needs. Every backward beside it is
+
+    *_backward(dout, cache) -> (dx, grads)
+
+dout is the gradient of the loss with respect to the piece's output, dx the gradient with respect to its input, and
+grads a dict of the piece's weight gradients under the weights' own names. Two kinds of piece return one of the two:
+those without weights (gelu, attention, the cross-entropy) return dx alone, and those whose input is token ids (the
+embedding, the whole model) return grads alone, since ids have no gradient. Put together, the gradients form a
+tree with exactly the keys and shapes of the params tree. Shapes are for a batch of token ids [batch, seq]; n_embd
+is written C where it keeps lines short.
 """
 import csv
 import hashlib
@@ -32,20 +37,19 @@ from utils import flatten
 
 
 def embedding_forward(inputs, wte, wpe):  # [batch, seq] -> [batch, seq, n_embd]
-    return wte[inputs] + wpe[np.arange(inputs.shape[-1])], (inputs, wpe.shape)
+    return wte[inputs] + wpe[np.arange(inputs.shape[-1])], (inputs, wte.shape, wpe.shape)
 
 
-def embedding_backward(dx, cache, dwte):  # [batch, seq, n_embd] -> dwpe [n_ctx, n_embd], and adds into dwte
-    """wte is used twice, as the lookup table here and as the LM head; dwte comes in holding the head's share and
-    this adds the lookup's share to it."""
-    inputs, wpe_shape = cache
-    # A lookup copies row inputs[b, t] of the table to position (b, t), so a row's gradient is the sum of dx over
-    # the positions that looked it up: a scatter-add. np.add.at adds every repeated index; dwte[inputs] += dx
+def embedding_backward(dout, cache):  # [batch, seq, n_embd] -> dwte [n_vocab, n_embd], dwpe [n_ctx, n_embd]
+    inputs, wte_shape, wpe_shape = cache
+    # A lookup copies row inputs[b, t] of the table to position (b, t), so a row's gradient is the sum of dout over
+    # the positions that looked it up: a scatter-add. np.add.at adds every repeated index; dwte[inputs] += dout
     # would keep only one of them.
-    np.add.at(dwte, inputs.reshape(-1), dx.reshape(-1, dx.shape[-1]))
-    dwpe = np.zeros(wpe_shape, dtype=dx.dtype)
-    dwpe[:inputs.shape[-1]] = dx.reshape(-1, *dx.shape[-2:]).sum(axis=0)  # every sample uses positions 0..seq-1
-    return dwpe
+    dwte = np.zeros(wte_shape, dtype=dout.dtype)
+    np.add.at(dwte, inputs.reshape(-1), dout.reshape(-1, dout.shape[-1]))
+    dwpe = np.zeros(wpe_shape, dtype=dout.dtype)
+    dwpe[:inputs.shape[-1]] = dout.reshape(-1, *dout.shape[-2:]).sum(axis=0)  # every sample uses positions 0..seq-1
+    return {"wte": dwte, "wpe": dwpe}
 
 
 def layer_norm_forward(x, g, b, eps=1e-5):  # [..., C] -> [..., C]
@@ -84,9 +88,14 @@ def linear_backward(dout, cache):  # [..., n_out] -> [..., n_in]
     return dx, {"w": x_rows.T @ dout_rows, "b": dout_rows.sum(axis=0)}
 
 
-def gelu_backward(dout, x):
+def gelu_forward(x):
+    return gelu(x), x
+
+
+def gelu_backward(dout, cache):
     # gelu(x) = 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3), so
     #   gelu'(x) = 0.5 (1 + tanh(u)) + 0.5 x (1 - tanh(u)^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+    x = cache
     x2 = x * x
     t = np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x2 * x))
     return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * math.sqrt(2.0 / math.pi) * (1.0 + 3 * 0.044715 * x2))
@@ -145,14 +154,16 @@ def mha_backward(dout, cache):  # [batch, seq, C] -> [batch, seq, C]
 
 def ffn_forward(x, c_fc, c_proj):  # [batch, seq, C] -> [batch, seq, C]
     h, c_fc_cache = linear_forward(x, **c_fc)  # -> [batch, seq, 4C]
-    out, c_proj_cache = linear_forward(gelu(h), **c_proj)  # -> [batch, seq, C]
-    return out, (c_fc_cache, h, c_proj_cache)
+    h, gelu_cache = gelu_forward(h)
+    out, c_proj_cache = linear_forward(h, **c_proj)  # -> [batch, seq, C]
+    return out, (c_fc_cache, gelu_cache, c_proj_cache)
 
 
 def ffn_backward(dout, cache):  # [batch, seq, C] -> [batch, seq, C]
-    c_fc_cache, h, c_proj_cache = cache
-    dgelu, dc_proj = linear_backward(dout, c_proj_cache)
-    dx, dc_fc = linear_backward(gelu_backward(dgelu, h), c_fc_cache)
+    c_fc_cache, gelu_cache, c_proj_cache = cache
+    dh, dc_proj = linear_backward(dout, c_proj_cache)
+    dh = gelu_backward(dh, gelu_cache)
+    dx, dc_fc = linear_backward(dh, c_fc_cache)
     return dx, {"c_fc": dc_fc, "c_proj": dc_proj}
 
 
@@ -181,11 +192,11 @@ def lm_head_forward(x, wte):  # [batch, seq, C] -> [batch, seq, n_vocab]
     return x @ wte.T, (x, wte)
 
 
-def lm_head_backward(dlogits, cache):  # [batch, seq, n_vocab] -> [batch, seq, C], dwte [n_vocab, C]
+def lm_head_backward(dout, cache):  # [batch, seq, n_vocab] -> [batch, seq, C], dwte [n_vocab, C]
     # logits = x @ wte.T:   dx = dlogits @ wte,   dwte = dlogits.T @ x   (summed over every position)
     x, wte = cache
-    dlogits_rows = dlogits.reshape(-1, dlogits.shape[-1])
-    return (dlogits_rows @ wte).reshape(x.shape), dlogits_rows.T @ x.reshape(-1, x.shape[-1])
+    dlogits = dout.reshape(-1, dout.shape[-1])  # every position of every sample as one row
+    return (dlogits @ wte).reshape(x.shape), {"wte": dlogits.T @ x.reshape(-1, x.shape[-1])}
 
 
 def cross_entropy_forward(logits, targets):  # [batch, seq, n_vocab], [batch, seq] -> the mean loss
@@ -200,13 +211,13 @@ def cross_entropy_forward(logits, targets):  # [batch, seq, n_vocab], [batch, se
     return float(loss), (probs, targets)
 
 
-def cross_entropy_backward(cache):  # -> dlogits [batch, seq, n_vocab]
+def cross_entropy_backward(dloss, cache):  # the loss's gradient (1 for the loss itself) -> [batch, seq, n_vocab]
     # loss = mean over the N positions of log(sum_j e^z_j) - z_target, so dloss/dz = (softmax(z) - onehot) / N.
     probs, targets = cache
     dlogits = probs  # in place again: the probabilities are not needed after this
     np.put_along_axis(dlogits, targets[..., None], np.take_along_axis(dlogits, targets[..., None], axis=-1) - 1.0,
                       axis=-1)
-    dlogits /= targets.size
+    dlogits *= dloss / targets.size
     return dlogits
 
 
@@ -223,14 +234,18 @@ def gpt2_forward(inputs, wte, wpe, blocks, ln_f, n_head):  # [batch, seq] -> [ba
 
 def gpt2_backward(dlogits, cache):  # [batch, seq, n_vocab] -> a gradient tree shaped like params
     embedding_cache, block_caches, ln_f_cache, lm_head_cache = cache
-    dx, dwte = lm_head_backward(dlogits, lm_head_cache)
+    dx, dlm_head = lm_head_backward(dlogits, lm_head_cache)
     dx, dln_f = layer_norm_backward(dx, ln_f_cache)
     dblocks = []
     for block_cache in reversed(block_caches):  # the last block's gradient is known first
         dx, dblock = transformer_block_backward(dx, block_cache)
         dblocks.insert(0, dblock)
-    dwpe = embedding_backward(dx, embedding_cache, dwte)
-    return {"wte": dwte, "wpe": dwpe, "blocks": dblocks, "ln_f": dln_f}
+    dembedding = embedding_backward(dx, embedding_cache)
+    # wte has two uses, the lookup table and the LM head, so its gradient is the sum of theirs. Added in place
+    # into the head's share: a fresh array of wte's size (154 MB for GPT-2) would cost page faults.
+    dwte = dlm_head["wte"]
+    dwte += dembedding["wte"]
+    return {"wte": dwte, "wpe": dembedding["wpe"], "blocks": dblocks, "ln_f": dln_f}
 
 
 def loss_and_grads(params, inputs, targets, n_head):
@@ -241,7 +256,8 @@ def loss_and_grads(params, inputs, targets, n_head):
     inputs, targets = np.asarray(inputs), np.asarray(targets)
     logits, cache = gpt2_forward(inputs, **params, n_head=n_head)
     loss, cross_entropy_cache = cross_entropy_forward(logits, targets)
-    return loss, gpt2_backward(cross_entropy_backward(cross_entropy_cache), cache)
+    dlogits = cross_entropy_backward(1.0, cross_entropy_cache)  # the chain starts at dloss/dloss = 1
+    return loss, gpt2_backward(dlogits, cache)
 
 
 def lm_loss(params, inputs, targets, n_head):
