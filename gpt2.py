@@ -319,8 +319,11 @@ def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="mode
     return continuation(input_ids, stream)
 
 
+SHORT_FLAGS = {"i": "interactive", "p": "prompt_file"}  # the one-letter flags, each chosen (cli.parse_argv)
+
+
 def cli():
-    run(main)
+    run(main, short_flags=SHORT_FLAGS)
 
 
 if __name__ == "__main__":

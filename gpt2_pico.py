@@ -64,4 +64,4 @@ def main(prompt, n_tokens_to_generate=40, model_size="124M", models_dir="models"
 if __name__ == "__main__":
     import cli
 
-    cli.run(main)  # gpt2.py's flag checks and one-line errors
+    cli.run(main, short_flags={"n": "n_tokens_to_generate"})  # gpt2.py's flag checks and one-line errors

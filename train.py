@@ -763,8 +763,12 @@ def train(params, optimizer, step, rng, tokens, val_tokens, config, hparams, run
             sys.exit(130)
 
 
+SHORT_FLAGS = {"d": "dataset", "v": "val_dataset", "i": "init_from", "e": "eval_every", "r": "resume"}  # chosen
+
+
 def cli():
-    run_script(main, text_flags={"dataset", "val_dataset", "out_name", "init_from", "models_dir"})
+    run_script(main, text_flags={"dataset", "val_dataset", "out_name", "init_from", "models_dir"},
+               short_flags=SHORT_FLAGS)
 
 
 if __name__ == "__main__":
