@@ -48,15 +48,21 @@ def ffn(x, c_fc, c_proj):  # [n_seq, n_embd] -> [n_seq, n_embd]
 
 def causal_mask(n_q, n_k):  # -> [n_q, n_k]
     # The n_q queries are the last n_q of the n_k positions; each may look at itself and everything before it.
+    # (n_q < n_k once a KVCache, below, holds the earlier positions' keys.)
     # -1e10 rather than -inf: exp() turns it into an exact 0 without ever producing inf - inf = nan.
     return np.triu(np.full((n_q, n_k), -1e10, dtype=np.float32), k=n_k - n_q + 1)
 
 
-def attention(q, k, v):  # [n_head, n_q, d_head], [n_head, n_k, d_head] x2 -> [n_head, n_q, d_head]
-    scores = q @ k.swapaxes(-1, -2)  # -> [n_head, n_q, n_k]
+def attention_weights(q, k):  # [n_head, n_q, d_head], [n_head, n_k, d_head] -> [n_head, n_q, n_k]
+    """How much each query attends to each key: softmax(q @ k.T / sqrt(d_head)), the future masked out."""
+    scores = q @ k.swapaxes(-1, -2)  # all heads in one stacked matmul
     scores /= math.sqrt(q.shape[-1])  # in place, like softmax
     scores += causal_mask(q.shape[-2], k.shape[-2])
-    return softmax(scores) @ v
+    return softmax(scores)
+
+
+def attention(q, k, v):  # [n_head, n_q, d_head], [n_head, n_k, d_head] x2 -> [n_head, n_q, d_head]
+    return attention_weights(q, k) @ v  # each query's average of the values, weighted by its attention
 
 
 def split_heads(x, n_head):  # [n_seq, n_embd] -> [n_head, n_seq, n_embd/n_head]

@@ -26,11 +26,10 @@ import numpy as np
 from tqdm import tqdm
 
 import gpt2
-import score
 import utils
 from encoder import get_encoder
 from cli import check, is_int, is_number, run_script
-from gpt2 import causal_mask, gelu, linear, merge_heads, softmax, split_heads
+from gpt2 import attention_weights, gelu, linear, merge_heads, split_heads
 from utils import flatten
 
 # ============================================================================================ the backward pass
@@ -101,21 +100,9 @@ def gelu_backward(dout, cache):
     return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * math.sqrt(2.0 / math.pi) * (1.0 + 3 * 0.044715 * x2))
 
 
-def matmul(a, b):  # [..., n, k] @ [..., k, m] -> [..., n, m]
-    """a @ b for stacks of matrices, at BLAS speed. NumPy hands a stack to BLAS only when the stack has a single
-    leading axis and both operands are contiguous; [batch, n_head, ...] stacks and transposed views fall back to
-    a loop about 10x slower. So both are copied contiguous and flattened to one leading axis first."""
-    lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    a, b = (np.ascontiguousarray(np.broadcast_to(t, (*lead, *t.shape[-2:]))).reshape(-1, *t.shape[-2:]) for t in (a, b))
-    return (a @ b).reshape(*lead, a.shape[-2], b.shape[-1])
-
-
 def attention_forward(q, k, v):  # 3 x [batch, n_head, seq, d_head] -> [batch, n_head, seq, d_head]
-    scores = matmul(q, k.swapaxes(-1, -2))  # -> [batch, n_head, seq, seq]
-    scores /= math.sqrt(q.shape[-1])
-    scores += causal_mask(q.shape[-2], k.shape[-2])
-    weights = softmax(scores)
-    return matmul(weights, v), (q, k, v, weights)
+    weights = attention_weights(q, k)  # -> [batch, n_head, seq, seq]
+    return weights @ v, (q, k, v, weights)  # gpt2.attention, keeping the weights for the backward
 
 
 def attention_backward(dout, cache):  # [batch, n_head, seq, d_head] -> 3 x [batch, n_head, seq, d_head]
@@ -125,12 +112,12 @@ def attention_backward(dout, cache):  # [batch, n_head, seq, d_head] -> 3 x [bat
     # scores = q @ k.T / sqrt(d): dq = dscores @ k / sqrt(d),   dk = dscores.T @ q / sqrt(d)
     # The causal mask is a constant: a masked weight is 0, so its dscores is 0 and no gradient leaks to the future.
     q, k, v, weights = cache
-    dv = matmul(weights.swapaxes(-1, -2), dout)
-    dscores = matmul(dout, v.swapaxes(-1, -2))  # dweights, turned into dscores in place:
+    dv = weights.swapaxes(-1, -2) @ dout
+    dscores = dout @ v.swapaxes(-1, -2)  # dweights, turned into dscores in place:
     dscores -= np.sum(dscores * weights, axis=-1, keepdims=True)
     dscores *= weights
     dscores /= math.sqrt(q.shape[-1])
-    return matmul(dscores, k), matmul(dscores.swapaxes(-1, -2), q), dv
+    return dscores @ k, dscores.swapaxes(-1, -2) @ q, dv
 
 
 def mha_forward(x, c_attn, c_proj, n_head):  # [batch, seq, C] -> [batch, seq, C]
@@ -261,9 +248,11 @@ def loss_and_grads(params, inputs, targets, n_head):
 
 
 def lm_loss(params, inputs, targets, n_head):
-    """The same loss, forward only, for evaluation: nothing is kept for a backward pass. It is score.py's
-    log-likelihood, so a validation loss and a perplexity from score.py are the same number."""
-    return -float(np.mean(score.target_logprobs(params, inputs, targets, n_head), dtype=np.float64))
+    """The same loss, forward only, for evaluation: through gpt2.py's forward pass, which keeps nothing for a
+    backward pass."""
+    logits = gpt2.gpt2(np.asarray(inputs), **params, n_head=n_head)  # -> [batch, seq, n_vocab]
+    loss, _ = cross_entropy_forward(logits, np.asarray(targets))
+    return loss
 
 
 # ============================================================================================ training
