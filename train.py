@@ -430,26 +430,27 @@ class AdamW:
 
     def step(self, params, grads, lr):
         self.t += 1
-        beta1, beta2 = BETAS
-        bias1, bias2 = 1.0 - beta1 ** self.t, 1.0 - beta2 ** self.t
         for p, g, m, v in zip(*(flatten(tree).values() for tree in (params, grads, self.m, self.v))):
-            if p.ndim == 2:  # wte, wpe and every w
-                p *= 1.0 - lr * self.weight_decay
-            # Every operation works in place, through one scratch array of p's size: a fresh array per operation
-            # would cost more in page faults than the arithmetic (wte alone is 154 MB). Python floats keep float32.
-            step = np.multiply(g, 1.0 - beta1)
-            m *= beta1
-            m += step
-            np.multiply(g, g, out=step)
-            step *= 1.0 - beta2
-            v *= beta2
-            v += step
-            np.sqrt(v, out=step)
-            step *= 1.0 / math.sqrt(bias2)
-            step += EPS
-            np.divide(m, step, out=step)
-            step *= lr / bias1
-            p -= step
+            weight_decay = self.weight_decay if p.ndim == 2 else 0.0  # wte, wpe and every w
+            for rows in row_blocks(p):
+                self.update(p[rows], g[rows], m[rows], v[rows], lr, weight_decay)
+
+    def update(self, p, g, m, v, lr, weight_decay):  # the formula above, on views: p, m and v change in place
+        beta1, beta2 = BETAS  # Python floats throughout: a NumPy float64 scalar would make float32 arrays float64
+        p -= lr * weight_decay * p                   # decoupled weight decay
+        m[...] = beta1 * m + (1.0 - beta1) * g       # running mean of gradients
+        v[...] = beta2 * v + (1.0 - beta2) * g * g   # running mean of their squares
+        m_hat = m / (1.0 - beta1 ** self.t)          # bias corrections
+        v_hat = v / (1.0 - beta2 ** self.t)
+        p -= lr * m_hat / (np.sqrt(v_hat) + EPS)
+
+
+def row_blocks(a, size=1 << 16):  # slices of a's first axis, of about `size` numbers each
+    """AdamW's formula makes a fresh array per operation. Of a 154 MB weight (wte), each would cost more in page
+    faults than the arithmetic: the whole-array formula takes 2x the in-place step's time. Of a block of 256 KB,
+    they reuse freed memory and stay in the CPU's cache, and the formula is as fast as in-place operations."""
+    rows = max(1, size * len(a) // a.size)
+    return [slice(start, start + rows) for start in range(0, len(a), rows)]
 
 
 def train_step(params, optimizer, tokens, rng, config, lr):
