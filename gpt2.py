@@ -8,10 +8,6 @@ import math
 
 import numpy as np
 
-import utils
-from cli import check, check_arguments, check_fits, check_memory, check_text, prompt_loop, read_prompt, run
-from encoder import get_encoder
-
 
 def gelu(x):
     # GPT-2 was trained with the tanh approximation of GELU. The constants are Python floats: a NumPy float64
@@ -74,6 +70,7 @@ def merge_heads(x):  # [n_head, n_seq, d_head] -> [n_seq, n_head*d_head]
     return x.reshape(*x.shape[:-2], -1)
 
 
+# Before mha, which appends to it: as in openai/gpt-2, the cache is part of attention's design, not an add-on.
 class KVCache:
     """One block's keys and values for every position seen so far, in buffers allocated once.
 
@@ -250,6 +247,12 @@ def generate(inputs, params, n_head, n_tokens_to_generate, temperature=0.0, top_
     steps = list(generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperature, top_k, top_p))
     samples = np.array(steps, dtype=np.int64).reshape(-1, len(rngs)).T.tolist()  # [n_steps, N] -> N lists
     return samples if num_samples else samples[0]
+
+
+# The command line: the model above needs none of this, so `import gpt2` for the model alone stays light.
+import utils
+from cli import check, check_arguments, check_fits, check_memory, check_text, prompt_loop, read_prompt, run
+from encoder import get_encoder
 
 
 def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="models", temperature=0.0, top_k=0,

@@ -19,8 +19,6 @@ import time
 import urllib.parse
 
 import numpy as np
-import requests
-from tqdm import tqdm
 
 from encoder import get_encoder
 
@@ -264,6 +262,9 @@ def models_url():
 
 def fetch(url, partial):
     """Append url's bytes to the partial file, resuming where it stops if the server honours a Range request."""
+    import requests  # imported when something downloads: `import gpt2` for the model alone needs no network
+    from tqdm import tqdm
+
     have = os.path.getsize(partial) if os.path.exists(partial) else 0
     # Identity encoding: Content-Length and Range then count the file's own bytes, not a compressed stream's.
     headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
@@ -300,6 +301,8 @@ def download_file(url, path):
     """Download url to path. The bytes go to path + ".part" and are renamed into place only once the byte count
     matches Content-Length and the file is valid for its name, so a file under its final name is always complete,
     even after Ctrl-C. Transient failures are retried with backoff, resuming the partial file."""
+    import requests
+
     partial, name = path + ".part", os.path.basename(path)
     for attempt in range(DOWNLOAD_ATTEMPTS):
         if attempt:
