@@ -29,7 +29,7 @@ import gpt2
 import utils
 from encoder import get_encoder
 from cli import check, is_int, is_number, run_script
-from gpt2 import attention_weights, gelu, linear, merge_heads, split_heads
+from gpt2 import ENDOFTEXT, attention_weights, gelu, linear, merge_heads, split_heads
 from utils import flatten
 
 # ============================================================================================ the backward pass
@@ -257,7 +257,6 @@ def lm_loss(params, inputs, targets, n_head):
 
 # ============================================================================================ training
 
-ENDOFTEXT = 50256  # GPT-2's <|endoftext|>: it follows every document in the token stream
 VAL_FRACTION = 0.1  # without --val_dataset, the last 10% of the tokens are held out for validation
 EVAL_WINDOWS = 32  # how many block-sized windows of the validation tokens an evaluation reads, at most
 BETAS = (0.9, 0.95)
