@@ -1,5 +1,5 @@
-"""The command line of gpt2.py and gpt2_pico.py: argv checked against `main`'s signature, values checked before
-anything is downloaded, errors as one line on stderr, and the interactive loop.
+"""The command line of every script (gpt2.py, gpt2_pico.py, train.py, score.py): argv checked against `main`'s
+signature, values checked before anything is downloaded, errors as one line on stderr, and the interactive loop.
 
     run(main)  # what `python gpt2.py ...` does
 
