@@ -1,5 +1,5 @@
-"""The command line of gpt2.py and gpt2_pico.py: argv checked against `main`'s signature, values checked before
-anything is downloaded, errors as one line on stderr, and the interactive loop.
+"""The command line of every script (gpt2.py, gpt2_pico.py, train.py, score.py): argv checked against `main`'s
+signature, values checked before anything is downloaded, errors as one line on stderr, and the interactive loop.
 
     run(main)  # what `python gpt2.py ...` does
 
@@ -212,16 +212,11 @@ def looks_like_flag(arg):
     return arg.startswith("--") or (arg[:1] == "-" and arg[1:2].isalpha() and " " not in arg)
 
 
-def short_flags(flags):
-    """-i for --interactive: what fire's --help shows, a letter that starts only one flag (the prompt aside)."""
-    firsts = [name[0] for name in flags if name != "prompt"]
-    return {name[0]: name for name in flags if name != "prompt" and firsts.count(name[0]) == 1}
-
-
-def parse_argv(argv, main, positional="prompt"):
+def parse_argv(argv, main, positional="prompt", short_flags=None):
     """{flag: the text given for it} from argv, checked against main's signature; the one bare word, if any, is the
     value of `positional` (the prompt; None: no bare words). Raises UsageError naming every unknown flag. A flag
-    given twice keeps its last value, as argparse does."""
+    given twice keeps its last value, as argparse does. short_flags is the script's table of one-letter flags,
+    {"i": "interactive"}: chosen, never derived from first letters, where a new flag would silently take one away."""
     flags = flags_of(main)
     values, words, unknown = {}, [], []
     args = list(argv)
@@ -235,7 +230,7 @@ def parse_argv(argv, main, positional="prompt"):
             continue
         name, has_value, value = arg.lstrip("-").partition("=")
         if not arg.startswith("--"):
-            name = short_flags(flags).get(name, "-" + name)
+            name = (short_flags or {}).get(name, "-" + name)
         if name not in flags:
             unknown.append(arg.partition("=")[0])
             continue
@@ -352,7 +347,7 @@ def asks_for_help(argv):
     return any(arg in ("-h", "--help") for arg in argv[:argv.index("--") if "--" in argv else len(argv)])
 
 
-def run(main, argv=None):
+def run(main, argv=None, short_flags=None):
     """The whole command line: `python script.py [PROMPT] [--flag value ...]`, exit codes 0, 1, 2, 130 or 141."""
     import fire
 
@@ -361,13 +356,13 @@ def run(main, argv=None):
         utf8_stdout()
         if asks_for_help(argv):
             return show_help(help_stub(main))
-        values = parse_argv(argv, main)
+        values = parse_argv(argv, main, short_flags=short_flags)
         if "prompt" not in values and flags_of(main)["prompt"].default is inspect.Parameter.empty:
             raise utils.UsageError(f'give a prompt ("" to generate unconditionally); {script_name()} --help for more')
         fire.Fire(lambda **kwargs: call_main(main, kwargs), command=fire_command(values))
 
 
-def run_script(main, text_flags, positional=None, argv=None):
+def run_script(main, text_flags, positional=None, argv=None, short_flags=None):
     """The command line of train.py and score.py, checked as gpt2.py's is: unknown flags are refused before
     anything runs (fire would run main first, then complain), text flags stay text, errors are one line."""
     import fire
@@ -377,7 +372,7 @@ def run_script(main, text_flags, positional=None, argv=None):
         utf8_stdout()
         if asks_for_help(argv):
             return show_help(main)
-        values = parse_argv(argv, main, positional)
+        values = parse_argv(argv, main, positional, short_flags)
         missing = [name for name, p in flags_of(main).items() if p.default is inspect.Parameter.empty
                    and name not in values]
         check(not missing, f"{', '.join('--' + name for name in missing)} {'is' if len(missing) == 1 else 'are'} "

@@ -62,6 +62,10 @@ class Encoder:
         after each merge would cost O(n^2) on a long word; instead the candidate pairs wait in a heap ordered
         by (rank, position) and the symbols form a linked list, so each merge only re-pairs its two new
         neighbours: O(n log n).
+
+        The ids are those of openai's loop, which merges every occurrence of the best pair at once: a pair holding
+        a symbol that rank r made was learned after r, so ranks leave the heap in openai's order, and within a
+        rank left to right, an overlapped occurrence going stale just as openai's left-to-right scan skips it.
         """
         symbols = list(word)  # symbols[i] is None once it has been merged into the symbol on its left
         after = [*range(1, len(word)), None]  # index of the next live symbol

@@ -8,12 +8,6 @@ import math
 
 import numpy as np
 
-import utils
-from cli import (check, check_arguments, check_fits, check_memory, check_text, open_prompt, prompt_bytes_limit,
-                 prompt_loop, run, warn_literal_escapes, warn_unused_flags)
-from encoder import load_encoder
-from stopping import SampleText
-
 
 def gelu(x):
     # GPT-2 was trained with the tanh approximation of GELU. The constants are Python floats: a NumPy float64
@@ -50,15 +44,21 @@ def ffn(x, c_fc, c_proj):  # [n_seq, n_embd] -> [n_seq, n_embd]
 
 def causal_mask(n_q, n_k):  # -> [n_q, n_k]
     # The n_q queries are the last n_q of the n_k positions; each may look at itself and everything before it.
+    # (n_q < n_k once a KVCache, below, holds the earlier positions' keys.)
     # -1e10 rather than -inf: exp() turns it into an exact 0 without ever producing inf - inf = nan.
     return np.triu(np.full((n_q, n_k), -1e10, dtype=np.float32), k=n_k - n_q + 1)
 
 
-def attention(q, k, v):  # [n_head, n_q, d_head], [n_head, n_k, d_head] x2 -> [n_head, n_q, d_head]
-    scores = q @ k.swapaxes(-1, -2)  # -> [n_head, n_q, n_k]
+def attention_weights(q, k):  # [n_head, n_q, d_head], [n_head, n_k, d_head] -> [n_head, n_q, n_k]
+    """How much each query attends to each key: softmax(q @ k.T / sqrt(d_head)), the future masked out."""
+    scores = q @ k.swapaxes(-1, -2)  # all heads in one stacked matmul
     scores /= math.sqrt(q.shape[-1])  # in place, like softmax
     scores += causal_mask(q.shape[-2], k.shape[-2])
-    return softmax(scores) @ v
+    return softmax(scores)
+
+
+def attention(q, k, v):  # [n_head, n_q, d_head], [n_head, n_k, d_head] x2 -> [n_head, n_q, d_head]
+    return attention_weights(q, k) @ v  # each query's average of the values, weighted by its attention
 
 
 def split_heads(x, n_head):  # [n_seq, n_embd] -> [n_head, n_seq, n_embd/n_head]
@@ -70,6 +70,7 @@ def merge_heads(x):  # [n_head, n_seq, d_head] -> [n_seq, n_head*d_head]
     return x.reshape(*x.shape[:-2], -1)
 
 
+# Before mha, which appends to it: as in openai/gpt-2, the cache is part of attention's design, not an add-on.
 class KVCache:
     """One block's keys and values for every position seen so far, in buffers allocated once.
 
@@ -331,6 +332,14 @@ def generate(inputs, params, n_head, n_tokens_to_generate, temperature=0.0, top_
     return samples if num_samples else samples[0]
 
 
+# The command line: the model above needs none of this, so `import gpt2` for the model alone stays light.
+import utils
+from cli import (check, check_arguments, check_fits, check_memory, check_text, open_prompt, prompt_bytes_limit,
+                 prompt_loop, run, warn_literal_escapes, warn_unused_flags)
+from encoder import load_encoder
+from stopping import SampleText
+
+
 def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="models", temperature=0.0, top_k=0,
          top_p=1.0, seed=None, num_samples=1, stop_at_endoftext=False, prompt_file=None, interactive=False, stop=None,
          min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, no_repeat_ngram_size=0,
@@ -430,8 +439,11 @@ def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="mode
     return continuation(input_ids, stream)
 
 
+SHORT_FLAGS = {"i": "interactive", "p": "prompt_file"}  # the one-letter flags, each chosen (cli.parse_argv)
+
+
 def cli():
-    run(main)
+    run(main, short_flags=SHORT_FLAGS)
 
 
 if __name__ == "__main__":

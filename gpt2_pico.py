@@ -56,7 +56,7 @@ def main(prompt, n_tokens_to_generate=40, model_size="124M", models_dir="models"
 
     prompt = read_prompt(prompt)  # "-": from standard input
     encoder, hparams, params = load_encoder_hparams_and_params(model_size, models_dir)
-    ids = encoder.encode(prompt) or [50256]  # "" starts from <|endoftext|>
+    ids = encoder.encode(prompt) or [encoder.encoder["<|endoftext|>"]]  # "" starts from <|endoftext|>
     check_fits(len(ids), n_tokens_to_generate, hparams["n_ctx"])
     return encoder.decode(generate(ids, params, hparams["n_head"], n_tokens_to_generate))
 
@@ -64,4 +64,4 @@ def main(prompt, n_tokens_to_generate=40, model_size="124M", models_dir="models"
 if __name__ == "__main__":
     import cli
 
-    cli.run(main)  # gpt2.py's flag checks and one-line errors
+    cli.run(main, short_flags={"n": "n_tokens_to_generate"})  # gpt2.py's flag checks and one-line errors

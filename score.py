@@ -251,8 +251,11 @@ def main(path=None, model_size="124M", models_dir="models", stride=None, per_tok
           f"bits per byte   {totals['bits_per_byte']:.4f}")
 
 
+SHORT_FLAGS = {"s": "stride", "t": "top", "j": "json"}  # the one-letter flags, each chosen (cli.parse_argv)
+
+
 def cli():
-    run_script(main, text_flags={"path", "model_size", "models_dir"}, positional="path")
+    run_script(main, text_flags={"path", "model_size", "models_dir"}, positional="path", short_flags=SHORT_FLAGS)
 
 
 if __name__ == "__main__":

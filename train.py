@@ -1,11 +1,16 @@
 """Training GPT-2 in NumPy: the backward pass, then AdamW and the training loop.
 
 The first half mirrors gpt2.py's forward pass one piece at a time. Each `*_forward` computes what gpt2.py computes
-and also returns a cache: the inputs and intermediate values its gradient needs. The `*_backward(dout, cache)`
-beside it receives dout, the gradient of the loss with respect to that piece's output, and returns the gradient
-with respect to its input and, for a piece with weights, a dict of weight gradients under the weights' own names.
-Put together, the gradients form a tree with exactly the keys and shapes of the params tree. Shapes are for a
-batch of token ids [batch, seq]; n_embd is written C where it keeps lines short.
+and also returns a cache: the inputs and intermediate values its gradient needs. Every backward beside it is
+
+    *_backward(dout, cache) -> (dx, grads)
+
+dout is the gradient of the loss with respect to the piece's output, dx the gradient with respect to its input, and
+grads a dict of the piece's weight gradients under the weights' own names. Two kinds of piece return one of the two:
+those without weights (gelu, attention, the cross-entropy) return dx alone, and those whose input is token ids (the
+embedding, the whole model) return grads alone, since ids have no gradient. Put together, the gradients form a
+tree with exactly the keys and shapes of the params tree. Shapes are for a batch of token ids [batch, seq]; n_embd
+is written C where it keeps lines short.
 """
 import math
 import signal
@@ -17,30 +22,28 @@ from tqdm import tqdm
 
 import gpt2
 import runs
-import score
 import utils
 from cli import run_script
-from gpt2 import causal_mask, gelu, linear, merge_heads, softmax, split_heads
+from gpt2 import attention_weights, gelu, linear, merge_heads, split_heads
 from utils import flatten
 
 # ============================================================================================ the backward pass
 
 
 def embedding_forward(inputs, wte, wpe):  # [batch, seq] -> [batch, seq, n_embd]
-    return wte[inputs] + wpe[np.arange(inputs.shape[-1])], (inputs, wpe.shape)
+    return wte[inputs] + wpe[np.arange(inputs.shape[-1])], (inputs, wte.shape, wpe.shape)
 
 
-def embedding_backward(dx, cache, dwte):  # [batch, seq, n_embd] -> dwpe [n_ctx, n_embd], and adds into dwte
-    """wte is used twice, as the lookup table here and as the LM head; dwte comes in holding the head's share and
-    this adds the lookup's share to it."""
-    inputs, wpe_shape = cache
-    # A lookup copies row inputs[b, t] of the table to position (b, t), so a row's gradient is the sum of dx over
-    # the positions that looked it up: a scatter-add. np.add.at adds every repeated index; dwte[inputs] += dx
+def embedding_backward(dout, cache):  # [batch, seq, n_embd] -> dwte [n_vocab, n_embd], dwpe [n_ctx, n_embd]
+    inputs, wte_shape, wpe_shape = cache
+    # A lookup copies row inputs[b, t] of the table to position (b, t), so a row's gradient is the sum of dout over
+    # the positions that looked it up: a scatter-add. np.add.at adds every repeated index; dwte[inputs] += dout
     # would keep only one of them.
-    np.add.at(dwte, inputs.reshape(-1), dx.reshape(-1, dx.shape[-1]))
-    dwpe = np.zeros(wpe_shape, dtype=dx.dtype)
-    dwpe[:inputs.shape[-1]] = dx.reshape(-1, *dx.shape[-2:]).sum(axis=0)  # every sample uses positions 0..seq-1
-    return dwpe
+    dwte = np.zeros(wte_shape, dtype=dout.dtype)
+    np.add.at(dwte, inputs.reshape(-1), dout.reshape(-1, dout.shape[-1]))
+    dwpe = np.zeros(wpe_shape, dtype=dout.dtype)
+    dwpe[:inputs.shape[-1]] = dout.reshape(-1, *dout.shape[-2:]).sum(axis=0)  # every sample uses positions 0..seq-1
+    return {"wte": dwte, "wpe": dwpe}
 
 
 def layer_norm_forward(x, g, b, eps=1e-5):  # [..., C] -> [..., C]
@@ -79,29 +82,22 @@ def linear_backward(dout, cache):  # [..., n_out] -> [..., n_in]
     return dx, {"w": x_rows.T @ dout_rows, "b": dout_rows.sum(axis=0)}
 
 
-def gelu_backward(dout, x):
+def gelu_forward(x):
+    return gelu(x), x
+
+
+def gelu_backward(dout, cache):
     # gelu(x) = 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3), so
     #   gelu'(x) = 0.5 (1 + tanh(u)) + 0.5 x (1 - tanh(u)^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+    x = cache
     x2 = x * x
     t = np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x2 * x))
     return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * math.sqrt(2.0 / math.pi) * (1.0 + 3 * 0.044715 * x2))
 
 
-def matmul(a, b):  # [..., n, k] @ [..., k, m] -> [..., n, m]
-    """a @ b for stacks of matrices, at BLAS speed. NumPy hands a stack to BLAS only when the stack has a single
-    leading axis and both operands are contiguous; [batch, n_head, ...] stacks and transposed views fall back to
-    a loop about 10x slower. So both are copied contiguous and flattened to one leading axis first."""
-    lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    a, b = (np.ascontiguousarray(np.broadcast_to(t, (*lead, *t.shape[-2:]))).reshape(-1, *t.shape[-2:]) for t in (a, b))
-    return (a @ b).reshape(*lead, a.shape[-2], b.shape[-1])
-
-
 def attention_forward(q, k, v):  # 3 x [batch, n_head, seq, d_head] -> [batch, n_head, seq, d_head]
-    scores = matmul(q, k.swapaxes(-1, -2))  # -> [batch, n_head, seq, seq]
-    scores /= math.sqrt(q.shape[-1])
-    scores += causal_mask(q.shape[-2], k.shape[-2])
-    weights = softmax(scores)
-    return matmul(weights, v), (q, k, v, weights)
+    weights = attention_weights(q, k)  # -> [batch, n_head, seq, seq]
+    return weights @ v, (q, k, v, weights)  # gpt2.attention, keeping the weights for the backward
 
 
 def attention_backward(dout, cache):  # [batch, n_head, seq, d_head] -> 3 x [batch, n_head, seq, d_head]
@@ -111,12 +107,12 @@ def attention_backward(dout, cache):  # [batch, n_head, seq, d_head] -> 3 x [bat
     # scores = q @ k.T / sqrt(d): dq = dscores @ k / sqrt(d),   dk = dscores.T @ q / sqrt(d)
     # The causal mask is a constant: a masked weight is 0, so its dscores is 0 and no gradient leaks to the future.
     q, k, v, weights = cache
-    dv = matmul(weights.swapaxes(-1, -2), dout)
-    dscores = matmul(dout, v.swapaxes(-1, -2))  # dweights, turned into dscores in place:
+    dv = weights.swapaxes(-1, -2) @ dout
+    dscores = dout @ v.swapaxes(-1, -2)  # dweights, turned into dscores in place:
     dscores -= np.sum(dscores * weights, axis=-1, keepdims=True)
     dscores *= weights
     dscores /= math.sqrt(q.shape[-1])
-    return matmul(dscores, k), matmul(dscores.swapaxes(-1, -2), q), dv
+    return dscores @ k, dscores.swapaxes(-1, -2) @ q, dv
 
 
 def mha_forward(x, c_attn, c_proj, n_head):  # [batch, seq, C] -> [batch, seq, C]
@@ -140,14 +136,16 @@ def mha_backward(dout, cache):  # [batch, seq, C] -> [batch, seq, C]
 
 def ffn_forward(x, c_fc, c_proj):  # [batch, seq, C] -> [batch, seq, C]
     h, c_fc_cache = linear_forward(x, **c_fc)  # -> [batch, seq, 4C]
-    out, c_proj_cache = linear_forward(gelu(h), **c_proj)  # -> [batch, seq, C]
-    return out, (c_fc_cache, h, c_proj_cache)
+    h, gelu_cache = gelu_forward(h)
+    out, c_proj_cache = linear_forward(h, **c_proj)  # -> [batch, seq, C]
+    return out, (c_fc_cache, gelu_cache, c_proj_cache)
 
 
 def ffn_backward(dout, cache):  # [batch, seq, C] -> [batch, seq, C]
-    c_fc_cache, h, c_proj_cache = cache
-    dgelu, dc_proj = linear_backward(dout, c_proj_cache)
-    dx, dc_fc = linear_backward(gelu_backward(dgelu, h), c_fc_cache)
+    c_fc_cache, gelu_cache, c_proj_cache = cache
+    dh, dc_proj = linear_backward(dout, c_proj_cache)
+    dh = gelu_backward(dh, gelu_cache)
+    dx, dc_fc = linear_backward(dh, c_fc_cache)
     return dx, {"c_fc": dc_fc, "c_proj": dc_proj}
 
 
@@ -176,11 +174,11 @@ def lm_head_forward(x, wte):  # [batch, seq, C] -> [batch, seq, n_vocab]
     return x @ wte.T, (x, wte)
 
 
-def lm_head_backward(dlogits, cache):  # [batch, seq, n_vocab] -> [batch, seq, C], dwte [n_vocab, C]
+def lm_head_backward(dout, cache):  # [batch, seq, n_vocab] -> [batch, seq, C], dwte [n_vocab, C]
     # logits = x @ wte.T:   dx = dlogits @ wte,   dwte = dlogits.T @ x   (summed over every position)
     x, wte = cache
-    dlogits_rows = dlogits.reshape(-1, dlogits.shape[-1])
-    return (dlogits_rows @ wte).reshape(x.shape), dlogits_rows.T @ x.reshape(-1, x.shape[-1])
+    dlogits = dout.reshape(-1, dout.shape[-1])  # every position of every sample as one row
+    return (dlogits @ wte).reshape(x.shape), {"wte": dlogits.T @ x.reshape(-1, x.shape[-1])}
 
 
 def cross_entropy_forward(logits, targets):  # [batch, seq, n_vocab], [batch, seq] -> the mean loss
@@ -195,13 +193,13 @@ def cross_entropy_forward(logits, targets):  # [batch, seq, n_vocab], [batch, se
     return float(loss), (probs, targets)
 
 
-def cross_entropy_backward(cache):  # -> dlogits [batch, seq, n_vocab]
+def cross_entropy_backward(dloss, cache):  # the loss's gradient (1 for the loss itself) -> [batch, seq, n_vocab]
     # loss = mean over the N positions of log(sum_j e^z_j) - z_target, so dloss/dz = (softmax(z) - onehot) / N.
     probs, targets = cache
     dlogits = probs  # in place again: the probabilities are not needed after this
     np.put_along_axis(dlogits, targets[..., None], np.take_along_axis(dlogits, targets[..., None], axis=-1) - 1.0,
                       axis=-1)
-    dlogits /= targets.size
+    dlogits *= dloss / targets.size
     return dlogits
 
 
@@ -218,14 +216,18 @@ def gpt2_forward(inputs, wte, wpe, blocks, ln_f, n_head):  # [batch, seq] -> [ba
 
 def gpt2_backward(dlogits, cache):  # [batch, seq, n_vocab] -> a gradient tree shaped like params
     embedding_cache, block_caches, ln_f_cache, lm_head_cache = cache
-    dx, dwte = lm_head_backward(dlogits, lm_head_cache)
+    dx, dlm_head = lm_head_backward(dlogits, lm_head_cache)
     dx, dln_f = layer_norm_backward(dx, ln_f_cache)
     dblocks = []
     for block_cache in reversed(block_caches):  # the last block's gradient is known first
         dx, dblock = transformer_block_backward(dx, block_cache)
         dblocks.insert(0, dblock)
-    dwpe = embedding_backward(dx, embedding_cache, dwte)
-    return {"wte": dwte, "wpe": dwpe, "blocks": dblocks, "ln_f": dln_f}
+    dembedding = embedding_backward(dx, embedding_cache)
+    # wte has two uses, the lookup table and the LM head, so its gradient is the sum of theirs. Added in place
+    # into the head's share: a fresh array of wte's size (154 MB for GPT-2) would cost page faults.
+    dwte = dlm_head["wte"]
+    dwte += dembedding["wte"]
+    return {"wte": dwte, "wpe": dembedding["wpe"], "blocks": dblocks, "ln_f": dln_f}
 
 
 def loss_and_grads(params, inputs, targets, n_head):
@@ -236,13 +238,16 @@ def loss_and_grads(params, inputs, targets, n_head):
     inputs, targets = np.asarray(inputs), np.asarray(targets)
     logits, cache = gpt2_forward(inputs, **params, n_head=n_head)
     loss, cross_entropy_cache = cross_entropy_forward(logits, targets)
-    return loss, gpt2_backward(cross_entropy_backward(cross_entropy_cache), cache)
+    dlogits = cross_entropy_backward(1.0, cross_entropy_cache)  # the chain starts at dloss/dloss = 1
+    return loss, gpt2_backward(dlogits, cache)
 
 
 def lm_loss(params, inputs, targets, n_head):
-    """The same loss, forward only, for evaluation: nothing is kept for a backward pass. It is score.py's
-    log-likelihood, so a validation loss and a perplexity from score.py are the same number."""
-    return -float(np.mean(score.target_logprobs(params, inputs, targets, n_head), dtype=np.float64))
+    """The same loss, forward only, for evaluation: through gpt2.py's forward pass, which keeps nothing for a
+    backward pass."""
+    logits = gpt2.gpt2(np.asarray(inputs), **params, n_head=n_head)  # -> [batch, seq, n_vocab]
+    loss, _ = cross_entropy_forward(logits, np.asarray(targets))
+    return loss
 
 
 # ============================================================================================ training
@@ -354,26 +359,27 @@ class AdamW:
 
     def step(self, params, grads, lr):
         self.t += 1
-        beta1, beta2 = BETAS
-        bias1, bias2 = 1.0 - beta1 ** self.t, 1.0 - beta2 ** self.t
         for p, g, m, v in zip(*(flatten(tree).values() for tree in (params, grads, self.m, self.v))):
-            if p.ndim == 2:  # wte, wpe and every w
-                p *= 1.0 - lr * self.weight_decay
-            # Every operation works in place, through one scratch array of p's size: a fresh array per operation
-            # would cost more in page faults than the arithmetic (wte alone is 154 MB). Python floats keep float32.
-            step = np.multiply(g, 1.0 - beta1)
-            m *= beta1
-            m += step
-            np.multiply(g, g, out=step)
-            step *= 1.0 - beta2
-            v *= beta2
-            v += step
-            np.sqrt(v, out=step)
-            step *= 1.0 / math.sqrt(bias2)
-            step += EPS
-            np.divide(m, step, out=step)
-            step *= lr / bias1
-            p -= step
+            weight_decay = self.weight_decay if p.ndim == 2 else 0.0  # wte, wpe and every w
+            for rows in row_blocks(p):
+                self.update(p[rows], g[rows], m[rows], v[rows], lr, weight_decay)
+
+    def update(self, p, g, m, v, lr, weight_decay):  # the formula above, on views: p, m and v change in place
+        beta1, beta2 = BETAS  # Python floats throughout: a NumPy float64 scalar would make float32 arrays float64
+        p -= lr * weight_decay * p                   # decoupled weight decay
+        m[...] = beta1 * m + (1.0 - beta1) * g       # running mean of gradients
+        v[...] = beta2 * v + (1.0 - beta2) * g * g   # running mean of their squares
+        m_hat = m / (1.0 - beta1 ** self.t)          # bias corrections
+        v_hat = v / (1.0 - beta2 ** self.t)
+        p -= lr * m_hat / (np.sqrt(v_hat) + EPS)
+
+
+def row_blocks(a, size=1 << 16):  # slices of a's first axis, of about `size` numbers each
+    """AdamW's formula makes a fresh array per operation. Of a 154 MB weight (wte), each would cost more in page
+    faults than the arithmetic: the whole-array formula takes 2x the in-place step's time. Of a block of 256 KB,
+    they reuse freed memory and stay in the CPU's cache, and the formula is as fast as in-place operations."""
+    rows = max(1, size * len(a) // a.size)
+    return [slice(start, start + rows) for start in range(0, len(a), rows)]
 
 
 def train_step(params, optimizer, tokens, rng, config, lr):
@@ -478,8 +484,12 @@ def main(dataset=D(None), out_name=None, val_dataset=D(None), init_from=D("124M"
     print(setup.encoder.decode(sample))
 
 
+SHORT_FLAGS = {"d": "dataset", "v": "val_dataset", "i": "init_from", "e": "eval_every", "r": "resume"}  # chosen
+
+
 def cli():
-    run_script(main, text_flags={"dataset", "val_dataset", "out_name", "init_from", "models_dir"})
+    run_script(main, text_flags={"dataset", "val_dataset", "out_name", "init_from", "models_dir"},
+               short_flags=SHORT_FLAGS)
 
 
 if __name__ == "__main__":

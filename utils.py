@@ -20,8 +20,6 @@ import time
 import urllib.parse
 
 import numpy as np
-import requests
-from tqdm import tqdm
 
 from encoder import bytes_to_unicode, load_encoder
 
@@ -377,6 +375,9 @@ def models_url():
 
 def fetch(url, partial):
     """Append url's bytes to the partial file, resuming where it stops if the server honours a Range request."""
+    import requests  # imported when something downloads: `import gpt2` for the model alone needs no network
+    from tqdm import tqdm
+
     have = os.path.getsize(partial) if os.path.exists(partial) else 0
     # Identity encoding: Content-Length and Range then count the file's own bytes, not a compressed stream's.
     headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
@@ -415,6 +416,7 @@ def fetch(url, partial):
 def received_chunks(response):
     """The body's bytes as they arrive (read1: whatever the connection has, up to 1 MiB, without waiting for a
     full MiB), ending the attempt by the stall rule when they come slower than SPEED_LIMIT for STALL_SECONDS."""
+    import requests
     import urllib3  # requests' own transport, already imported with it
 
     read = getattr(response.raw, "read1", None) or response.raw.read  # urllib3 < 2 has no read1
@@ -444,6 +446,8 @@ def download_file(url, path):
     """Download url to path. The bytes go to path + ".part" and are renamed into place only once the byte count
     matches Content-Length and the file is valid for its name, so a file under its final name is always complete,
     even after Ctrl-C. Transient failures are retried with backoff, resuming the partial file."""
+    import requests
+
     partial, name = path + ".part", os.path.basename(path)
     for attempt in range(DOWNLOAD_ATTEMPTS):
         if attempt:

@@ -100,3 +100,35 @@ def test_a_batch_gradient_is_the_mean_of_its_examples(tiny_model):
     for name, batch_grad in flatten(grads).items():
         mean_grad = np.mean([flatten(g)[name] for _, g in alone], axis=0)
         np.testing.assert_allclose(batch_grad, mean_grad, rtol=1e-9, atol=1e-14, err_msg=name)
+
+
+def test_every_backward_keeps_the_stated_contract():
+    """train.py's docstring: *_backward(dout, cache) -> (dx, grads), grads under the weights' own names; pieces
+    without weights return dx alone, those whose input is token ids grads alone. Nothing is handed in to be filled."""
+    import inspect
+
+    backwards = {name: f for name, f in vars(train).items() if name.endswith("_backward")}
+    assert len(backwards) == 11
+    for name, f in backwards.items():
+        assert len(inspect.signature(f).parameters) == 2 and list(inspect.signature(f).parameters)[1] == "cache", name
+
+    rng = np.random.default_rng(0)
+    def rand(*shape):  # noqa: E306
+        return rng.standard_normal(shape).astype(np.float32)
+    x, w, b, wte, wpe = rand(2, 3, 4), rand(4, 5), rand(5), rand(7, 4), rand(6, 4)
+    out, cache = train.linear_forward(x, w, b)
+    dx, grads = train.linear_backward(rand(*out.shape), cache)
+    assert dx.shape == x.shape and {k: g.shape for k, g in grads.items()} == {"w": w.shape, "b": b.shape}
+    logits, cache = train.lm_head_forward(x, wte)
+    dx, grads = train.lm_head_backward(rand(*logits.shape), cache)
+    assert dx.shape == x.shape and {k: g.shape for k, g in grads.items()} == {"wte": wte.shape}
+    ids = np.array([[1, 2, 1], [0, 6, 6]])
+    out, cache = train.embedding_forward(ids, wte, wpe)
+    grads = train.embedding_backward(rand(*out.shape), cache)
+    assert {k: g.shape for k, g in grads.items()} == {"wte": wte.shape, "wpe": wpe.shape}
+    out, cache = train.gelu_forward(x)
+    assert train.gelu_backward(rand(*x.shape), cache).shape == x.shape
+    # dloss scales the gradient: the chain rule from whatever comes after the loss
+    halves = [train.cross_entropy_backward(dloss, train.cross_entropy_forward(logits.copy(), ids)[1])
+              for dloss in (1.0, 0.5)]  # (the forward works in place on the logits: a copy each)
+    np.testing.assert_allclose(halves[1], 0.5 * halves[0], rtol=1e-6)

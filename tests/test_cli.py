@@ -114,6 +114,46 @@ def test_prompt_reaches_main_as_typed(tiny_model, script, argv, kwargs):
     assert result.stdout == gpt2.main(**kwargs, **model) + "\n"
 
 
+def test_short_flags_are_each_scripts_table_not_first_letters():
+    """Each script accepts the one-letter flags it always has, and only those: a new flag that starts with the same
+    letter takes none away, and a letter that is not in the table is an unknown flag."""
+    import gpt2_pico
+    import score
+    import train
+    from cli import parse_argv
+    from utils import UsageError
+
+    assert parse_argv(["-p", "story.txt", "-i"], gpt2.main, short_flags=gpt2.SHORT_FLAGS) == {
+        "prompt_file": "story.txt", "interactive": "True"}
+    assert parse_argv(["x.txt", "-s", "3", "-t", "2", "-j"], score.main, "path", score.SHORT_FLAGS) == {
+        "path": "x.txt", "stride": "3", "top": "2", "json": "True"}
+    assert parse_argv(["-d", "a", "-v", "b", "-i", "scratch", "-e", "5", "-r"], train.main, None,
+                      train.SHORT_FLAGS) == {"dataset": "a", "val_dataset": "b", "init_from": "scratch",
+                                             "eval_every": "5", "resume": "True"}
+    with open(os.path.join(ROOT, "gpt2_pico.py"), encoding="utf-8") as f:
+        assert 'short_flags={"n": "n_tokens_to_generate"}' in f.read()
+    assert parse_argv(["-n", "3"], gpt2_pico.main, short_flags={"n": "n_tokens_to_generate"}) == {
+        "n_tokens_to_generate": "3"}
+
+    def main(prompt="", interactive=False, ignore_eos=False, patience=1):  # two flags start with i, and one with p
+        pass
+
+    assert parse_argv(["-i"], main, short_flags={"i": "interactive"}) == {"interactive": "True"}
+    with pytest.raises(UsageError, match="unknown flag -p;"):
+        parse_argv(["-p", "2"], main, short_flags={"i": "interactive"})
+
+
+def test_short_flags_reach_main(tmp_path, unloadable_model):
+    (tmp_path / "story.txt").write_text("Hello from a file")
+    # -p reads the prompt file: the run gets as far as loading the weights (which this model lacks)
+    result = run_cli("gpt2.py", "-p", str(tmp_path / "story.txt"), "--model_size", "run1", "--models_dir",
+                     unloadable_model.models_dir)
+    assert_one_line_error(result, 1, "model.ckpt.data-00000-of-00001 missing")
+    result = run_cli("gpt2.py", "-p", str(tmp_path / "missing.txt"), "--model_size", "run1", "--models_dir",
+                     unloadable_model.models_dir)
+    assert_one_line_error(result, 2, "missing.txt")
+
+
 def test_text_flags_stay_text(tmp_path, tiny_model):
     # a prompt file named 2024, a models folder named 2025 holding a model named 2024: fire would make numbers
     (tmp_path / "2024").write_text("Hello from a file")

@@ -116,3 +116,20 @@ def test_kv_cache_appends_in_place_and_repeats():
     assert cache.length == 5 and keys.shape == (2, 5, 3)
     with pytest.raises(ValueError):  # (its wording, and what length says afterwards, are test_kv_cache.py's)
         cache.append(new(2, 1, 3), new(2, 1, 3))
+
+
+def test_importing_gpt2_for_the_model_imports_no_network_library():
+    """`import gpt2` to call gpt2.gpt2 loads NumPy and the project's modules, not requests or tqdm (nor fire,
+    filelock or TensorFlow): those are imported by the code that downloads, shows progress or parses argv."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("import sys, gpt2; print(' '.join(sorted(m for m in ('requests', 'urllib3', 'tqdm', 'fire', 'filelock', "
+            "'tensorflow') if m in sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"import gpt2 imported {result.stdout.strip()}"
