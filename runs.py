@@ -32,7 +32,7 @@ import zipfile
 import numpy as np
 
 import utils
-from cli import check, is_int, is_number
+from cli import check, is_int, is_number, warn
 from encoder import load_encoder
 from gpt2 import ENDOFTEXT
 
@@ -52,6 +52,7 @@ PARTIAL_NAME = re.compile(r"\d{6,}\.[0-9a-f]{6}\.partial")
 FIXED_ON_RESUME = ("dataset", "val_dataset", "init_from", "n_layer", "n_head", "n_embd", "n_ctx", "block_size",
                    "batch_size", "grad_accum", "learning_rate", "warmup_steps", "lr_decay_steps", "weight_decay",
                    "grad_clip", "seed")
+SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "n_ctx")  # the shape of a model from scratch; a loaded one has its own
 FREE_ON_RESUME = ("max_steps", "eval_every", "save_every")
 OPTIONS = FIXED_ON_RESUME + FREE_ON_RESUME
 
@@ -253,12 +254,12 @@ def dataset_files(path, flag):
         try:
             mode = os.stat(file).st_mode
         except FileNotFoundError:
-            print(f"warning: {flag} {path}: skipping {name}, a broken link", file=sys.stderr)
+            warn(f"{flag} {path}: skipping {name}, a broken link")
             continue
         except OSError as e:
             raise utils.UsageError(f"{flag} {file}: {e.strerror}") from None
         if not stat.S_ISREG(mode):
-            print(f"warning: {flag} {path}: skipping {name}, {kind_of(mode)}", file=sys.stderr)
+            warn(f"{flag} {path}: skipping {name}, {kind_of(mode)}")
             continue
         files.append(file)
     check(files, f"{flag} {path}: the folder holds no .txt files")
@@ -756,14 +757,18 @@ def setup(flags):
     s.run_dir = check_out_name(plain(flags["out_name"]), s.models_dir, s.resume, s.overwrite)
     record = read_config(s.run_dir) if s.resume else None
     if s.resume and record is None:
-        print(f"warning: {s.run_dir} records no options (an older train.py saved it): --resume continues it with "
-              f"the command line's", file=sys.stderr)
+        warn(f"{s.run_dir} records no options (an older train.py saved it): --resume continues it with the "
+             f"command line's")
     options = resolve_options(flags, record, s.run_dir)
     if options["lr_decay_steps"] is None:
         options["lr_decay_steps"] = options["max_steps"]
     check(options["dataset"] is not None, "--dataset is required (on --resume, the run's own is used); "
                                           "python train.py --help lists every flag")
     check_flags(options)
+    shape_flags = [f"--{name}" for name in SHAPE_FLAGS if given(flags[name])]
+    if shape_flags and not s.resume and options["init_from"] != "scratch":
+        warn(f"{', '.join(shape_flags)} only shape{'s' * (len(shape_flags) == 1)} a model trained from scratch: "
+             f"--init_from {options['init_from']} keeps its own shape")
     check(options["init_from"] != plain(flags["out_name"]) or s.resume,
           "--init_from and --out_name name the same folder: training writes a new one")
     texts = dataset_texts(options["dataset"], "--dataset")

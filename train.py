@@ -423,7 +423,8 @@ class StopRequest:
 
 
 def train(params, optimizer, step, rng, tokens, val_tokens, config, run):
-    """Update params in place from `step` up to --max_steps, saving every --save_every steps and at the end."""
+    """Update params in place from `step` up to --max_steps, saving every --save_every steps and at the end.
+    Returns the step it reached: before --max_steps only if Ctrl-C stopped it."""
     max_steps, n_head = config["max_steps"], config["n_head"]
     tokens_per_step = config["batch_size"] * config["block_size"] * config["grad_accum"]
     windows = val_windows(val_tokens, config["block_size"])
@@ -446,9 +447,7 @@ def train(params, optimizer, step, rng, tokens, val_tokens, config, run):
             bar.update()
             if run.save_due(step, stop.requested):
                 run.save(step, params, optimizer, rng)
-    if stop.requested:
-        sys.stderr.write(run.interrupted(step) + "\n")
-        sys.exit(130)
+    return step
 
 
 D = runs.Default  # a flag left out: a new run takes this value, --resume the run's recorded one
@@ -479,7 +478,10 @@ def main(dataset=D(None), out_name=None, val_dataset=D(None), init_from=D("124M"
                 params = tree_map(lambda a: np.array(a, dtype=np.float32, order="C"), params)
             # An existing run (--overwrite) stays as it is until the first save replaces it whole.
             optimizer, step, rng = AdamW(params, config["weight_decay"]), 0, np.random.default_rng(data_seed)
-        train(params, optimizer, step, rng, setup.train_tokens, setup.val_tokens, config, run)
+        step = train(params, optimizer, step, rng, setup.train_tokens, setup.val_tokens, config, run)
+    if step < config["max_steps"]:  # stopped by Ctrl-C: say what was kept, and end as an interrupted program does
+        sys.stderr.write(run.interrupted(step) + "\n")
+        raise SystemExit(130)
     sample = gpt2.generate([gpt2.ENDOFTEXT], params, hparams["n_head"], min(SAMPLE_TOKENS, hparams["n_ctx"] - 1))
     print(setup.encoder.decode(sample))
 

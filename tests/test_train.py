@@ -220,12 +220,15 @@ def test_the_saved_run_reads_back_under_the_official_names_and_shapes(models_dir
     assert np.all(params["blocks"][0]["ln_1"]["g"] != 1.0)  # trained, not the initialization
 
 
-def test_fine_tuning_starts_from_a_model_folder_and_keeps_its_shape(models_dir, paragraph):
+def test_fine_tuning_starts_from_a_model_folder_and_keeps_its_shape(models_dir, paragraph, capsys):
     from tests.release_layout import write_model_dir
 
     hparams, tensors = write_model_dir(os.path.join(models_dir, "base"), n_layer=1, n_embd=32, n_head=2, n_ctx=48)
-    train.main(paragraph, "tuned", init_from="base", block_size=16, batch_size=2, max_steps=1, learning_rate=1e-3,
-               warmup_steps=0, eval_every=0, models_dir=models_dir)
+    train.main(paragraph, "tuned", init_from="base", n_layer=3, n_embd=64, block_size=16, batch_size=2, max_steps=1,
+               learning_rate=1e-3, warmup_steps=0, eval_every=0, models_dir=models_dir)
+    # a shape flag cannot reshape a loaded model: said in one line, not ignored silently
+    assert "warning: --n_layer, --n_embd only shape a model trained from scratch: --init_from base keeps its own " \
+           "shape\n" in capsys.readouterr().err
     _, tuned_hparams, params = utils.load_encoder_hparams_and_params("tuned", models_dir)
     assert tuned_hparams == hparams
     for name, array in flatten(params).items():
