@@ -17,10 +17,9 @@ import torch
 
 import gpt2
 import hf
-import train
 import utils
 from tests.conftest import ROOT
-from tests.hf_layout import copy_vocab, hf_logits, randomize, write_hf_folder
+from tests.hf_layout import copy_vocab, hf_logits, write_hf_folder
 from tests.release_layout import real_vocab_file
 
 PROMPT = "Alan Turing theorized that computers would one day become the most powerful machines on the planet."

@@ -12,8 +12,8 @@ import pytest
 import cli
 import utils
 from encoder import get_encoder
+from tests.test_download import server  # noqa: F401  (the fixture: a loopback mirror)
 from tests.conftest import ROOT
-from tests.loopback import serve_release
 
 OFFLINE = {"GPT2_MODELS_URL": "http://127.0.0.1:9"}
 
@@ -174,13 +174,6 @@ def test_the_download_lock_of_foo_writer_is_not_the_writer_lock_of_foo(tmp_path)
 
 # ---------------------------------------------------------------------------------------- downloads
 
-@pytest.fixture
-def server(tiny_model, monkeypatch):
-    srv = serve_release(tiny_model.path)
-    monkeypatch.setenv("GPT2_MODELS_URL", srv.url)
-    monkeypatch.setattr(utils, "RETRY_DELAY", 0.01)
-    yield srv
-    srv.shutdown()
 
 
 @pytest.mark.parametrize("length", ["abc", "-1", "12x", ""])

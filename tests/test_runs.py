@@ -2,13 +2,11 @@
 a save, a power cut, full and read-only disks, damaged files, the record of options and data, the token cache,
 and the dataset's odd files."""
 import csv
-import hashlib
 import json
 import os
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 
@@ -214,14 +212,20 @@ def test_leftovers_of_a_dead_run_are_removed_by_the_next_holder_and_no_one_else(
                                                 "notes.txt"])
 
 
-def test_a_run_of_the_previous_train_py_is_resumed_and_becomes_a_link(run_copy, saved_run, tmp_path):
-    models_dir, dataset = run_copy
+def as_the_previous_train_py_saved_it(models_dir):
+    """models_dir/run turned into a real folder without train_config.json, as the previous train.py wrote it."""
     run_dir = os.path.join(models_dir, "run")
     save = os.path.realpath(run_dir)
     os.remove(run_dir)
-    shutil.move(save, run_dir)  # a real folder, as the previous train.py wrote it
+    shutil.move(save, run_dir)
     shutil.rmtree(os.path.join(models_dir, ".run.saves"))
     os.remove(os.path.join(run_dir, "train_config.json"))
+    return run_dir
+
+
+def test_a_run_of_the_previous_train_py_is_resumed_and_becomes_a_link(run_copy, saved_run, tmp_path):
+    models_dir, dataset = run_copy
+    run_dir = as_the_previous_train_py_saved_it(models_dir)
     train.main(dataset, "run", resume=True, max_steps=3, models_dir=models_dir, **OPTIONS)
     assert os.path.islink(run_dir) and [r["step"] for r in read_log(run_dir)] == ["1", "2", "3"]
     assert os.listdir(os.path.join(models_dir, ".run.saves")) == [os.path.basename(os.readlink(run_dir))]
@@ -232,12 +236,7 @@ def test_a_run_of_the_previous_train_py_is_resumed_and_becomes_a_link(run_copy, 
 
 def test_without_an_exchange_a_folder_moved_aside_by_a_dead_process_is_put_back(run_copy, monkeypatch, tmp_path):
     models_dir, dataset = run_copy
-    run_dir = os.path.join(models_dir, "run")
-    save = os.path.realpath(run_dir)
-    os.remove(run_dir)
-    shutil.move(save, run_dir)  # a real folder, as the previous train.py wrote it
-    shutil.rmtree(os.path.join(models_dir, ".run.saves"))
-    os.remove(os.path.join(run_dir, "train_config.json"))
+    run_dir = as_the_previous_train_py_saved_it(models_dir)
     monkeypatch.setattr(runs, "exchange", lambda a, b: False)  # as on a system without renameat2
     replace = os.replace
 
