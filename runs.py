@@ -779,7 +779,8 @@ def setup(flags):
                     "val_dataset": text_fingerprint(val_texts) if val_texts is not None else None}
     s.saved = None
     if s.resume:
-        s.saved = read_saved_run(s.run_dir)
+        with utils.exclusive(s.run_dir):  # a run training now would remove the save being read: refused instead
+            s.saved = read_saved_run(s.run_dir)
         s.hparams, s.vocab_dir = s.saved.hparams, s.saved.save_dir
         check(options["block_size"] <= s.hparams["n_ctx"], f"--block_size {options['block_size']} is longer than "
                                                            f"the run's context of {s.hparams['n_ctx']}")

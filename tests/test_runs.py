@@ -584,3 +584,21 @@ def test_loading_a_run_while_it_saves_never_warns(run_copy, capfd):
     assert len(steps) > 1  # the loads did overlap saves
     assert "warning" not in capfd.readouterr().err
 
+
+
+def test_resume_beside_a_run_training_now_is_refused_before_its_save_is_read(run_copy, tmp_path):
+    """A run that trains saves again and removes the save a second --resume would be reading: the second one is
+    refused by the writer lock, never told that a healthy run is damaged."""
+    models_dir, dataset = run_copy
+    run_dir = os.path.join(models_dir, "run")
+    open(os.path.join(run_dir, runs.STATE_FILE), "wb").close()  # were it read, this would be "is empty"
+    held = tmp_path / "held"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, utils\nwith utils.exclusive(sys.argv[1]):\n"
+                               "    open(sys.argv[2], 'w').close(); sys.stdin.read()", run_dir, str(held)],
+                              cwd=ROOT, stdin=subprocess.PIPE, text=True)
+    try:
+        wait_for(held.exists, holder, "lock taken by the other process", timeout=60)
+        with pytest.raises(utils.UsageError, match=f"^another process is writing {run_dir}$"):
+            train.main(dataset, "run", resume=True, max_steps=3, models_dir=models_dir)
+    finally:
+        finish(holder, timeout=60)  # which closes the holder's stdin: it releases the lock and exits
