@@ -9,9 +9,11 @@ import codecs
 import contextlib
 import difflib
 import inspect
+import io
 import math
 import numbers
 import os
+import re
 import shlex
 import sys
 
@@ -292,16 +294,19 @@ HELP_TYPES = {"prompt": str, "n_tokens_to_generate": int, "model_size": str, "mo
               "min_new_tokens": int}
 
 
-def help_stub(main):
-    """A function fire can show --help for: main's flags with their types, the prompt as the synopsis' positional
-    argument, None defaults spelled out and keyword-only parameters left out."""
+def help_stub(main, positional="prompt"):
+    """A function fire can show --help for: main's flags with their types, `positional` as the synopsis' positional
+    argument, None defaults spelled out, a flag without a default shown as required (fire would list it as
+    positional, which the command line refuses) and keyword-only parameters left out."""
     def stub(*args, **kwargs):
         pass
 
     parameters = []
     for name, p in flags_of(main).items():
         default = Shown("none") if p.default is None else p.default
-        if name == "prompt":
+        if default is inspect.Parameter.empty:
+            default = Shown("required")
+        if name == positional:
             default = inspect.Parameter.empty
         parameters.append(p.replace(default=default, annotation=HELP_TYPES.get(name, p.annotation)))
     stub.__signature__ = inspect.Signature(parameters)
@@ -336,11 +341,18 @@ def one_line_errors():
         sys.exit(EXIT_BROKEN_PIPE)
 
 
-def show_help(main):
+def show_help(main, short_flags=None):
+    """fire's help for main, on stdout (asked-for help is output), with only the one-letter flags of the script's
+    own table: fire offers a letter for every flag whose first letter is unique, which the command line refuses."""
     import fire
 
-    with contextlib.redirect_stderr(sys.stdout):  # asked-for help is output; fire writes it to stderr
-        fire.Fire(main, command=["--", "--help"])  # after "--": no "INFO: Showing help" line
+    text, short_flags = io.StringIO(), short_flags or {}
+    try:
+        with contextlib.redirect_stderr(text), contextlib.redirect_stdout(text):
+            fire.Fire(main, command=["--", "--help"])  # after "--": no "INFO: Showing help" line; exits 0
+    finally:
+        print(re.sub(r"^(\s*)-(\w), --(\w+)", lambda m: m.group(0) if short_flags.get(m.group(2)) == m.group(3)
+                     else f"{m.group(1)}--{m.group(3)}", text.getvalue(), flags=re.MULTILINE), end="", flush=True)
 
 
 def asks_for_help(argv):
@@ -355,7 +367,7 @@ def run(main, argv=None, short_flags=None):
     with one_line_errors():
         utf8_stdout()
         if asks_for_help(argv):
-            return show_help(help_stub(main))
+            return show_help(help_stub(main), short_flags)
         values = parse_argv(argv, main, short_flags=short_flags)
         if "prompt" not in values and flags_of(main)["prompt"].default is inspect.Parameter.empty:
             raise utils.UsageError(f'give a prompt ("" to generate unconditionally); {script_name()} --help for more')
@@ -371,7 +383,7 @@ def run_script(main, text_flags, positional=None, argv=None, short_flags=None):
     with one_line_errors():
         utf8_stdout()
         if asks_for_help(argv):
-            return show_help(main)
+            return show_help(help_stub(main, positional), short_flags)
         values = parse_argv(argv, main, positional, short_flags)
         missing = [name for name, p in flags_of(main).items() if p.default is inspect.Parameter.empty
                    and name not in values]

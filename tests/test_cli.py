@@ -2,6 +2,7 @@
 prompts taken verbatim, --help, stdout that closes early or cannot encode; gpt2_pico.py on the same table."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -251,3 +252,21 @@ def test_bench_refuses_zero_new_tokens(tmp_path):
     result = run_cli("bench.py", "--new_tokens", "0", "--models_dir", str(tmp_path), text=True)
     assert result.returncode == 2 and "--new_tokens must be at least 1, got 0" in result.stderr
     assert result.stdout == "" and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("script", ["gpt2.py", "gpt2_pico.py", "score.py", "train.py", "export.py"])
+def test_help_offers_only_what_the_command_line_accepts(script):
+    """fire's help would offer a one-letter flag for every flag with a unique first letter (train.py's -o, export.py's
+    -f and -d), and list a flag without a default as a positional argument (export.py MODEL_SIZE OUT): the command
+    line refuses both. Every short flag the help shows is one the script takes, and every positional it shows too."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    for letter in re.findall(r"^\s*-(\w), --\w+", result.stdout, re.MULTILINE):
+        argv = [f"-{letter}", "1"] if letter in "stnej" else [f"-{letter}", "x"]
+        run = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv, "--models_dir", "/nonexistent"],
+                             capture_output=True, text=True, timeout=120)
+        assert "unknown flag" not in run.stderr, (letter, run.stderr)
+    synopsis = result.stdout.split("SYNOPSIS", 1)[1].split("\n")[1].split()[1:]
+    positional = {"gpt2.py": ["PROMPT"], "gpt2_pico.py": ["PROMPT"], "score.py": ["PATH"]}.get(script, [])
+    assert synopsis == [*positional, "<flags>"], synopsis
