@@ -96,16 +96,6 @@ def in_child(fn):
         time.sleep(0.005)
 
 
-def vocabulary_models_dir(path):
-    from tests.release_layout import real_vocab_file
-
-    os.makedirs(os.path.join(path, "124M"))
-    for name in ("encoder.json", "vocab.bpe"):
-        shutil.copyfile(real_vocab_file(name), os.path.join(path, "124M", name))
-    with open(os.path.join(path, "124M", "hparams.json"), "w") as f:
-        json.dump({"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}, f)
-
-
 def as_legacy(models_dir):
     """The run as the previous train.py left it: a real folder, no train_config.json, no session column."""
     run_dir = os.path.join(models_dir, "run")
@@ -137,6 +127,7 @@ def snapshot(models_dir):
 def main(work_dir, scenario):
     import train
     import utils
+    from tests.release_layout import vocabulary_only
 
     with utils.silenced_stderr():
         import tensorflow  # noqa: F401  (imported once here, used only in the children: seconds saved per child)
@@ -145,7 +136,7 @@ def main(work_dir, scenario):
     with open(dataset, "w", encoding="utf-8") as f:
         f.write(TEXT)
     base = os.path.join(work_dir, "base")
-    vocabulary_models_dir(base)
+    vocabulary_only(base)
     if scenario in ("resume", "legacy"):
         assert in_child(lambda: train.main(dataset, "run", max_steps=1, models_dir=base, **OPTIONS)) == 0
         if scenario == "legacy":
@@ -178,7 +169,7 @@ def main(work_dir, scenario):
     import gpt2
 
     reference_dir = os.path.join(work_dir, "reference")
-    vocabulary_models_dir(reference_dir)
+    vocabulary_only(reference_dir)
     train.main(dataset, "run", max_steps=MAX_STEPS, models_dir=reference_dir, **OPTIONS)
     reference = snapshot(reference_dir)
     result = {"scenario": scenario, "kill_points": n_calls, "not_killed": [], "listed_leftovers": [],

@@ -5,6 +5,7 @@ does: a TF1 name-based checkpoint (`model/h0/attn/c_attn/w` ...) with the conv w
 """
 import hashlib
 import importlib.resources
+import json
 import os
 import shutil
 
@@ -22,6 +23,18 @@ def real_vocab_file(name):
     if digest != VOCAB_SHA256[name]:
         raise RuntimeError(f"{path} has sha256 {digest}, not GPT-2's {VOCAB_SHA256[name]}")
     return path
+
+
+def vocabulary_only(models_dir):
+    """models_dir holding 124M's tokenizer files alone (no weights): what a model trained from scratch needs, since
+    it uses 124M's vocabulary. Returns models_dir as a string."""
+    vocab_dir = os.path.join(models_dir, "124M")
+    os.makedirs(vocab_dir)
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copyfile(real_vocab_file(name), os.path.join(vocab_dir, name))
+    with open(os.path.join(vocab_dir, "hparams.json"), "w") as f:
+        json.dump({"n_vocab": N_VOCAB, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}, f)
+    return str(models_dir)
 
 
 def offline_tiktoken_gpt2(cache_dir):

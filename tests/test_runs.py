@@ -18,34 +18,12 @@ import train
 import utils
 from tests.conftest import ROOT
 from tests.mounts import read_only, run_mount, small_disk
-from tests.release_layout import real_vocab_file
-from tests.test_train import PARAGRAPH, finish, run_train, wait_for
+from tests.release_layout import real_vocab_file, vocabulary_only
+from tests.test_train import PARAGRAPH, finish, models_dir, paragraph, run_train, wait_for  # noqa: F401
 
 OPTIONS = dict(init_from="scratch", n_layer=1, n_head=2, n_embd=16, n_ctx=32, block_size=8, batch_size=2,
                learning_rate=1e-2, warmup_steps=1, eval_every=0, save_every=1, seed=0)
 CLI_OPTIONS = [arg for name, value in OPTIONS.items() for arg in (f"--{name}", str(value))]
-
-
-def vocabulary_only(models_dir):
-    """A models folder holding 124M's tokenizer files alone: a model from scratch uses its vocabulary."""
-    os.makedirs(os.path.join(models_dir, "124M"))
-    for name in ("encoder.json", "vocab.bpe"):
-        shutil.copyfile(real_vocab_file(name), os.path.join(models_dir, "124M", name))
-    with open(os.path.join(models_dir, "124M", "hparams.json"), "w") as f:
-        json.dump({"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}, f)
-    return str(models_dir)
-
-
-@pytest.fixture
-def models_dir(tmp_path):
-    return vocabulary_only(tmp_path / "models")
-
-
-@pytest.fixture
-def paragraph(tmp_path):
-    path = tmp_path / "paragraph.txt"
-    path.write_text(PARAGRAPH, encoding="utf-8")
-    return str(path)
 
 
 @pytest.fixture(scope="module")

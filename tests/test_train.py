@@ -1,7 +1,6 @@
 """train.py: AdamW against torch.optim.AdamW, and whole runs: memorization, saving, resuming, Ctrl-C, locking,
 and the bad-input table."""
 import csv
-import json
 import os
 import re
 import shutil
@@ -18,7 +17,7 @@ import train
 import utils
 from utils import flatten
 from tests.conftest import ROOT
-from tests.release_layout import hf_model, real_vocab_file
+from tests.release_layout import hf_model, vocabulary_only
 
 PARAGRAPH = ("The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a tin of oil and a "
              "cloth for the glass. He counted the steps aloud, one hundred and twelve of them, and at the top he lit "
@@ -29,13 +28,7 @@ TINY = ["--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd",
 @pytest.fixture
 def models_dir(tmp_path):
     """A models folder holding only 124M's tokenizer files (no weights): a model from scratch uses its vocabulary."""
-    vocab_dir = tmp_path / "models" / "124M"
-    vocab_dir.mkdir(parents=True)
-    for name in ("encoder.json", "vocab.bpe"):
-        shutil.copyfile(real_vocab_file(name), vocab_dir / name)
-    (vocab_dir / "hparams.json").write_text(json.dumps(
-        {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}))
-    return str(tmp_path / "models")
+    return vocabulary_only(tmp_path / "models")
 
 
 @pytest.fixture
