@@ -112,17 +112,15 @@ def check_flags(flags):
 
 
 def warn_long_warmup(options, resume):
-    """A warmup as long as the run never gets past it: the learning rate climbs until the last step and the cosine
-    never starts. Said once, at the start, with the peak it does reach (train.learning_rate_at at the last step)."""
+    """A warmup longer than the run never gets past it: the learning rate climbs until the last step, never to its
+    peak, and the cosine never starts. Said once, at the start, with the peak it does reach."""
     warmup, max_steps, learning_rate = options["warmup_steps"], options["max_steps"], options["learning_rate"]
-    if warmup == 0 or warmup < max_steps:
+    if warmup <= max_steps:
         return
-    peak = learning_rate * max_steps / warmup  # learning_rate_at(max_steps - 1, ...): the last update's
-    reach = (f"only climbs, to {peak:.3g} of --learning_rate {learning_rate:.3g} at the last step" if warmup > max_steps
-             else f"climbs for the whole run, reaching --learning_rate {learning_rate:.3g} at the last step")
+    peak = learning_rate * max_steps / warmup  # train.learning_rate_at(max_steps - 1, ...): the last update's
     hint = "" if resume else f"; --warmup_steps {max(1, max_steps // 10)} would warm up over a tenth of the run"
-    warn(f"--warmup_steps {warmup} {'is longer than' if warmup > max_steps else 'lasts'} the run (--max_steps "
-         f"{max_steps}): the learning rate {reach}, and never decays{hint}")
+    warn(f"--warmup_steps {warmup} is longer than the run (--max_steps {max_steps}): the learning rate only climbs, "
+         f"to {peak:.3g} of --learning_rate {learning_rate:.3g} at the last step, and never decays{hint}")
 
 
 def check_models_dir(models_dir):
@@ -301,8 +299,6 @@ def dataset_files(path, flag, dataset=None):
         raise utils.UsageError(f"{flag} {path} is {kind_of(info.st_mode)}, not a file or folder")
     files = []
     walk_folder(path, "", flag, dataset, files, {(info.st_dev, info.st_ino): path})
-    check(files, f"{flag} {path}: the folder holds no text files ({', '.join(TEXT_EXTENSIONS + ROW_EXTENSIONS)}, "
-                 f"or UTF-8 text without an extension)")
     return files
 
 
@@ -391,9 +387,11 @@ def jsonl_documents(file, flag, field, dataset):
             row = json.loads(line)
         except ValueError as e:
             raise utils.UsageError(f"{flag} {file} line {number} is not JSON ({e.msg}, column {e.colno})") from None
-        if not isinstance(row, dict) or field not in row:
-            fields = f"its fields are {', '.join(map(str, row))}" if isinstance(row, dict) and row else (
-                "it is no object with fields" if not isinstance(row, dict) else "it has no fields")
+        if not isinstance(row, dict):
+            kind = {list: "a list", str: "a string", bool: "true or false", type(None): "null"}.get(type(row), "a number")
+            raise utils.UsageError(f'{flag} {file} line {number} is {kind}, not an object with a "{field}" field')
+        if field not in row:
+            fields = f"its fields are {', '.join(row)}" if row else "it has no fields"
             raise utils.UsageError(f'{flag} {file} line {number} has no "{field}" field ({fields}); every line '
                                    f'needs one{"" if field != "text" else ", or --text_column names another"}')
         text = row[field]
@@ -453,6 +451,11 @@ def dataset_texts(path, flag, text_column=None):
             rows += 1
             (jsonl_documents if kind == "jsonl" else csv_documents)(file, flag, text_column, dataset)
         dataset.files += 1
+    if not dataset.files:  # a folder with nothing to read
+        skipped = f" (skipped {describe_skipped(dataset.skipped)})" if dataset.skipped else ""
+        raise utils.UsageError(f"{flag} {path}: the folder holds no text files ("
+                               f"{', '.join(TEXT_EXTENSIONS + ROW_EXTENSIONS)}, or UTF-8 text without an extension)"
+                               + skipped)
     if text_column is not None and not rows:
         warn(f"--text_column {text_column} only picks the column of .csv and .jsonl files: {flag} {path} has none")
     check(any(text.strip() for text in dataset.texts), f"{flag} {path} is empty")
@@ -509,12 +512,12 @@ def tokenize(texts, encoder, what="tokenizing"):  # -> [n_tokens] uint16
     return np.array(ids, dtype=np.uint16)
 
 
-def text_pieces(text, size=PIECE_CHARS):
+def text_pieces(text, size=None):
     """text cut into pieces of about `size` characters, so that a progress bar moves within one long document.
     Each cut is after a newline between two characters that are not whitespace ("end.\nThe"): GPT-2's
     pre-tokenizer (encoder.PRETOKENIZE) ends a word at both sides of such a newline and makes it a word of its
     own, whatever follows, so the pieces' tokens, put together, are exactly the whole text's."""
-    start = 0
+    start, size = 0, size or PIECE_CHARS
     while len(text) - start > size:
         cut = SAFE_CUT.search(text, start + size)
         if cut is None:
@@ -1051,8 +1054,8 @@ def describe_skipped(skipped):
               "a socket": ("socket", "sockets"), "a character device": ("character device", "character devices"),
               "a block device": ("block device", "block devices"), "an empty row": ("empty row", "empty rows"),
               "a folder read already": ("folder read already", "folders read already")}
-    parts = sorted(skipped.items(), key=lambda item: (-item[1], item[0]))
-    return ", ".join(count(n, *labels.get(why, (why, why))) for why, n in parts)
+    parts = sorted((-n, count(n, *labels.get(why, (why, why)))) for why, n in skipped.items())
+    return ", ".join(text for _, text in sorted(parts, key=lambda part: (part[0], part[1].lower())))
 
 
 def describe_dataset(data):
