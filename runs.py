@@ -262,6 +262,7 @@ class Dataset:
         self.path, self.flag = path, flag
         self.texts = []  # one string per document, in reading order
         self.files = 0  # files that gave documents
+        self.row_files = 0  # of them, .jsonl and .csv files
         self.skipped = {}  # why -> how many: ".png", "hidden", "a FIFO", ... (files), "an empty row" (rows)
 
     def skip(self, why):
@@ -439,7 +440,6 @@ def dataset_texts(path, flag, text_column=None):
     """The Dataset of a --dataset or --val_dataset: a text file is one document, a .jsonl or .csv file one per
     row, a folder all of its files' (dataset_files)."""
     dataset = Dataset(path, flag)
-    rows = 0
     for file, kind in dataset_files(path, flag, dataset):
         if kind in ("text", "sniff"):
             text = read_text_file(file, flag, sniff=kind == "sniff")
@@ -448,7 +448,7 @@ def dataset_texts(path, flag, text_column=None):
                 continue
             dataset.texts.append(text)
         else:
-            rows += 1
+            dataset.row_files += 1
             (jsonl_documents if kind == "jsonl" else csv_documents)(file, flag, text_column, dataset)
         dataset.files += 1
     if not dataset.files:  # a folder with nothing to read
@@ -456,8 +456,6 @@ def dataset_texts(path, flag, text_column=None):
         raise utils.UsageError(f"{flag} {path}: the folder holds no text files ("
                                f"{', '.join(TEXT_EXTENSIONS + ROW_EXTENSIONS)}, or UTF-8 text without an extension)"
                                + skipped)
-    if text_column is not None and not rows:
-        warn(f"--text_column {text_column} only picks the column of .csv and .jsonl files: {flag} {path} has none")
     check(any(text.strip() for text in dataset.texts), f"{flag} {path} is empty")
     return dataset
 
@@ -971,6 +969,10 @@ def setup(flags):
     s.val_data = (dataset_texts(options["val_dataset"], "--val_dataset", options["text_column"])
                   if options["val_dataset"] else None)
     texts, val_texts = s.data.texts, s.val_data and s.val_data.texts
+    if options["text_column"] is not None and not any(d and d.row_files for d in (s.data, s.val_data)):
+        warn(f"--text_column {options['text_column']} only picks the column of .csv and .jsonl files, and "
+             f"{' and '.join(f'{d.flag} {d.path}' for d in (s.data, s.val_data) if d)} hold"
+             f"{'s' * (s.val_data is None)} none")
     for name in ("dataset", "val_dataset"):  # recorded whole: a resume may start from another folder
         options[name] = options[name] and os.path.abspath(options[name])
     fingerprints = {"dataset": text_fingerprint(texts),

@@ -191,16 +191,20 @@ def test_a_csv_column_that_is_not_there_is_one_error_listing_the_columns(tmp_pat
     assert str(refused.value) == f"--dataset {short} line 3 has 1 field, no value for column 'body'"
 
 
-def test_rows_are_read_inside_folders_and_text_column_warns_where_there_are_none(tmp_path, capfd):
+def test_rows_are_read_inside_folders(tmp_path):
     root = tmp_path / "mixed"
     write(root / "a.txt", "A whole file.")
     write(root / "b" / "rows.jsonl", '{"body": "jsonl row"}\n')
     write_csv(root / "c.csv", [["id", "body"], ["1", "csv row"]])
     data = runs.dataset_texts(str(root), "--dataset", "body")
-    assert data.texts == ["A whole file.", "jsonl row", "csv row"] and data.files == 3
-    runs.dataset_texts(str(root / "a.txt"), "--dataset", "body")
-    assert capfd.readouterr().err == (f"warning: --text_column body only picks the column of .csv and .jsonl files: "
-                                      f"--dataset {root / 'a.txt'} has none\n")
+    assert data.texts == ["A whole file.", "jsonl row", "csv row"] and (data.files, data.row_files) == (3, 2)
+
+
+def test_text_column_without_rows_to_pick_from_is_a_warning(models_dir, paragraph, capfd):
+    train.main(paragraph, "run", text_column="body", max_steps=1, models_dir=models_dir, **OPTIONS)
+    assert [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning")] == [
+        f"warning: --text_column body only picks the column of .csv and .jsonl files, and --dataset {paragraph} "
+        f"holds none"]
 
 
 # ---------------------------------------------------------------------------------------------- tokens
