@@ -53,9 +53,9 @@ SAVE_NAME = re.compile(r"\d{6,}\.[0-9a-f]{6}")  # <step>.<random>: a name never 
 PARTIAL_NAME = re.compile(r"\d{6,}\.[0-9a-f]{6}\.partial")
 
 # What --resume may not change: every option that enters the arithmetic. The others may change on resume.
-FIXED_ON_RESUME = ("dataset", "val_dataset", "text_column", "init_from", "n_layer", "n_head", "n_embd", "n_ctx", "block_size",
-                   "batch_size", "grad_accum", "learning_rate", "warmup_steps", "lr_decay_steps", "weight_decay",
-                   "grad_clip", "seed")
+FIXED_ON_RESUME = ("dataset", "val_dataset", "text_column", "init_from", "n_layer", "n_head", "n_embd", "n_ctx",
+                   "block_size", "batch_size", "grad_accum", "learning_rate", "warmup_steps", "lr_decay_steps",
+                   "weight_decay", "grad_clip", "seed")
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "n_ctx")  # the shape of a model from scratch; a loaded one has its own
 FREE_ON_RESUME = ("max_steps", "eval_every", "save_every")
 OPTIONS = FIXED_ON_RESUME + FREE_ON_RESUME
@@ -389,7 +389,8 @@ def jsonl_documents(file, flag, field, dataset):
         except ValueError as e:
             raise utils.UsageError(f"{flag} {file} line {number} is not JSON ({e.msg}, column {e.colno})") from None
         if not isinstance(row, dict):
-            kind = {list: "a list", str: "a string", bool: "true or false", type(None): "null"}.get(type(row), "a number")
+            kind = {list: "a list", str: "a string", bool: "true or false", type(None): "null"}.get(type(row),
+                                                                                                 "a number")
             raise utils.UsageError(f'{flag} {file} line {number} is {kind}, not an object with a "{field}" field')
         if field not in row:
             fields = f"its fields are {', '.join(row)}" if row else "it has no fields"

@@ -455,9 +455,9 @@ D = runs.Default  # a flag left out: a new run takes this value, --resume the ru
 
 def main(dataset=D(None), out_name=None, val_dataset=D(None), text_column=D(None), init_from=D("124M"),
          n_layer=D(12), n_head=D(12), n_embd=D(768), n_ctx=D(1024), block_size=D(256), batch_size=D(4),
-         grad_accum=D(1), max_steps=D(1000), learning_rate=D(3e-4), warmup_steps=D(100), lr_decay_steps=D(None, "max_steps"),
-         weight_decay=D(0.1), grad_clip=D(1.0), eval_every=D(100), save_every=D(500), seed=D(0), models_dir="models",
-         resume=False, overwrite=False):
+         grad_accum=D(1), max_steps=D(1000), learning_rate=D(3e-4), warmup_steps=D(100),
+         lr_decay_steps=D(None, "max_steps"), weight_decay=D(0.1), grad_clip=D(1.0), eval_every=D(100),
+         save_every=D(500), seed=D(0), models_dir="models", resume=False, overwrite=False):
     """Train GPT-2 on your text and save it as models/<out_name>, a model folder gpt2.py and score.py load.
 
     python train.py --dataset TEXT --out_name NAME [flags]. Before the first step, a few lines on stderr say what

@@ -241,8 +241,8 @@ def test_long_texts_are_tokenized_in_pieces_that_give_the_whole_texts_tokens(tik
     text's, whatever the whitespace around the cuts."""
     encoder = runs.load_encoder(os.path.dirname(tiktoken_vocab()))
     rng = np.random.default_rng(0)
-    atoms = ["word", " word", "\n", "\n\n", "  \n", " \n", "\t", ".", "'s", "12", " 3", "é", "\u2028", "\x1c", "\u3000",
-             "\r\n", "  ", "x\n'", ":\n-"]
+    atoms = ["word", " word", "\n", "\n\n", "  \n", " \n", "\t", ".", "'s", "12", " 3", "é", "\u2028", "\x1c",
+             "\u3000", "\r\n", "  ", "x\n'", ":\n-"]
     text = "".join(rng.choice(atoms, size=4000))
     pieces = list(runs.text_pieces(text, size=7))
     assert len(pieces) > 100 and "".join(pieces) == text

@@ -288,7 +288,8 @@ def test_resume_with_only_max_steps_continues_with_the_recorded_options(run_copy
 
 REFUSED = [("block_size", 16), ("batch_size", 3), ("grad_accum", 2), ("learning_rate", 3e-4), ("warmup_steps", 5),
            ("lr_decay_steps", 9), ("weight_decay", 0.0), ("grad_clip", 0.5), ("seed", 1), ("n_layer", 2),
-           ("n_head", 4), ("n_embd", 32), ("n_ctx", 64), ("init_from", "124M"), ("text_column", "body")]
+           ("n_head", 4), ("n_embd", 32), ("n_ctx", 64), ("init_from", "124M"),
+           ("text_column", "body")]
 
 
 @pytest.mark.parametrize("name, value", REFUSED, ids=[name for name, _ in REFUSED])
