@@ -282,8 +282,8 @@ def file_kind(name):
 
 def dataset_files(path, flag, dataset=None):
     """[(file, kind)] of a --dataset: the file itself (.jsonl and .csv by rows, anything else as text), or the
-    files of a folder and its subfolders, sorted by their path in it, folder by folder (a/b.txt before a.txt's
-    neighbour b.txt), the same on every machine. In a folder, files are chosen by extension (file_kind); others,
+    files of a folder and its subfolders, sorted by their path in it, folder by folder (a/z.txt, a.txt, b.txt),
+    by code point, so the same on every machine. In a folder, files are chosen by extension (file_kind); others,
     hidden ones (.git, .DS_Store) and links back to a folder already read are skipped and counted in `dataset`.
     Only regular files are ever opened: a FIFO would block the run forever, a device would never end; such
     entries, and broken links, are skipped, each named on stderr."""
