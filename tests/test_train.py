@@ -262,7 +262,7 @@ def test_ctrl_c_saves_a_loadable_run_and_a_second_run_on_it_is_refused(models_di
     wait_for(lambda: os.path.exists(os.path.join(run_dir, "log.csv")), first, "first save")
 
     second = run_train("--dataset", paragraph, "--out_name", "long", *TINY, "--block_size", "16", "--max_steps",
-                       "1", "--overwrite", "--models_dir", models_dir)
+                       "1", "--warmup_steps", "1", "--overwrite", "--models_dir", models_dir)
     out, err = finish(second)
     assert second.returncode == 2 and not out
     assert err == f"error: another process is writing {run_dir}\n", err
