@@ -291,7 +291,13 @@ HELP_TYPES = {"prompt": str, "n_tokens_to_generate": int, "model_size": str, "mo
               "top_k": int, "top_p": float, "seed": int, "num_samples": int, "stop_at_endoftext": bool,
               "prompt_file": str, "interactive": bool, "stop": str, "min_p": float, "repetition_penalty": float,
               "presence_penalty": float, "frequency_penalty": float, "no_repeat_ngram_size": int,
-              "min_new_tokens": int}
+              "min_new_tokens": int,
+              # train.py's
+              "dataset": str, "out_name": str, "val_dataset": str, "text_column": str, "init_from": str,
+              "n_layer": int, "n_head": int, "n_embd": int, "n_ctx": int, "block_size": int, "batch_size": int,
+              "grad_accum": int, "max_steps": int, "learning_rate": float, "warmup_steps": int,
+              "lr_decay_steps": int, "weight_decay": float, "grad_clip": float, "eval_every": int,
+              "save_every": int, "resume": bool, "overwrite": bool}
 
 
 def help_stub(main, positional="prompt"):

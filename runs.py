@@ -14,11 +14,13 @@ A save is written whole into a folder of its own, every file and the folder fsyn
 dies (a kill, a power cut), `story` names a complete save, and everything that loads a model folder (gpt2.py,
 score.py, --init_from) loads it unchanged: a link to a folder is a folder.
 """
+import codecs
 import contextlib
 import csv
 import ctypes
 import errno
 import hashlib
+import io
 import json
 import os
 import re
@@ -30,9 +32,11 @@ import tempfile
 import zipfile
 
 import numpy as np
+import regex
+from tqdm import tqdm
 
 import utils
-from cli import check, is_int, is_number, warn
+from cli import check, check_text, is_int, is_number, warn
 from encoder import load_encoder
 from gpt2 import ENDOFTEXT
 
@@ -49,9 +53,9 @@ SAVE_NAME = re.compile(r"\d{6,}\.[0-9a-f]{6}")  # <step>.<random>: a name never 
 PARTIAL_NAME = re.compile(r"\d{6,}\.[0-9a-f]{6}\.partial")
 
 # What --resume may not change: every option that enters the arithmetic. The others may change on resume.
-FIXED_ON_RESUME = ("dataset", "val_dataset", "init_from", "n_layer", "n_head", "n_embd", "n_ctx", "block_size",
-                   "batch_size", "grad_accum", "learning_rate", "warmup_steps", "lr_decay_steps", "weight_decay",
-                   "grad_clip", "seed")
+FIXED_ON_RESUME = ("dataset", "val_dataset", "text_column", "init_from", "n_layer", "n_head", "n_embd", "n_ctx",
+                   "block_size", "batch_size", "grad_accum", "learning_rate", "warmup_steps", "lr_decay_steps",
+                   "weight_decay", "grad_clip", "seed")
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "n_ctx")  # the shape of a model from scratch; a loaded one has its own
 FREE_ON_RESUME = ("max_steps", "eval_every", "save_every")
 OPTIONS = FIXED_ON_RESUME + FREE_ON_RESUME
@@ -69,11 +73,11 @@ class Default:
     """A flag's value when the command line leaves it out. A new run uses the value; --resume uses the run's
     recorded one instead, so only a flag that is given can be refused for changing the run."""
 
-    def __init__(self, value):
-        self.value = value
+    def __init__(self, value, shown=None):
+        self.value, self.shown = value, shown
 
-    def __repr__(self):  # what --help shows
-        return repr(self.value)
+    def __repr__(self):  # what --help shows (fire writes "Type: Optional[]" beside a default shown as None)
+        return self.shown or ("none" if self.value is None else repr(self.value))
 
 
 def given(value):
@@ -103,6 +107,20 @@ def check_flags(flags):
     for name in ("dataset", "val_dataset"):
         check(flags[name] is None or (isinstance(flags[name], str) and flags[name]),
               f"--{name} must be a path, got {flags[name]!r}")
+    check(flags["text_column"] is None or (isinstance(flags["text_column"], str) and flags["text_column"]),
+          f"--text_column must be a column's name, got {flags['text_column']!r}")
+
+
+def warn_long_warmup(options, resume):
+    """A warmup longer than the run never gets past it: the learning rate climbs until the last step, never to its
+    peak, and the cosine never starts. Said once, at the start, with the peak it does reach."""
+    warmup, max_steps, learning_rate = options["warmup_steps"], options["max_steps"], options["learning_rate"]
+    if warmup <= max_steps:
+        return
+    peak = learning_rate * max_steps / warmup  # train.learning_rate_at(max_steps - 1, ...): the last update's
+    hint = "" if resume else f"; --warmup_steps {max(1, max_steps // 10)} would warm up over a tenth of the run"
+    warn(f"--warmup_steps {warmup} is longer than the run (--max_steps {max_steps}): the learning rate only climbs, "
+         f"to {peak:.3g} of --learning_rate {learning_rate:.3g} at the last step, and never decays{hint}")
 
 
 def check_models_dir(models_dir):
@@ -224,71 +242,223 @@ def check_fingerprints(record, options, fingerprints, run_dir):
 
 FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
               (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+TEXT_EXTENSIONS = (".txt", ".md", ".rst")  # in a folder, read whole as one document each (any case: F.TXT too)
+ROW_EXTENSIONS = (".jsonl", ".csv")  # one document per line or row, as a --dataset file or in a folder
+PROGRESS_BYTES = 4 << 20  # a dataset this large takes a few seconds to tokenize: a progress bar shows them
+PIECE_CHARS = 1 << 18  # tokenized at a time, so that the bar moves within a long document
+SAFE_CUT = regex.compile(r"(?<=\S\n)(?=\S)")  # regex, not re: \S as the pre-tokenizer (encoder.py) means it
+SNIFF_BYTES = 1 << 16  # of a file without an extension, read first: binary files are skipped without reading more
+CSV_FIELD_LIMIT = 2**31 - 1  # Python's csv refuses fields above 128 KiB by default; a document can be longer
 
 
 def kind_of(mode):
     return next((kind for test, kind in FILE_KINDS if test(mode)), "not a regular file")
 
 
-def dataset_files(path, flag):
-    """The files of a --dataset: the file itself, or a folder's .txt files in name order. Only regular files are
-    ever opened: a FIFO would block the run forever, a device would never end. Inside a folder, such entries
-    (and broken links) are skipped, each named on stderr."""
+class Dataset:
+    """The documents of --dataset or --val_dataset, and what reading it found, for the start summary."""
+
+    def __init__(self, path, flag):
+        self.path, self.flag = path, flag
+        self.texts = []  # one string per document, in reading order
+        self.files = 0  # files that gave documents
+        self.row_files = 0  # of them, .jsonl and .csv files
+        self.skipped = {}  # why -> how many: ".png", "hidden", "a FIFO", ... (files), "an empty row" (rows)
+
+    def skip(self, why):
+        self.skipped[why] = self.skipped.get(why, 0) + 1
+
+
+def file_kind(name):
+    """How a file in a dataset folder is read, from its name: "text", "jsonl", "csv", "sniff" (no extension: read
+    if it is UTF-8 text), or None (skipped, counted under its extension)."""
+    extension = os.path.splitext(name)[1].lower()
+    if extension in TEXT_EXTENSIONS:
+        return "text"
+    if extension in ROW_EXTENSIONS:
+        return extension[1:]
+    return "sniff" if extension == "" else None
+
+
+def dataset_files(path, flag, dataset=None):
+    """[(file, kind)] of a --dataset: the file itself (.jsonl and .csv by rows, anything else as text), or the
+    files of a folder and its subfolders, sorted by their path in it, folder by folder (a/z.txt, a.txt, b.txt),
+    by code point, so the same on every machine. In a folder, files are chosen by extension (file_kind); others,
+    hidden ones (.git, .DS_Store) and links back to a folder already read are skipped and counted in `dataset`.
+    Only regular files are ever opened: a FIFO would block the run forever, a device would never end; such
+    entries, and broken links, are skipped, each named on stderr."""
+    dataset = dataset or Dataset(path, flag)
     try:
-        mode = os.stat(path).st_mode
+        info = os.stat(path)
     except FileNotFoundError:
         raise utils.UsageError(f"{flag} {path}: no such file or folder") from None
     except OSError as e:
         raise utils.UsageError(f"{flag} {path}: {e.strerror}") from None
-    if stat.S_ISREG(mode):
-        return [path]
-    if not stat.S_ISDIR(mode):
-        raise utils.UsageError(f"{flag} {path} is {kind_of(mode)}, not a file or folder")
-    try:
-        names = sorted(name for name in os.listdir(path) if name.endswith(".txt"))
-    except OSError as e:
-        raise utils.UsageError(f"{flag} {path}: {e.strerror}") from None
+    if stat.S_ISREG(info.st_mode):
+        return [(path, file_kind(path) if file_kind(path) in ("jsonl", "csv") else "text")]
+    if not stat.S_ISDIR(info.st_mode):
+        raise utils.UsageError(f"{flag} {path} is {kind_of(info.st_mode)}, not a file or folder")
     files = []
-    for name in names:
-        file = os.path.join(path, name)
-        try:
-            mode = os.stat(file).st_mode
-        except FileNotFoundError:
-            warn(f"{flag} {path}: skipping {name}, a broken link")
-            continue
-        except OSError as e:
-            raise utils.UsageError(f"{flag} {file}: {e.strerror}") from None
-        if not stat.S_ISREG(mode):
-            warn(f"{flag} {path}: skipping {name}, {kind_of(mode)}")
-            continue
-        files.append(file)
-    check(files, f"{flag} {path}: the folder holds no .txt files")
+    walk_folder(path, "", flag, dataset, files, {(info.st_dev, info.st_ino): path})
     return files
 
 
-def read_text_file(file, flag):
+def walk_folder(root, relative, flag, dataset, files, seen):
+    folder = os.path.join(root, relative)
+    try:
+        names = sorted(os.listdir(folder))  # code point order: the same whatever the locale
+    except OSError as e:
+        raise utils.UsageError(f"{flag} {folder}: {e.strerror}") from None
+    for name in names:
+        entry, file = os.path.join(relative, name), os.path.join(folder, name)
+        if name.startswith("."):
+            dataset.skip("hidden")
+            continue
+        try:
+            info = os.stat(file)
+        except FileNotFoundError:
+            warn(f"{flag} {root}: skipping {entry}, a broken link")
+            dataset.skip("a broken link")
+            continue
+        except OSError as e:
+            raise utils.UsageError(f"{flag} {file}: {e.strerror}") from None
+        if stat.S_ISDIR(info.st_mode):  # a folder named notes.txt too: walked, never opened as a file
+            key = (info.st_dev, info.st_ino)
+            if key in seen:  # through a link: a folder on the way here (a loop), or one read already
+                warn(f"{flag} {root}: skipping {entry}, the folder {seen[key]} again (a link)")
+                dataset.skip("a folder read already")
+                continue
+            seen[key] = entry
+            walk_folder(root, entry, flag, dataset, files, seen)
+        elif not stat.S_ISREG(info.st_mode):
+            warn(f"{flag} {root}: skipping {entry}, {kind_of(info.st_mode)}")
+            dataset.skip(kind_of(info.st_mode))
+        elif file_kind(name) is None:
+            dataset.skip(os.path.splitext(name)[1].lower())
+        else:
+            files.append((file, file_kind(name)))
+
+
+def read_text_file(file, flag, sniff=False):
+    """A file's text. sniff: a file without an extension, which may be anything; None if it is not UTF-8 text (or
+    holds NUL bytes, as binary files and UTF-16 text do), read no further than SNIFF_BYTES then."""
     # O_NONBLOCK: should the file have become a FIFO since it was looked at, opening it still returns at once
-    fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    with open(fd, "rb") as f:
-        mode = os.fstat(f.fileno()).st_mode
-        check(stat.S_ISREG(mode), f"{flag} {file} is {kind_of(mode)}, not a file")
-        data = f.read()
+    try:
+        fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            check(stat.S_ISREG(mode), f"{flag} {file} is {kind_of(mode)}, not a file")
+            head = f.read(SNIFF_BYTES) if sniff else b""
+            if sniff and not looks_like_text(head, final=len(head) < SNIFF_BYTES):
+                return None
+            data = head + f.read()
+    except OSError as e:
+        raise utils.UsageError(f"{flag} {file}: {e.strerror}") from None
+    if sniff and not looks_like_text(data, final=True):
+        return None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise utils.UsageError(f"{flag} {file} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
 
 
-def dataset_texts(path, flag):
-    """The documents of a .txt file or of a folder's .txt files (sorted by name), as strings."""
-    texts = []
-    for file in dataset_files(path, flag):
+def looks_like_text(data, final):
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(data, final=final)  # a character cut at the end is fine
+    except UnicodeDecodeError:
+        return False
+    return b"\0" not in data
+
+
+def row_text(file, flag):
+    """The text of a .jsonl or .csv file: UTF-8, with or without the byte-order mark spreadsheets write."""
+    text = read_text_file(file, flag)
+    return text.removeprefix("\ufeff")
+
+
+def jsonl_documents(file, flag, field, dataset):
+    """One document per line: the line's JSON object's `field` ("text" unless --text_column names another).
+    Blank lines are no documents; an empty text is skipped and counted; anything else is one error naming the
+    line."""
+    field = field or "text"
+    for number, line in enumerate(row_text(file, flag).split("\n"), 1):  # not splitlines: JSON strings may hold
+        if not line.strip():                                              # U+2028, which it would cut at
+            continue
         try:
-            texts.append(read_text_file(file, flag))
-        except OSError as e:
-            raise utils.UsageError(f"{flag} {file}: {e.strerror}") from None
-    check(any(text.strip() for text in texts), f"{flag} {path} is empty")
-    return texts
+            row = json.loads(line)
+        except ValueError as e:
+            raise utils.UsageError(f"{flag} {file} line {number} is not JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(row, dict):
+            kind = {list: "a list", str: "a string", bool: "true or false", type(None): "null"}.get(type(row),
+                                                                                                 "a number")
+            raise utils.UsageError(f'{flag} {file} line {number} is {kind}, not an object with a "{field}" field')
+        if field not in row:
+            fields = f"its fields are {', '.join(row)}" if row else "it has no fields"
+            raise utils.UsageError(f'{flag} {file} line {number} has no "{field}" field ({fields}); every line '
+                                   f'needs one{"" if field != "text" else ", or --text_column names another"}')
+        text = row[field]
+        if not isinstance(text, str):
+            raise utils.UsageError(f'{flag} {file} line {number}: "{field}" is {json.dumps(text)[:40]}, not a '
+                                   f'string')
+        add_document(dataset, check_text(text, f"{flag} {file} line {number}"))
+
+
+def csv_documents(file, flag, column, dataset):
+    """One document per row of a CSV file whose first row names the columns: its only column, the column named
+    by --text_column, or else one named `text`."""
+    reader = csv.reader(io.StringIO(row_text(file, flag), newline=""))
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        columns = ", ".join(header)
+        if column is not None:
+            check(column in header, f"{flag} {file} has no column {column!r} (--text_column): its columns are "
+                                    f"{columns}")
+        elif len(header) > 1:
+            check("text" in header, f"{flag} {file} has {len(header)} columns ({columns}): --text_column NAME "
+                                    f"says which one holds the text")
+        index = header.index(column or ("text" if len(header) > 1 else header[0]))
+        for row in reader:
+            if not row:  # a blank line
+                continue
+            check(index < len(row), f"{flag} {file} line {reader.line_num} has {len(row)} field"
+                                    f"{'s' * (len(row) != 1)}, no value for column {header[index]!r}")
+            add_document(dataset, row[index])
+    except csv.Error as e:
+        raise utils.UsageError(f"{flag} {file} line {reader.line_num} is not CSV ({e})") from None
+
+
+def add_document(dataset, text):
+    if text == "":
+        dataset.skip("an empty row")
+    else:
+        dataset.texts.append(text)
+
+
+def dataset_texts(path, flag, text_column=None):
+    """The Dataset of a --dataset or --val_dataset: a text file is one document, a .jsonl or .csv file one per
+    row, a folder all of its files' (dataset_files)."""
+    dataset = Dataset(path, flag)
+    for file, kind in dataset_files(path, flag, dataset):
+        if kind in ("text", "sniff"):
+            text = read_text_file(file, flag, sniff=kind == "sniff")
+            if text is None:
+                dataset.skip("without an extension, not UTF-8 text")
+                continue
+            dataset.texts.append(text)
+        else:
+            dataset.row_files += 1
+            (jsonl_documents if kind == "jsonl" else csv_documents)(file, flag, text_column, dataset)
+        dataset.files += 1
+    if not dataset.files:  # a folder with nothing to read
+        skipped = f" (skipped {describe_skipped(dataset.skipped)})" if dataset.skipped else ""
+        raise utils.UsageError(f"{flag} {path}: the folder holds no text files ("
+                               f"{', '.join(TEXT_EXTENSIONS + ROW_EXTENSIONS)}, or UTF-8 text without an extension)"
+                               + skipped)
+    check(any(text.strip() for text in dataset.texts), f"{flag} {path} is empty")
+    return dataset
 
 
 def text_fingerprint(texts):
@@ -325,13 +495,35 @@ def cached_tokens(path):
     return tokens if tokens.dtype == np.uint16 and tokens.ndim == 1 and len(tokens) else None
 
 
-def tokenize(texts, encoder):  # -> [n_tokens] uint16
+def tokenize(texts, encoder, what="tokenizing"):  # -> [n_tokens] uint16
     """Every document's tokens followed by <|endoftext|>, one stream. uint16 holds GPT-2's 50257 ids in
-    half the memory of int32; the stream is read a window at a time."""
+    half the memory of int32; the stream is read a window at a time. Above PROGRESS_BYTES of text, a progress bar
+    on stderr counts the bytes done (it is removed when done)."""
     ids = []
-    for text in texts:
-        ids += encoder.encode(text) + [ENDOFTEXT]
+    total = sum(len(text.encode("utf-8")) for text in texts)
+    with tqdm(total=total, desc=what, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+              leave=False, dynamic_ncols=True, disable=total < PROGRESS_BYTES) as bar:
+        for text in texts:
+            for piece in text_pieces(text):
+                ids += encoder.encode(piece)
+                bar.update(len(piece.encode("utf-8")) if total >= PROGRESS_BYTES else 0)
+            ids.append(ENDOFTEXT)
     return np.array(ids, dtype=np.uint16)
+
+
+def text_pieces(text, size=None):
+    """text cut into pieces of about `size` characters, so that a progress bar moves within one long document.
+    Each cut is after a newline between two characters that are not whitespace ("end.\nThe"): GPT-2's
+    pre-tokenizer (encoder.PRETOKENIZE) ends a word at both sides of such a newline and makes it a word of its
+    own, whatever follows, so the pieces' tokens, put together, are exactly the whole text's."""
+    start, size = 0, size or PIECE_CHARS
+    while len(text) - start > size:
+        cut = SAFE_CUT.search(text, start + size)
+        if cut is None:
+            break
+        yield text[start:cut.start()]
+        start = cut.start()
+    yield text[start:]
 
 
 def save_tokens(tokens, path):
@@ -390,6 +582,8 @@ def read_config(run_dir):
     except (OSError, ValueError) as e:
         raise RunError(f"{path} cannot be read ({getattr(e, 'strerror', None) or e}): {DAMAGED_STATE}"
                        .format(name=os.path.basename(run_dir))) from None
+    if isinstance(record, dict) and isinstance(record.get("options"), dict):
+        record["options"].setdefault("text_column", None)  # a run from before --text_column read no rows
     ok = (isinstance(record, dict) and isinstance(record.get("options"), dict)
           and isinstance(record.get("fingerprints"), dict) and set(OPTIONS) <= set(record["options"])
           and {"dataset", "val_dataset", "vocabulary"} <= set(record["fingerprints"]))
@@ -765,14 +959,21 @@ def setup(flags):
     check(options["dataset"] is not None, "--dataset is required (on --resume, the run's own is used); "
                                           "python train.py --help lists every flag")
     check_flags(options)
+    warn_long_warmup(options, s.resume)
     shape_flags = [f"--{name}" for name in SHAPE_FLAGS if given(flags[name])]
     if shape_flags and not s.resume and options["init_from"] != "scratch":
         warn(f"{', '.join(shape_flags)} only shape{'s' * (len(shape_flags) == 1)} a model trained from scratch: "
              f"--init_from {options['init_from']} keeps its own shape")
     check(options["init_from"] != plain(flags["out_name"]) or s.resume,
           "--init_from and --out_name name the same folder: training writes a new one")
-    texts = dataset_texts(options["dataset"], "--dataset")
-    val_texts = dataset_texts(options["val_dataset"], "--val_dataset") if options["val_dataset"] else None
+    s.data = dataset_texts(options["dataset"], "--dataset", options["text_column"])
+    s.val_data = (dataset_texts(options["val_dataset"], "--val_dataset", options["text_column"])
+                  if options["val_dataset"] else None)
+    texts, val_texts = s.data.texts, s.val_data and s.val_data.texts
+    if options["text_column"] is not None and not any(d and d.row_files for d in (s.data, s.val_data)):
+        warn(f"--text_column {options['text_column']} only picks the column of .csv and .jsonl files, and "
+             f"{' and '.join(f'{d.flag} {d.path}' for d in (s.data, s.val_data) if d)} hold"
+             f"{'s' * (s.val_data is None)} none")
     for name in ("dataset", "val_dataset"):  # recorded whole: a resume may start from another folder
         options[name] = options[name] and os.path.abspath(options[name])
     fingerprints = {"dataset": text_fingerprint(texts),
@@ -804,7 +1005,7 @@ def setup(flags):
         path = token_cache_path(cache_dir, digest, fingerprints["vocabulary"])
         tokens = cached_tokens(path)
         if tokens is None:
-            tokens = tokenize(these, s.encoder)
+            tokens = tokenize(these, s.encoder, "tokenizing " + ("--dataset" if these is texts else "--val_dataset"))
             s.uncached.append((tokens, path))
         streams.append(tokens)
     s.train_tokens, s.val_tokens = split_tokens(streams[0], streams[1], options["block_size"],
@@ -833,4 +1034,57 @@ def open_run(s):
         if s.resume:
             print(f"resuming {s.run_dir} at step {s.saved.step} (session {run.session}), to step "
                   f"{s.config['max_steps']}", file=sys.stderr)
+        print("\n".join(start_summary(s)), file=sys.stderr, flush=True)
         yield run
+
+
+# ---------------------------------------------------------------------------------------------- the summary
+
+def count(n, noun, plural=None):
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
+def n_parameters(hparams):
+    """The model's weights, each counted once (wte is also the LM head): the sizes of the release's tensors."""
+    n_vocab, n_ctx, c, n_layer = hparams["n_vocab"], hparams["n_ctx"], hparams["n_embd"], hparams["n_layer"]
+    block = 2 * 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * 4 * c + 4 * c) + (4 * c * c + c)  # ln_1, ln_2,
+    return n_vocab * c + n_ctx * c + n_layer * block + 2 * c                                         # attn, mlp
+
+
+def describe_skipped(skipped):
+    """"3 .png, 1 without an extension, not UTF-8 text, 2 hidden": the commonest reasons first."""
+    labels = {"a broken link": ("broken link", "broken links"), "a FIFO": ("FIFO", "FIFOs"),
+              "a socket": ("socket", "sockets"), "a character device": ("character device", "character devices"),
+              "a block device": ("block device", "block devices"), "an empty row": ("empty row", "empty rows"),
+              "a folder read already": ("folder read already", "folders read already")}
+    parts = sorted((-n, count(n, *labels.get(why, (why, why)))) for why, n in skipped.items())
+    return ", ".join(text for _, text in sorted(parts, key=lambda part: (part[0], part[1].lower())))
+
+
+def describe_dataset(data):
+    line = (f"{data.flag.lstrip('-')}: {data.path} ({count(data.files, 'file')}, "
+            f"{count(len(data.texts), 'document')}")
+    return line + (f"; skipped {describe_skipped(data.skipped)})" if data.skipped else ")")
+
+
+def passes_text(passes):
+    return f"{passes:,.0f}" if passes >= 100 else f"{passes:.2f}" if passes >= 0.1 else f"{passes:.2g}"
+
+
+def start_summary(s):
+    """What the run read and what it will do, in a few lines on stderr before the first step."""
+    config = s.config
+    tokens_per_step = config["batch_size"] * config["block_size"] * config["grad_accum"]
+    passes = config["max_steps"] * tokens_per_step / len(s.train_tokens)
+    shape = (f"{count(s.hparams['n_layer'], 'layer')}, {count(s.hparams['n_head'], 'head')}, n_embd "
+             f"{s.hparams['n_embd']}, context {s.hparams['n_ctx']}")
+    origin = "the run's save" if s.resume else config["init_from"]
+    val = "--val_dataset" if s.val_data else f"the last {VAL_FRACTION:.0%} of --dataset"
+    lines = [describe_dataset(s.data)] + ([describe_dataset(s.val_data)] if s.val_data else []) + [
+        f"tokens: {len(s.train_tokens):,} for training, {len(s.val_tokens):,} for validation ({val})",
+        f"model: {n_parameters(s.hparams):,} parameters ({shape}), from {origin}",
+        f"steps: {config['max_steps']:,} of {tokens_per_step:,} tokens (batch {config['batch_size']} x block "
+        f"{config['block_size']} x grad_accum {config['grad_accum']}): {passes_text(passes)} "
+        f"passes over the training tokens",
+        f"run: {s.run_dir}"]
+    return lines

@@ -453,12 +453,55 @@ def train(params, optimizer, step, rng, tokens, val_tokens, config, run):
 D = runs.Default  # a flag left out: a new run takes this value, --resume the run's recorded one
 
 
-def main(dataset=D(None), out_name=None, val_dataset=D(None), init_from=D("124M"), n_layer=D(12), n_head=D(12),
-         n_embd=D(768), n_ctx=D(1024), block_size=D(256), batch_size=D(4), grad_accum=D(1), max_steps=D(1000),
-         learning_rate=D(3e-4), warmup_steps=D(100), lr_decay_steps=D(None), weight_decay=D(0.1), grad_clip=D(1.0),
-         eval_every=D(100), save_every=D(500), seed=D(0), models_dir="models", resume=False, overwrite=False):
-    """Train GPT-2 on the text in --dataset and save it as models/<out_name>, in OpenAI's release layout.
-    --resume continues a saved run with the options it was started with."""
+def main(dataset=D(None), out_name=None, val_dataset=D(None), text_column=D(None), init_from=D("124M"),
+         n_layer=D(12), n_head=D(12), n_embd=D(768), n_ctx=D(1024), block_size=D(256), batch_size=D(4),
+         grad_accum=D(1), max_steps=D(1000), learning_rate=D(3e-4), warmup_steps=D(100),
+         lr_decay_steps=D(None, "max_steps"), weight_decay=D(0.1), grad_clip=D(1.0), eval_every=D(100),
+         save_every=D(500), seed=D(0), models_dir="models", resume=False, overwrite=False):
+    """Train GPT-2 on your text and save it as models/<out_name>, a model folder gpt2.py and score.py load.
+
+    python train.py --dataset TEXT --out_name NAME [flags]. Before the first step, a few lines on stderr say what
+    was read (files, documents, what was skipped and why), the tokens of the training and validation splits, the
+    model's parameters, the tokens per step and the passes over the training tokens --max_steps makes, and where
+    the run is. --resume continues a saved run with the options it was started with (the flags that would change
+    its training are refused).
+
+    Args:
+        dataset: the text to train on (required, except with --resume). A text file is one document; a .jsonl
+            file has one per line, in its "text" field; a .csv file one per row, in its only column, the column
+            --text_column names, or the one named text. A folder is read with its subfolders, in the order of the
+            files' paths, taking .txt, .md, .rst, .jsonl and .csv files (any case) and UTF-8 files without an
+            extension; other files and hidden ones are skipped and counted, FIFOs, devices and broken links are
+            skipped and named. Every document is followed by <|endoftext|>
+        out_name: the run's folder name under models_dir (required); an existing one is refused without
+            --resume or --overwrite
+        val_dataset: the text to validate on, in the same forms (default: the last 10% of the dataset's tokens)
+        text_column: the column of .csv files, or the field of .jsonl lines, that holds the text (by default a
+            CSV file's only column or its column named text, and the field text)
+        init_from: the model to fine-tune: 124M, 355M, 774M or 1558M (downloaded if missing), a model folder
+            under models_dir, a path to one (./x), a Hugging Face Hub repo id (owner/name[@revision]); or scratch,
+            a new model of the shape below with GPT-2's initialization and vocabulary
+        n_layer: transformer blocks of a model from scratch
+        n_head: attention heads of a model from scratch (they divide n_embd)
+        n_embd: the width of a model from scratch
+        n_ctx: the context of a model from scratch, in positions (at least block_size)
+        block_size: tokens per training sequence (at most the model's context)
+        batch_size: sequences per micro-batch
+        grad_accum: micro-batches whose mean gradient makes one optimizer step (tokens per step: batch_size x
+            block_size x grad_accum)
+        max_steps: optimizer steps in all; a resumed run stops there too, and may be given a higher one
+        learning_rate: the peak learning rate, reached at the end of the warmup
+        warmup_steps: steps of linear warmup from learning_rate / warmup_steps to learning_rate
+        lr_decay_steps: the step where the cosine after the warmup reaches 10% of learning_rate, flat after
+        weight_decay: AdamW's decoupled weight decay, on 2-D weights only (not biases or layer-norm gains)
+        grad_clip: the largest global L2 norm of the gradients; larger ones are scaled down to it (0: no clipping)
+        eval_every: the validation loss and perplexity every this many steps and at the end (0: never)
+        save_every: save the run every this many steps (0: only at the end, or on Ctrl-C)
+        seed: the initialization of a model from scratch and the random choice of training windows
+        models_dir: where runs and models live; tokenized datasets are kept in models_dir/token-cache
+        resume: continue the saved run out_name from its last save, with its recorded options
+        overwrite: start the run out_name again; the old one is kept until the new run's first save
+    """
     setup = runs.setup(locals())  # every check, the data tokenized, a resumed run read back; nothing written yet
     config, hparams = setup.config, setup.hparams
     with runs.open_run(setup) as run:  # the run's lock: a second run on this name is refused
@@ -490,7 +533,7 @@ SHORT_FLAGS = {"d": "dataset", "v": "val_dataset", "i": "init_from", "e": "eval_
 
 
 def cli():
-    run_script(main, text_flags={"dataset", "val_dataset", "out_name", "init_from", "models_dir"},
+    run_script(main, text_flags={"dataset", "val_dataset", "text_column", "out_name", "init_from", "models_dir"},
                short_flags=SHORT_FLAGS)
 
 

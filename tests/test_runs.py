@@ -288,13 +288,15 @@ def test_resume_with_only_max_steps_continues_with_the_recorded_options(run_copy
 
 REFUSED = [("block_size", 16), ("batch_size", 3), ("grad_accum", 2), ("learning_rate", 3e-4), ("warmup_steps", 5),
            ("lr_decay_steps", 9), ("weight_decay", 0.0), ("grad_clip", 0.5), ("seed", 1), ("n_layer", 2),
-           ("n_head", 4), ("n_embd", 32), ("n_ctx", 64), ("init_from", "124M")]
+           ("n_head", 4), ("n_embd", 32), ("n_ctx", 64), ("init_from", "124M"),
+           ("text_column", "body")]
 
 
 @pytest.mark.parametrize("name, value", REFUSED, ids=[name for name, _ in REFUSED])
 def test_resume_refuses_an_option_that_would_change_the_run(saved_run, name, value):
     models_dir, dataset = saved_run
-    recorded = {**OPTIONS, "lr_decay_steps": 2, "grad_accum": 1, "weight_decay": 0.1, "grad_clip": 1.0}[name]
+    recorded = {**OPTIONS, "lr_decay_steps": 2, "grad_accum": 1, "weight_decay": 0.1, "grad_clip": 1.0,
+                "text_column": None}[name]
     before = tree_bytes(os.path.join(models_dir, "run"))
     with pytest.raises(utils.UsageError) as refused:
         train.main(out_name="run", resume=True, max_steps=5, models_dir=models_dir, **{name: value})
@@ -338,7 +340,7 @@ def test_the_token_cache_is_keyed_by_text_and_vocabulary(models_dir, paragraph, 
     encoder_json["The"], encoder_json["Ġthe"] = encoder_json["Ġthe"], encoder_json["The"]
     (other_dir / "encoder.json").write_text(json.dumps(encoder_json), encoding="utf-8")
     shutil.copyfile(real_vocab_file("vocab.bpe"), other_dir / "vocab.bpe")
-    texts = runs.dataset_texts(paragraph, "--dataset")
+    texts = runs.dataset_texts(paragraph, "--dataset").texts
     cache_dir = os.path.join(models_dir, "token-cache")
     found = []
     for vocab_dir in (os.path.join(models_dir, "124M"), str(other_dir)):
@@ -523,7 +525,7 @@ def test_odd_files_in_a_dataset_folder_are_skipped_and_named(models_dir, tmp_pat
     listening = socket.socket(socket.AF_UNIX)
     listening.bind(str(folder / "e.txt"))
     try:
-        texts = runs.dataset_texts(str(folder), "--dataset")
+        texts = runs.dataset_texts(str(folder), "--dataset").texts
     finally:
         listening.close()
     assert texts == [PARAGRAPH]

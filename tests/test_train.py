@@ -262,7 +262,7 @@ def test_ctrl_c_saves_a_loadable_run_and_a_second_run_on_it_is_refused(models_di
     wait_for(lambda: os.path.exists(os.path.join(run_dir, "log.csv")), first, "first save")
 
     second = run_train("--dataset", paragraph, "--out_name", "long", *TINY, "--block_size", "16", "--max_steps",
-                       "1", "--overwrite", "--models_dir", models_dir)
+                       "1", "--warmup_steps", "1", "--overwrite", "--models_dir", models_dir)
     out, err = finish(second)
     assert second.returncode == 2 and not out
     assert err == f"error: another process is writing {run_dir}\n", err
@@ -291,7 +291,7 @@ BAD_INPUT = [  # (flags, what the one line says)
     (dict(dataset="{tmp}/missing.txt"), "no such file or folder"),
     (dict(dataset="{empty}"), "is empty"),
     (dict(dataset="{latin1}"), "is not UTF-8 text"),
-    (dict(dataset="{no_text}"), "holds no .txt files"),
+    (dict(dataset="{no_text}"), "the folder holds no text files (.txt, .md, .rst, .jsonl, .csv, or UTF-8 text"),
     (dict(block_size=60), "fewer than --block_size + 1"),
     (dict(block_size=65), "longer than --n_ctx"),
     (dict(n_embd=30, n_head=4), "must be divisible by --n_head"),
@@ -315,7 +315,8 @@ def test_bad_input_is_refused_before_anything_is_written(models_dir, paragraph, 
     files = {"tmp": str(tmp_path), "empty": write(tmp_path / "empty.txt", b""),
              "latin1": write(tmp_path / "latin1.txt", "café".encode("latin-1")), "no_text": str(tmp_path / "notes")}
     os.makedirs(tmp_path / "notes")
-    write(tmp_path / "notes" / "readme.md", b"not a .txt file")
+    write(tmp_path / "notes" / "photo.png", b"\x89PNG\r\n\x1a\n")
+    write(tmp_path / "notes" / "program", b"\x7fELF\x02\x01\x01\x00")  # no extension, not text
     args = dict(dataset=paragraph, out_name="run", init_from="scratch", n_layer=1, n_head=2, n_embd=32, n_ctx=64,
                 block_size=16, models_dir=models_dir)
     args.update({k: v.format(**files) if isinstance(v, str) else v for k, v in flags.items()})
