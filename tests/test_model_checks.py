@@ -143,7 +143,8 @@ def test_score_and_train_refuse_a_folder_whose_hparams_drop_a_layer(models_dir, 
     hparam(n_layer=1)(str(models_dir / "run1"))
     (models_dir / "text.txt").write_text("Hello there, general Kenobi. " * 20, encoding="utf-8")  # a validation split too
     args = ["text.txt", "--model_size", "run1"] if script == "score.py" else \
-        ["--dataset", "text.txt", "--out_name", "new", "--init_from", "run1", "--max_steps", "1", "--block_size", "4"]
+        ["--dataset", "text.txt", "--out_name", "new", "--init_from", "run1", "--max_steps", "1", "--warmup_steps", "1",
+         "--block_size", "4"]
     result = subprocess.run([sys.executable, os.path.join(ROOT, script), *args, "--models_dir", str(models_dir)],
                             cwd=models_dir, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "GPT2_MODELS_URL": "http://127.0.0.1:9"})
