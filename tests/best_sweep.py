@@ -1,6 +1,6 @@
 """The kill sweep of the best model: a training process killed by SIGKILL at each call, in turn, of the functions
 that keeping models/run-best uses (Run.save_best and Run.link_best, nothing else counted; writing the model's files
-counts as one call, since tests/kill_sweep.py kills every save at each of its calls).
+counts as one call, since tests/kill_sweep.py kills every save at each of its calls, and so does removing a folder).
 
     python -m tests.best_sweep WORK_DIR SCENARIO    (tests/test_best.py runs it, with a deadline)
 
@@ -39,12 +39,14 @@ def count_calls_in_best(kill_at, count_file):
     import runs
     import utils
 
-    calls, inside = [0], [0]
+    calls, inside, suspended = [0], [0], [0]
 
     def wrap(original):
         def counted(*args, **kwargs):
-            if inside[0] > 0:
+            if inside[0] and not suspended[0]:
                 calls[0] += 1
+                if os.environ.get("BEST_SWEEP_TRACE"):
+                    print(calls[0], original.__name__, file=sys.stderr)
                 if calls[0] == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
             return original(*args, **kwargs)
@@ -61,16 +63,18 @@ def count_calls_in_best(kill_at, count_file):
 
     def one_call(original):  # a kill point of its own, whose insides tests/kill_sweep.py already sweeps
         def whole(*args, **kwargs):
-            inside[0] -= 1
+            suspended[0] += 1
             try:
                 return original(*args, **kwargs)
             finally:
-                inside[0] += 1
+                suspended[0] -= 1
         return wrap(whole)
 
     for module, name in counted_functions():
-        setattr(module, name, wrap(getattr(module, name)))
+        if (module, name) != (shutil, "rmtree"):
+            setattr(module, name, wrap(getattr(module, name)))
     utils.save_release_model = one_call(utils.save_release_model)
+    shutil.rmtree = one_call(shutil.rmtree)  # the removal of the previous best: its unlinks are one more kill point
     runs.Run.save_best = region(runs.Run.save_best)
     runs.Run.link_best = region(runs.Run.link_best)
     return lambda: open(count_file, "w").write(str(calls[0]))
