@@ -457,8 +457,9 @@ def train(params, optimizer, step, rng, tokens, val_tokens, config, run, sample)
                 run.save(step, params, optimizer, rng)
             if stalled:
                 break
-            if config["sample_every"] and step % config["sample_every"] == 0 and step < max_steps:
-                tqdm.write(f"step {step} sample:\n{sample(params)}", file=sys.stderr)  # main prints the last
+            preview_due = config["sample_every"] and step % config["sample_every"] == 0
+            if preview_due and step < max_steps and not stop.requested:  # main prints the last one
+                tqdm.write(f"step {step} sample:\n{sample(params)}", file=sys.stderr)
     return step
 
 
