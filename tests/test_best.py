@@ -15,7 +15,7 @@ import utils
 from encoder import load_encoder
 from tests.conftest import ROOT
 from tests.release_layout import vocabulary_only
-from tests.test_train import PARAGRAPH, finish, read_log, run_train
+from tests.test_train import PARAGRAPH, finish, read_log, run_train, wait_for
 
 # The paragraph is trained on; this other text is the validation split, so the validation loss falls while the
 # model learns words and then rises as it memorizes the paragraph: the best step comes before the last.
@@ -39,7 +39,7 @@ def models_dir(tmp_path):
 
 
 def run(texts, models_dir, name="run", **options):
-    train.main(texts[0], name, val_dataset=texts[1], models_dir=models_dir, **{**OPTIONS, **options})
+    train.main(texts[0], name, models_dir=models_dir, **{**OPTIONS, "val_dataset": texts[1], **options})
 
 
 def weights(model_dir, n_layer=1):
@@ -257,3 +257,27 @@ def test_patience_needs_a_validation_loss(texts, models_dir):
     with pytest.raises(utils.UsageError, match="^--patience counts evaluations of the validation loss: give "
                                                "--eval_every N"):
         run(texts, models_dir, max_steps=5, patience=2, eval_every=0)
+
+
+def test_loading_the_best_model_while_the_run_replaces_it_never_fails_nor_warns(texts, models_dir, capfd):
+    """gpt2.py's loader on run-best while a resumed run finds a new best at every step (its validation text is its
+    training text, at a small learning rate): each load is one whole best model, never a mixture or a gap."""
+    run(texts, models_dir, max_steps=2, save_every=1, learning_rate=1e-3, lr_decay_steps=100000,
+        val_dataset=texts[0])
+    trainer = run_train("--out_name", "run", "--resume", "--max_steps", "100000", "--models_dir", models_dir)
+    best = os.path.join(models_dir, "run-best")
+    seen = set()
+    try:
+        first = os.readlink(best)
+        wait_for(lambda: os.readlink(best) != first, trainer, "a new best")
+        for _ in range(300):  # until the loads have overlapped a few switches, however slow the machine
+            _, hparams, params = utils.load_encoder_hparams_and_params("run-best", models_dir)
+            assert params["wte"].shape == (50257, 16)
+            seen.add(os.readlink(best))
+            if len(seen) >= 3 or trainer.poll() is not None:
+                break
+    finally:
+        trainer.kill()
+        finish(trainer)
+    assert len(seen) >= 3  # the loads did overlap switches of the name
+    assert "warning" not in capfd.readouterr().err
