@@ -726,8 +726,16 @@ class Run:
         put_back(self.run_dir)
 
     def remove_leftovers(self):
-        """Only names this module makes, in the run's own folder, and never the current save nor the current best."""
+        """Only names this module makes, in the run's own folder, and never the current save nor the current best.
+        A best save of the log's best step that never took the name (the process died between the run's first save
+        and the switch) takes it now."""
         current, best = self.current(), self.current_best()
+        if best is None and not os.path.lexists(self.best_dir) and self.best.step is not None:
+            found = [entry for entry in os.listdir(self.saves)
+                     if BEST_NAME.fullmatch(entry) and int(entry[5:].split(".")[0]) == self.best.step]
+            if found:
+                self.pending_best = best = found[0]
+                self.link_best()
         for entry in os.listdir(self.saves):
             if entry not in (current, best) and (SAVE_NAME.fullmatch(entry) or PARTIAL_NAME.fullmatch(entry)
                                                  or BEST_NAME.fullmatch(entry) or BEST_PARTIAL_NAME.fullmatch(entry)

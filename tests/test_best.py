@@ -281,3 +281,19 @@ def test_loading_the_best_model_while_the_run_replaces_it_never_fails_nor_warns(
         finish(trainer)
     assert len(seen) >= 3  # the loads did overlap switches of the name
     assert "warning" not in capfd.readouterr().err
+
+
+def test_a_best_left_unlinked_by_a_death_after_the_first_save_takes_its_name_on_resume(texts, models_dir, capsys):
+    """A new run's best takes the name at the run's first save, just after it: a death in between leaves the best
+    save complete but unnamed. The next --resume names it before it trains."""
+    run(texts, models_dir, max_steps=2, save_every=1)
+    best = os.path.join(models_dir, "run-best")
+    target, kept = os.readlink(best), weights(best)
+    os.remove(best)  # what the death left: the run saved, its best written but not linked
+    capsys.readouterr()
+    run(texts, models_dir, max_steps=3, resume=True)
+    step, loss = logged_best(os.path.join(models_dir, "run"))
+    assert f"its best, step {int(target.split('-')[1].split('.')[0])} " in capsys.readouterr().err  # named at open
+    assert os.path.lexists(best)
+    if step <= 2:
+        assert_same(weights(best), kept)
