@@ -402,6 +402,10 @@ def best_dir(run_dir):
     return os.path.normpath(run_dir) + BEST_SUFFIX
 
 
+def best_step(name):  # best-<step>.<random> -> step
+    return int(name[len("best-"):].split(".")[0])
+
+
 def best_of(path):
     """(run name, best save) if path is a link that a run made to its best model, else None."""
     try:
@@ -728,11 +732,11 @@ class Run:
     def remove_leftovers(self):
         """Only names this module makes, in the run's own folder, and never the current save nor the current best.
         A best save of the log's best step that never took the name (the process died between the run's first save
-        and the switch) takes it now."""
+        and the switch; the name is free, or holds the best of the run that --overwrite replaced) takes it now."""
         current, best = self.current(), self.current_best()
-        if best is None and not os.path.lexists(self.best_dir) and self.best.step is not None:
-            found = [entry for entry in os.listdir(self.saves)
-                     if BEST_NAME.fullmatch(entry) and int(entry[5:].split(".")[0]) == self.best.step]
+        if self.best.step is not None and (best is not None or not os.path.lexists(self.best_dir)):
+            found = [entry for entry in os.listdir(self.saves) if entry != best and BEST_NAME.fullmatch(entry)
+                     and best_step(entry) == self.best.step]
             if found:
                 self.pending_best = best = found[0]
                 self.link_best()
