@@ -45,8 +45,6 @@ def count_calls_in_best(kill_at, count_file):
         def counted(*args, **kwargs):
             if inside[0] and not suspended[0]:
                 calls[0] += 1
-                if os.environ.get("BEST_SWEEP_TRACE"):
-                    print(calls[0], original.__name__, file=sys.stderr)
                 if calls[0] == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
             return original(*args, **kwargs)
@@ -171,7 +169,7 @@ def main(work_dir, scenario):
                         step = int(state["step"])
                 last = 1 if scenario == "fresh" else MAX_STEPS
                 if step < last:
-                    go_on(models_dir) if step or scenario == "fresh" else None
+                    go_on(models_dir)
             finally:
                 sys.stdout = stdout
         if scenario == "resume" or os.path.lexists(best):
