@@ -22,9 +22,11 @@ import errno
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import secrets
+import shlex
 import shutil
 import stat
 import sys
@@ -51,14 +53,23 @@ NEW_LINK = "link.tmp"  # the link being made, in the saves folder (where its rel
 REPLACED = "replaced"  # where a real folder goes while a link takes its name, on systems without an exchange
 SAVE_NAME = re.compile(r"\d{6,}\.[0-9a-f]{6}")  # <step>.<random>: a name never used twice, even by --overwrite
 PARTIAL_NAME = re.compile(r"\d{6,}\.[0-9a-f]{6}\.partial")
+BEST_SUFFIX = "-best"  # models/<out_name>-best: the weights of the lowest validation loss so far
+BEST_NAME = re.compile(r"best-\d{6,}\.[0-9a-f]{6}")  # a best model's save, in the run's saves folder
+BEST_PARTIAL_NAME = re.compile(r"best-\d{6,}\.[0-9a-f]{6}\.partial")
+NEW_BEST_LINK = "best-link.tmp"
 
 # What --resume may not change: every option that enters the arithmetic. The others may change on resume.
 FIXED_ON_RESUME = ("dataset", "val_dataset", "text_column", "init_from", "n_layer", "n_head", "n_embd", "n_ctx",
                    "block_size", "batch_size", "grad_accum", "learning_rate", "warmup_steps", "lr_decay_steps",
                    "weight_decay", "grad_clip", "seed")
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "n_ctx")  # the shape of a model from scratch; a loaded one has its own
-FREE_ON_RESUME = ("max_steps", "eval_every", "save_every")
+# --patience is free too: like --max_steps it says where to stop, not what a step computes, and a run that stopped
+# early can go on with more patience. Its count of evaluations without improvement comes from the log.
+FREE_ON_RESUME = ("max_steps", "eval_every", "save_every", "patience", "sample_every", "sample_prompt",
+                  "sample_length", "sample_temperature", "sample_top_k")
+LATER_OPTIONS = FREE_ON_RESUME[3:]  # a run recorded before these existed takes their defaults on --resume
 OPTIONS = FIXED_ON_RESUME + FREE_ON_RESUME
+PROMPT_TOKENS = 16  # the default preview prompt: the first tokens of the validation text, at most
 
 DAMAGED_STATE = ("--resume cannot continue it; its weights can still start a new run (--init_from {name} "
                  "--out_name NEW), or --overwrite starts this one again")
@@ -96,9 +107,17 @@ def check_flags(flags):
                  "n_embd", "n_ctx"):
         value = flags[name]
         check(is_int(value) and value > 0, f"--{name} must be a positive whole number, got {value!r}")
-    for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+    for name in ("warmup_steps", "eval_every", "save_every", "seed", "patience", "sample_every", "sample_top_k"):
         value = flags[name]
         check(is_int(value) and value >= 0, f"--{name} must be a whole number >= 0, got {value!r}")
+    check(is_int(flags["sample_length"]) and flags["sample_length"] > 0,
+          f"--sample_length must be a positive whole number, got {flags['sample_length']!r}")
+    check(is_number(flags["sample_temperature"]) and flags["sample_temperature"] >= 0,
+          f"--sample_temperature must be a number >= 0 (0: greedy), got {flags['sample_temperature']!r}")
+    check(flags["sample_prompt"] is None or isinstance(flags["sample_prompt"], str),
+          f"--sample_prompt must be text, got {flags['sample_prompt']!r}")
+    check(not flags["patience"] or flags["eval_every"],
+          "--patience counts evaluations of the validation loss: give --eval_every N (N > 0) with it")
     check(is_number(flags["learning_rate"]) and flags["learning_rate"] > 0,
           f"--learning_rate must be a positive number, got {flags['learning_rate']!r}")
     for name in ("weight_decay", "grad_clip"):
@@ -215,7 +234,7 @@ def resolve_options(flags, record, run_dir):
         else:
             options[name] = recorded[name]
     for name in FREE_ON_RESUME:
-        options[name] = flags[name] if given(flags[name]) else recorded[name]
+        options[name] = flags[name] if given(flags[name]) else recorded.get(name, options[name])
     return options
 
 
@@ -571,6 +590,65 @@ def saves_dir(run_dir):
     return os.path.join(parent, f".{name}.saves")
 
 
+def best_dir(run_dir):
+    return os.path.normpath(run_dir) + BEST_SUFFIX
+
+
+def best_step(name):  # best-<step>.<random> -> step
+    return int(name[len("best-"):].split(".")[0])
+
+
+def best_of(path):
+    """(run name, best save) if path is a link that a run made to its best model, else None."""
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return None
+    head, name = os.path.split(target)
+    run = head[1:-len(".saves")] if head.startswith(".") and head.endswith(".saves") else None
+    return (run, name) if run and "/" not in run and BEST_NAME.fullmatch(name) else None
+
+
+def check_best_dir(run_dir, eval_every, overwrite):
+    """models/<out_name>-best must be free or this run's own, before any work: it is replaced at every new best."""
+    best, name = best_dir(run_dir), os.path.basename(os.path.normpath(run_dir))
+    owner = best_of(best)
+    if eval_every and os.path.lexists(best) and (owner is None or owner[0] != name):
+        what = f"the best model of the run {owner[0]}" if owner else "another model"
+        raise utils.UsageError(f"{best} is {what}: this run keeps its best model under that name (move it away, "
+                               f"or choose another --out_name)")
+    if not eval_every and overwrite and owner and owner[0] == name:
+        warn(f"{best} is the best model of the run that --overwrite replaces; without a validation loss "
+             f"(--eval_every 0) this run keeps no best, so it stays as it is")
+
+
+class Best:
+    """The lowest validation loss in a run's log, its step, and how many evaluations came after it: what the best
+    model and --patience go by. Taken from the logged values (6 decimals), so that a resumed run decides as an
+    uninterrupted one did; a tie is no improvement."""
+
+    def __init__(self, rows=()):
+        self.step, self.loss, self.since = None, None, 0
+        for row in rows:
+            self.add(row)
+
+    def add(self, row):
+        if not row.get("val_loss"):
+            return
+        loss = float(row["val_loss"])
+        if self.loss is None or loss < self.loss:
+            self.step, self.loss, self.since = int(row["step"]), loss, 0
+        else:
+            self.since += 1
+
+    def out_of_patience(self, patience):
+        return bool(patience) and self.step is not None and self.since >= patience
+
+    def stopped(self, patience):
+        return (f"the validation loss has not improved for {patience} evaluation{'s' * (patience != 1)} (best "
+                f"{self.loss:.4f} at step {self.step})")
+
+
 def read_config(run_dir):
     """The run's record (train_config.json), or None for a run saved by a train.py that wrote none."""
     path = os.path.join(run_dir, CONFIG_FILE)
@@ -585,7 +663,8 @@ def read_config(run_dir):
     if isinstance(record, dict) and isinstance(record.get("options"), dict):
         record["options"].setdefault("text_column", None)  # a run from before --text_column read no rows
     ok = (isinstance(record, dict) and isinstance(record.get("options"), dict)
-          and isinstance(record.get("fingerprints"), dict) and set(OPTIONS) <= set(record["options"])
+          and isinstance(record.get("fingerprints"), dict)
+          and set(OPTIONS) - set(LATER_OPTIONS) <= set(record["options"])
           and {"dataset", "val_dataset", "vocabulary"} <= set(record["fingerprints"]))
     if not ok:
         raise RunError(f"{path} is not a record train.py wrote (it needs options and fingerprints): "
@@ -757,7 +836,8 @@ def remove(path):
 class Run:
     """The run's folder while this process trains it. `with Run(...)` takes the run's writer lock (a second run on
     the name is refused), puts back what a dead process left half-done and removes its leftovers; saves go into
-    .<name>.saves/ and the name is switched to each in turn."""
+    .<name>.saves/ and the name is switched to each in turn. The best model is kept the same way: its saves
+    (best-<step>.<random>) go into the same folder, and the link <name>-best is switched to each in turn."""
 
     def __init__(self, run_dir, hparams, vocab_dir, config, record, rows=(), overwrite=False):
         self.run_dir, self.hparams, self.vocab_dir, self.config = run_dir, hparams, vocab_dir, config
@@ -768,6 +848,12 @@ class Run:
         self.session = 1 + max((int(row.get("session") or 1) for row in self.rows), default=0)
         self.stack = contextlib.ExitStack()
         self.log = None
+        self.best_dir = best_dir(run_dir)
+        self.best = Best(self.rows)  # from the log: a resumed run remembers its best and its patience
+        # A resumed run exists: a new best takes the name <name>-best at once. A new run's (or an --overwrite's)
+        # waits for the run's first save, so that the name never holds the best of a run with nothing saved.
+        self.run_exists = bool(self.rows)
+        self.pending_best = None  # the name of a best save written but not linked yet
 
     def __enter__(self):
         try:
@@ -795,7 +881,7 @@ class Run:
             os.makedirs(self.saves, exist_ok=True)
             if new:
                 utils.fsync_dir(self.parent)
-            with self.readers_held():
+            with self.readers_held(), self.best_readers_held():
                 self.recover()
                 self.remove_leftovers()
         except OSError as e:
@@ -817,6 +903,9 @@ class Run:
         never switched, nor a save removed, under its feet."""
         return utils.hold(self.run_dir, f"loading {os.path.basename(self.run_dir)}")
 
+    def best_readers_held(self):
+        return utils.hold(self.best_dir, f"loading {os.path.basename(self.best_dir)}")
+
     def current(self):
         """The name of the save the run's link points at, or None (no link, a real folder, a foreign link)."""
         try:
@@ -826,20 +915,35 @@ class Run:
         head, name = os.path.split(target)
         return name if head == os.path.basename(self.saves) and SAVE_NAME.fullmatch(name) else None
 
+    def current_best(self):
+        """The name of the best save that <name>-best points at, or None."""
+        owner = best_of(self.best_dir)
+        return owner[1] if owner and owner[0] == os.path.basename(os.path.normpath(self.run_dir)) else None
+
     def recover(self):
         put_back(self.run_dir)
 
     def remove_leftovers(self):
-        """Only names this module makes, in the run's own folder, and never the current save."""
-        current = self.current()
+        """Only names this module makes, in the run's own folder, and never the current save nor the current best.
+        A best save of the log's best step that never took the name (the process died between the run's first save
+        and the switch; the name is free, or holds the best of the run that --overwrite replaced) takes it now."""
+        current, best = self.current(), self.current_best()
+        if self.best.step is not None and (best is not None or not os.path.lexists(self.best_dir)):
+            found = [entry for entry in os.listdir(self.saves) if entry != best and BEST_NAME.fullmatch(entry)
+                     and best_step(entry) == self.best.step]
+            if found:
+                self.pending_best = best = found[0]
+                self.link_best()
         for entry in os.listdir(self.saves):
-            if entry != current and (SAVE_NAME.fullmatch(entry) or PARTIAL_NAME.fullmatch(entry)
-                                     or entry in (NEW_LINK, REPLACED, LIVE_LOG)):
+            if entry not in (current, best) and (SAVE_NAME.fullmatch(entry) or PARTIAL_NAME.fullmatch(entry)
+                                                 or BEST_NAME.fullmatch(entry) or BEST_PARTIAL_NAME.fullmatch(entry)
+                                                 or entry in (NEW_LINK, NEW_BEST_LINK, REPLACED, LIVE_LOG)):
                 remove(os.path.join(self.saves, entry))
 
     def log_step(self, **row):
         row["session"] = self.session
         self.rows.append(row)
+        self.best.add(row)
         self.writer.writerow(row)
         self.log.flush()
 
@@ -885,6 +989,52 @@ class Run:
             raise RunError(self.failed(step, e)) from None
         self.saved_step = step
         self.vocab_dir = final  # the previous save, whose vocabulary the next save would copy, is gone
+        self.run_exists = True
+        if self.pending_best is not None:
+            self.link_best()
+
+    def save_best(self, step, params):
+        """Keep params as <name>-best: written whole into the saves folder as a save is, then the link switched to
+        it (at once, or at the run's first save), then the previous best removed."""
+        name = f"best-{step:06d}.{secrets.token_hex(3)}"
+        partial, final = os.path.join(self.saves, name + ".partial"), os.path.join(self.saves, name)
+        try:
+            os.mkdir(partial)
+            utils.save_release_model(partial, params, self.hparams, self.vocab_dir)  # fsyncs what it wrote
+            os.rename(partial, final)
+            utils.fsync_dir(self.saves)
+        except BaseException as e:
+            shutil.rmtree(partial, ignore_errors=True)
+            if write_error(e):
+                raise RunError(f"could not save the best model of step {step} as {self.best_dir}: "
+                               f"{write_error(e)}") from None
+            raise
+        if self.pending_best is not None:  # an earlier best that never took the name: superseded
+            remove(os.path.join(self.saves, self.pending_best))
+        self.pending_best = name
+        if self.run_exists:
+            self.link_best()
+
+    def link_best(self):
+        """Switch <name>-best to the pending best save in one atomic os.replace, put that on disk, and only then
+        remove the previous best. Readers converting the best model (gpt2.py) hold its lock: never under their
+        feet."""
+        name, self.pending_best = self.pending_best, None
+        link = os.path.join(self.saves, NEW_BEST_LINK)
+        try:
+            with self.best_readers_held():
+                previous = self.current_best()
+                remove(link)
+                os.symlink(os.path.join(os.path.basename(self.saves), name), link)
+                os.replace(link, self.best_dir)
+                utils.fsync_dir(self.parent)
+                utils.fsync_dir(self.saves)
+                if previous is not None and previous != name:
+                    remove(os.path.join(self.saves, previous))
+        except OSError as e:
+            if self.current_best() != name:
+                shutil.rmtree(os.path.join(self.saves, name), ignore_errors=True)
+            raise RunError(f"could not make {self.best_dir} the best model: {write_error(e)}") from None
 
     def failed(self, step, error):
         kept = (f"{self.run_dir} keeps its last save" if os.path.lexists(self.run_dir)
@@ -921,6 +1071,9 @@ class Run:
         self.log.close()
         self.log = None
         remove(os.path.join(self.saves, LIVE_LOG))
+        if self.pending_best is not None:  # the best of a run that was never saved: discarded with it
+            remove(os.path.join(self.saves, self.pending_best))
+            self.pending_best = None
         if self.current() is None:  # nothing saved (an --overwrite stopped before its first save): no empty folder
             with contextlib.suppress(OSError):
                 os.rmdir(self.saves)
@@ -931,6 +1084,29 @@ class Run:
             return f"interrupted: saved step {step} in {self.run_dir}; --resume continues it"
         return (f"interrupted before the new run's first save: {self.run_dir} is as it was, and the new run "
                 f"({step} step{'s' * (step != 1)}) is discarded")
+
+    def out_of_patience(self):
+        return self.best.out_of_patience(self.config["patience"])
+
+    def summary(self, step):
+        """The lines a finished run ends with: what was saved, how good it is, where the best is, how to run it."""
+        last = self.rows[-1] if self.rows else {}
+        lines = [f"saved step {step} in {self.run_dir}" + (f": validation loss {float(last['val_loss']):.4f}, "
+                                                           f"perplexity {math.exp(float(last['val_loss'])):.2f}"
+                                                           if last.get("val_loss") else "")]
+        if self.best.step is not None and self.current_best() is not None:
+            if self.best.step == step:
+                lines.append(f"it is the best so far, also kept as {self.best_dir}")
+            else:
+                lines.append(f"the best, step {self.best.step} (validation loss {self.best.loss:.4f}, perplexity "
+                             f"{math.exp(self.best.loss):.2f}), is kept as {self.best_dir}")
+        name = os.path.basename(os.path.normpath(self.run_dir))
+        command = f"python gpt2.py --model_size {shlex.quote(name)}"
+        if os.path.normpath(self.parent) != "models":
+            command += f" --models_dir {shlex.quote(self.parent)}"
+        also = f" (the best: --model_size {shlex.quote(name + BEST_SUFFIX)})" if len(lines) > 1 else ""
+        lines.append(f'run it: {command} "your prompt"{also}')
+        return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- the setup
@@ -949,6 +1125,8 @@ def setup(flags):
     if isinstance(flags["out_name"], str) and flags["out_name"] and os.sep not in flags["out_name"]:
         put_back(os.path.join(s.models_dir, flags["out_name"]))
     s.run_dir = check_out_name(plain(flags["out_name"]), s.models_dir, s.resume, s.overwrite)
+    owner = best_of(s.run_dir)
+    check(owner is None, f"{s.run_dir} is the best model of the run {owner and owner[0]}: choose another --out_name")
     record = read_config(s.run_dir) if s.resume else None
     if s.resume and record is None:
         warn(f"{s.run_dir} records no options (an older train.py saved it): --resume continues it with the "
@@ -960,6 +1138,7 @@ def setup(flags):
                                           "python train.py --help lists every flag")
     check_flags(options)
     warn_long_warmup(options, s.resume)
+    check_best_dir(s.run_dir, options["eval_every"], s.overwrite)
     shape_flags = [f"--{name}" for name in SHAPE_FLAGS if given(flags[name])]
     if shape_flags and not s.resume and options["init_from"] != "scratch":
         warn(f"{', '.join(shape_flags)} only shape{'s' * (len(shape_flags) == 1)} a model trained from scratch: "
@@ -987,6 +1166,10 @@ def setup(flags):
                                                            f"the run's context of {s.hparams['n_ctx']}")
         check(s.saved.step < options["max_steps"], f"{s.run_dir} is already at step {s.saved.step}: give a "
                                                    f"--max_steps above it to go on")
+        best = Best(s.saved.rows)
+        if best.out_of_patience(options["patience"]):
+            raise utils.UsageError(f"{s.run_dir} stopped at step {s.saved.step}: {best.stopped(options['patience'])}; "
+                                   f"give a larger --patience, or --patience 0, to go on")
     else:
         check_init_from(options["init_from"], s.models_dir, options)
         s.vocab_dir = vocabulary_dir(options["init_from"], s.models_dir)
@@ -1013,9 +1196,30 @@ def setup(flags):
     if not s.resume:
         s.hparams = model_hparams(options["init_from"], s.models_dir, options)
     options.update({k: s.hparams[k] for k in ("n_layer", "n_head", "n_embd", "n_ctx")})  # the model's real shape
+    s.sample_prompt, options["sample_length"] = sample_prompt(options, flags, s.encoder, s.val_tokens)
     s.config = options
     s.record = {"options": options, "fingerprints": fingerprints}
     return s
+
+
+def sample_prompt(options, flags, encoder, val_tokens):
+    """(prompt ids, new tokens) of the previews and the closing sample. The default prompt is the start of the
+    validation text, which the model never trains on: what it writes after it shows what it learned, not what it
+    memorized. Left to their defaults, the prompt and the length shrink to fit a small context; given, they must
+    fit."""
+    n_ctx, length, text = options["n_ctx"], options["sample_length"], options["sample_prompt"]
+    if text is None:
+        ids = [int(t) for t in val_tokens[:min(PROMPT_TOKENS, n_ctx // 2)]] or [ENDOFTEXT]
+    else:
+        ids = encoder.encode(text) or [ENDOFTEXT]  # "" starts from <|endoftext|>, as gpt2.py does
+    room = n_ctx - len(ids) + 1  # the last new token is never fed back
+    if length > room:
+        what = f"--sample_prompt is {len(ids)} tokens" if text is not None else f"the prompt is {len(ids)} tokens"
+        check(given(flags["sample_length"]) is False and room >= 1,
+              f"{what}: with --sample_length {length} a sample needs {len(ids) + length - 1} positions, more than "
+              f"the model's context of {n_ctx}")
+        length = room
+    return ids, length
 
 
 @contextlib.contextmanager
@@ -1032,8 +1236,10 @@ def open_run(s):
             save_tokens(tokens, path)
         run.start_log()
         if s.resume:
+            best = (f"; its best, step {run.best.step} (validation loss {run.best.loss:.4f}), is {run.best_dir}"
+                    if run.best.step is not None and run.current_best() else "")
             print(f"resuming {s.run_dir} at step {s.saved.step} (session {run.session}), to step "
-                  f"{s.config['max_steps']}", file=sys.stderr)
+                  f"{s.config['max_steps']}{best}", file=sys.stderr)
         print("\n".join(start_summary(s)), file=sys.stderr, flush=True)
         yield run
 

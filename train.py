@@ -256,7 +256,6 @@ EVAL_WINDOWS = 32  # how many block-sized windows of the validation tokens an ev
 BETAS = (0.9, 0.95)
 EPS = 1e-8
 MIN_LR_FRACTION = 0.1  # the cosine ends at 10% of --learning_rate
-SAMPLE_TOKENS = 40  # the greedy sample printed at the end
 
 
 # ---------------------------------------------------------------------------------------------- the data
@@ -422,9 +421,11 @@ class StopRequest:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def train(params, optimizer, step, rng, tokens, val_tokens, config, run):
-    """Update params in place from `step` up to --max_steps, saving every --save_every steps and at the end.
-    Returns the step it reached: before --max_steps only if Ctrl-C stopped it."""
+def train(params, optimizer, step, rng, tokens, val_tokens, config, run, sample):
+    """Update params in place from `step` up to --max_steps, saving every --save_every steps and at the end, and
+    keeping the weights of the lowest validation loss so far as models/<out_name>-best. Prints sample(params), a
+    preview of what the model writes, every --sample_every steps. Returns the step it reached: before --max_steps
+    only if Ctrl-C or --patience stopped it."""
     max_steps, n_head = config["max_steps"], config["n_head"]
     tokens_per_step = config["batch_size"] * config["block_size"] * config["grad_accum"]
     windows = val_windows(val_tokens, config["block_size"])
@@ -445,8 +446,20 @@ def train(params, optimizer, step, rng, tokens, val_tokens, config, run):
                          lr=f"{lr:.6g}", tokens_per_s=f"{tokens_per_s:.1f}")
             bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {tokens_per_s:,.0f} tokens/s")
             bar.update()
-            if run.save_due(step, stop.requested):
+            if run.best.step == step:  # the lowest validation loss so far: keep these weights
+                run.save_best(step, params)
+            # Early stopping: --patience evaluations in a row without a new best mean the model has begun to fit
+            # the training text better than text it has not seen.
+            stalled = run.out_of_patience()
+            if stalled:
+                tqdm.write(f"stopping at step {step}: {run.best.stopped(config['patience'])}", file=sys.stderr)
+            if stalled or run.save_due(step, stop.requested):
                 run.save(step, params, optimizer, rng)
+            if stalled:
+                break
+            preview_due = config["sample_every"] and step % config["sample_every"] == 0
+            if preview_due and step < max_steps and not stop.requested:  # main prints the last one
+                tqdm.write(f"step {step} sample:\n{sample(params)}", file=sys.stderr)
     return step
 
 
@@ -457,7 +470,8 @@ def main(dataset=D(None), out_name=None, val_dataset=D(None), text_column=D(None
          n_layer=D(12), n_head=D(12), n_embd=D(768), n_ctx=D(1024), block_size=D(256), batch_size=D(4),
          grad_accum=D(1), max_steps=D(1000), learning_rate=D(3e-4), warmup_steps=D(100),
          lr_decay_steps=D(None, "max_steps"), weight_decay=D(0.1), grad_clip=D(1.0), eval_every=D(100),
-         save_every=D(500), seed=D(0), models_dir="models", resume=False, overwrite=False):
+         save_every=D(500), seed=D(0), patience=D(0), sample_every=D(100), sample_prompt=D(None), sample_length=D(40),
+         sample_temperature=D(0.8), sample_top_k=D(40), models_dir="models", resume=False, overwrite=False):
     """Train GPT-2 on your text and save it as models/<out_name>, a model folder gpt2.py and score.py load.
 
     python train.py --dataset TEXT --out_name NAME [flags]. Before the first step, a few lines on stderr say what
@@ -498,6 +512,16 @@ def main(dataset=D(None), out_name=None, val_dataset=D(None), text_column=D(None
         eval_every: the validation loss and perplexity every this many steps and at the end (0: never)
         save_every: save the run every this many steps (0: only at the end, or on Ctrl-C)
         seed: the initialization of a model from scratch and the random choice of training windows
+        patience: stop after this many evaluations in a row without a lower validation loss, and save (0: never);
+            the best weights are always kept as models/<out_name>-best while there is a validation loss
+        sample_every: print a preview of what the model writes every N steps, on stderr (0: none); the last
+            one is printed on stdout when the run ends
+        sample_prompt: the text that previews continue (default: the first 16 tokens of the validation text,
+            which the model never trains on; "" starts from <|endoftext|>)
+        sample_length: how many tokens a preview adds (fewer if the model's context is shorter)
+        sample_temperature: the previews' temperature (0: greedy); every preview uses --seed, so previews at
+            different steps differ only by what the model learned
+        sample_top_k: the previews' top-k (0: off)
         models_dir: where runs and models live; tokenized datasets are kept in models_dir/token-cache
         resume: continue the saved run out_name from its last save, with its recorded options
         overwrite: start the run out_name again; the old one is kept until the new run's first save
@@ -521,19 +545,27 @@ def main(dataset=D(None), out_name=None, val_dataset=D(None), text_column=D(None
                 params = tree_map(lambda a: np.array(a, dtype=np.float32, order="C"), params)
             # An existing run (--overwrite) stays as it is until the first save replaces it whole.
             optimizer, step, rng = AdamW(params, config["weight_decay"]), 0, np.random.default_rng(data_seed)
-        step = train(params, optimizer, step, rng, setup.train_tokens, setup.val_tokens, config, run)
-    if step < config["max_steps"]:  # stopped by Ctrl-C: say what was kept, and end as an interrupted program does
-        sys.stderr.write(run.interrupted(step) + "\n")
+
+        def sample(params):  # the same prompt, seed and settings every time: `gpt2.py --seed` gives the same text
+            ids = gpt2.generate(setup.sample_prompt, params, hparams["n_head"], config["sample_length"],
+                                temperature=config["sample_temperature"], top_k=config["sample_top_k"],
+                                seed=config["seed"])
+            return setup.encoder.decode(setup.sample_prompt + ids)
+
+        step = train(params, optimizer, step, rng, setup.train_tokens, setup.val_tokens, config, run, sample)
+    if step < config["max_steps"] and not run.out_of_patience():  # Ctrl-C: say what was kept, and end as an
+        sys.stderr.write(run.interrupted(step) + "\n")            # interrupted program does
         raise SystemExit(130)
-    sample = gpt2.generate([gpt2.ENDOFTEXT], params, hparams["n_head"], min(SAMPLE_TOKENS, hparams["n_ctx"] - 1))
-    print(setup.encoder.decode(sample))
+    print(sample(params))
+    sys.stderr.write(run.summary(step) + "\n")
 
 
 SHORT_FLAGS = {"d": "dataset", "v": "val_dataset", "i": "init_from", "e": "eval_every", "r": "resume"}  # chosen
 
 
 def cli():
-    run_script(main, text_flags={"dataset", "val_dataset", "text_column", "out_name", "init_from", "models_dir"},
+    run_script(main, text_flags={"dataset", "val_dataset", "text_column", "out_name", "init_from", "models_dir",
+                                 "sample_prompt"},
                short_flags=SHORT_FLAGS)
 
 
