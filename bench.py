@@ -565,8 +565,8 @@ def adamw_bytes(size):  # weights, gradients and AdamW's two moments, float32: 1
 
 
 def big_section(report, seq=1024):
-    """One optimizer step of 355M and 774M at batch 1 x 1024 (the second step of a process, each side in its own
-    process): seconds and peak RSS, ours without and with --recompute where it fits, against HF + AdamW. A side
+    """One optimizer step of 355M and 774M at batch 1 x 1024 (the first of a process, each side in its own
+    process, so AdamW's moments are touched for the first time in it, as in a real run's first step): seconds and peak RSS, ours without and with --recompute where it fits, against HF + AdamW. A side
     runs only when the machine has its expected peak + 3 GB available, under a watchdog that kills it past that
     peak + 2 GB; PyTorch's 774M, where it does not fit, is estimated from its 355M (the weights' 16 bytes a
     parameter, plus the 355M's remainder scaled by n_layer x n_embd)."""
@@ -590,7 +590,7 @@ def big_section(report, seq=1024):
                                         f"available (+ 3 GB kept free)")
                 continue
             result = run_train_worker(side, shape, 1, seq, memory_limit=int(expected + 2e9), steps=1,
-                                      recompute=recompute)
+                                      warm_up=False, recompute=recompute)
             if result is None:
                 report(name, "killed", f"past {(expected + 2e9) / 1e9:.1f} GB resident")
                 continue

@@ -13,6 +13,7 @@ tree with exactly the keys and shapes of the params tree. Shapes are for a batch
 is written C where it keeps lines short.
 """
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -57,19 +58,19 @@ def on_every_core(fn, *arrays, block_bytes=1 << 20):
     return np.concatenate(results)
 
 
-def one_blas_thread():
-    """A context in which BLAS runs every product on the calling thread (threadpoolctl), or none without it."""
+@functools.lru_cache(maxsize=1)
+def blas_threads():  # threadpoolctl's handle on NumPy's BLAS, or None without threadpoolctl
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:
-        return contextlib.nullcontext()
-    global BLAS
-    if BLAS is None:
-        BLAS = ThreadpoolController()
-    return BLAS.limit(limits=1, user_api="blas")
+        return None
+    return ThreadpoolController().select(user_api="blas")
 
 
-BLAS = None
+def one_blas_thread():
+    """A context in which BLAS runs each product on the thread that calls it."""
+    controller = blas_threads()
+    return controller.limit(limits=1) if controller is not None else contextlib.nullcontext()
 
 
 # ============================================================================================ the backward pass
