@@ -302,7 +302,7 @@ def lm_head_loss_backward(dloss, cache):  # dloss (1 for the loss itself) -> [ba
 def recomputed_block_forward(x, n_head, **block):  # [batch, seq, C] -> [batch, seq, C]
     """transformer_block_forward keeping only its input: the backward computes the block's activations again,
     one block at a time. Every block's activations at once are the largest memory of training after the weights
-    and AdamW's moments (774M at 1 x 1024: about 170 MB a block, 6 GB in all), for a third more arithmetic."""
+    and AdamW's moments (774M at 1 x 1024: about 140 MB a block, 5 GB in all), for a third more arithmetic."""
     out, _ = transformer_block_forward(x, **block, n_head=n_head)
     return out, (x, block, n_head)
 
