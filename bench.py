@@ -565,11 +565,12 @@ def adamw_bytes(size):  # weights, gradients and AdamW's two moments, float32: 1
 
 
 def big_section(report, seq=1024):
-    """One optimizer step of 355M and 774M at batch 1 x 1024 (the first of a process, each side in its own
-    process, so AdamW's moments are touched for the first time in it, as in a real run's first step): seconds and peak RSS, ours without and with --recompute where it fits, against HF + AdamW. A side
-    runs only when the machine has its expected peak + 3 GB available, under a watchdog that kills it past that
-    peak + 2 GB; PyTorch's 774M, where it does not fit, is estimated from its 355M (the weights' 16 bytes a
-    parameter, plus the 355M's remainder scaled by n_layer x n_embd)."""
+    """One optimizer step of 355M and 774M at batch 1 x 1024, the first of a process (AdamW's moments are
+    touched for the first time in it, as in a run's first step), each side in its own process: seconds and peak
+    RSS, ours without and with --recompute, against HF + AdamW. A side runs only when the machine has its expected
+    peak + 3 GB available, under a watchdog that kills it past that peak + 2 GB; PyTorch's 774M, where it does
+    not fit, is estimated from its 355M (16 bytes a parameter, plus the 355M's remainder scaled by n_layer x
+    n_embd)."""
     peak = gemm_peak()
     report("float32 GEMM peak (2048 x 2048 sgemm)", f"{peak / 1e9:.1f} GFLOP/s")
     measured = {}
