@@ -18,8 +18,15 @@ Sections, in the order they run (all by default):
 - score: tokens/s of score.py on a 5000-token text at stride 512, against HF on the same windows and batches.
 - backward: one forward + backward pass of train.py over 4 x 256 tokens against PyTorch's loss.backward(): time
   and peak RSS, each side in a process of its own.
-- train: training tokens/s and peak RSS of a whole process, train.py against HF + torch.optim.AdamW, fine-tuning
-  124M's shapes at 4 x 256 and from scratch at 4 layers x 256 wide, 8 x 128.
+- train: training tokens/s, MFU (6N + 12 n_layer n_embd seq FLOPs a token, forward + backward, times tokens/s,
+  over the float32 GEMM peak a 2048 x 2048 sgemm measures here) and peak RSS of a whole process, train.py
+  against HF + torch.optim.AdamW, fine-tuning 124M's shapes at 4 x 256 and from scratch at 4 layers x 256 wide,
+  8 x 128.
+- big (only with `--only big`: about 15 minutes and up to 16 GB of memory): one optimizer step of 355M's and
+  774M's shapes (random weights) at 1 x 1024, seconds and peak RSS, train.py with and without --recompute
+  against HF + AdamW where each fits in the memory available (each side is started only with its expected peak
+  + 3 GB free, under a watchdog), PyTorch's 774M estimated from its 355M where it does not fit; and what 1558M's
+  weights and AdamW state alone would need.
 All but the tokenizer use a checkpoint with GPT-2 124M's shapes and random weights in OpenAI's release layout,
 written under --models_dir (default: a folder in the system temp dir; OpenAI's weights are not needed).
 Each comparison runs its sides in alternating rounds and keeps each side's best: the machine is shared, so only
@@ -235,6 +242,7 @@ def tokenizer_bench(report):
 
 
 SECTIONS = ("tokenizer", "inference", "controls", "score", "backward", "train")
+OPT_IN = ("big",)  # sections that run only when --only names them: minutes each, and most of the machine's memory
 
 
 def bench_model(models_dir):
@@ -389,7 +397,8 @@ def backward_section(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models_dir", default=os.path.join(tempfile.gettempdir(), "gpt2-bench"))
-    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS, help="run only these sections")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS + OPT_IN, default=SECTIONS,
+                        help="run only these sections (big runs only when named here)")
     parser.add_argument("--skip", nargs="+", choices=SECTIONS, default=(), help="leave these sections out")
     parser.add_argument("--new_tokens", type=int, default=100)
     parser.add_argument("--skip_hf", action="store_true", help="inference and score: do not compare with HF")
@@ -398,6 +407,7 @@ def main():
     if args.new_tokens < 1:
         parser.error(f"--new_tokens must be at least 1, got {args.new_tokens}")
     sections = [name for name in SECTIONS if name in args.only and name not in args.skip]
+    sections += [name for name in OPT_IN if name in args.only]
     if args.skip_hf and {"backward", "train"} & set(sections):  # they measure against PyTorch and nothing else
         sections = [name for name in sections if name not in ("backward", "train")]
 
@@ -406,26 +416,77 @@ def main():
     run = {"tokenizer": lambda: tokenizer_bench(report), "inference": lambda: inference_section(args),
            "controls": lambda: controls_section(args),
            "score": lambda: score_section(args), "backward": lambda: backward_section(args),
-           "train": lambda: train_section(report)}
+           "train": lambda: train_section(report), "big": lambda: big_section(report)}
     for name in sections:
         run[name]()
 
 
 # Training: tokens/s and whole-process peak RSS of train.py's step (forward, backward, clipping, AdamW) against
 # HF's GPT2LMHeadModel with torch.optim.AdamW on the same shapes. Each side runs in a process of its own, started
-# through MEASURE, so that each peak RSS is that side's alone.
+# through WATCHED, so that each peak RSS is that side's alone.
 TRAIN_SHAPES = [  # (label, model shape, batch, sequence length)
     ("fine-tuning 124M shapes, batch 4 x 256", dict(n_layer=12, n_head=12, n_embd=768), 4, 256),
     ("from scratch 4 layers x 256, batch 8 x 128", dict(n_layer=4, n_head=4, n_embd=256), 8, 128),
 ]
 TRAIN_STEPS = 3  # timed steps per process, after one warm-up step; the best counts
+BIG_SHAPES = {"124M": dict(n_layer=12, n_head=12, n_embd=768), "355M": dict(n_layer=24, n_head=16, n_embd=1024),
+              "774M": dict(n_layer=36, n_head=20, n_embd=1280), "1558M": dict(n_layer=48, n_head=25, n_embd=1600)}
+
+# Runs a command as MEASURE does, and kills it (printing "killed") if its resident memory passes a limit or the
+# machine's available memory falls under 1 GB: the big models' steps must never take a shared machine down.
+WATCHED = """
+import os, signal, sys, time
+limit = int(sys.argv[1])
+def kib(path, key):
+    with open(path) as f:
+        return int(next(line for line in f if line.startswith(key)).split()[1]) * 1024
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+while True:
+    done, status, usage = os.wait4(pid, os.WNOHANG)
+    if done:
+        break
+    try:
+        rss = kib(f"/proc/{pid}/status", "VmRSS")
+    except (OSError, StopIteration):
+        rss = 0
+    if rss > limit or kib("/proc/meminfo", "MemAvailable") < 1 << 30:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        print("killed", rss)
+        sys.exit(0)
+    time.sleep(0.2)
+print(time.perf_counter() - start, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status))
+"""
 
 
-def train_worker(side, n_layer, n_head, n_embd, batch, seq):
-    """Runs in a child process: prints the best tokens/s of one training step, ours or PyTorch's."""
+def n_params(n_layer, n_embd, n_ctx=1024, n_vocab=50257):
+    return n_vocab * n_embd + n_ctx * n_embd + n_layer * (12 * n_embd * n_embd + 13 * n_embd) + 2 * n_embd
+
+
+def flops_per_token(n_layer, n_embd, seq, n_ctx=1024):
+    """Model FLOPs of one token's forward + backward pass: 6 N + 12 n_layer n_embd seq (PaLM's appendix, as in
+    nanoGPT): 2 per weight for the forward's products, 4 for the backward's, N every weight but wpe's (a lookup,
+    no product; wte counts, as the LM head), and attention's two products (scores and the weighted values) over
+    seq positions. Recomputation is not counted: it is work the model does not need."""
+    return 6 * (n_params(n_layer, n_embd, n_ctx) - n_ctx * n_embd) + 12 * n_layer * n_embd * seq
+
+
+def gemm_peak(n=2048):
+    """This machine's float32 GEMM FLOP/s: the best of a few large square products, on every core."""
+    a, b = np.full((n, n), 0.5, dtype=np.float32), np.full((n, n), 0.25, dtype=np.float32)
+    a @ b  # warm-up: BLAS threads, first-touch page faults
+    return 2 * n ** 3 / min(alternating_best(lambda: a @ b, rounds=5))
+
+
+def train_worker(side, n_layer, n_head, n_embd, batch, seq, steps=TRAIN_STEPS, warm_up=True, recompute=False):
+    """Runs in a child process: prints the best wall seconds of one training step, ours or PyTorch's."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 50257, 100_000).astype(np.uint16)
-    config = {"batch_size": batch, "block_size": seq, "grad_accum": 1, "n_head": n_head, "grad_clip": 1.0}
+    config = {"batch_size": batch, "block_size": seq, "grad_accum": 1, "n_head": n_head, "grad_clip": 1.0,
+              "recompute": recompute}
     if side == "ours":
         import train
 
@@ -453,34 +514,105 @@ def train_worker(side, n_layer, n_head, n_embd, batch, seq):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    step()  # warm-up: first-touch page faults, thread pools
-    print(batch * seq / min(alternating_best(step, rounds=TRAIN_STEPS)))
+    if warm_up:
+        step()  # first-touch page faults, thread pools
+    print(min(alternating_best(step, rounds=steps)))
 
 
-def run_train_worker(side, shape, batch, seq):
-    """(tokens/s, peak RSS bytes) of one worker process."""
+def run_train_worker(side, shape, batch, seq, memory_limit=1 << 40, **options):
+    """(seconds of the best step, peak RSS bytes) of one worker process; None if the watchdog killed it."""
     code = f"import sys; sys.path.insert(0, {ROOT!r}); import bench; bench.train_worker({side!r}, " \
-           f"{shape['n_layer']}, {shape['n_head']}, {shape['n_embd']}, {batch}, {seq})"
-    result = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, "-c", code], capture_output=True,
-                            text=True)
-    *_, tokens_per_s, _, rss, code = result.stdout.split()
+           f"{shape['n_layer']}, {shape['n_head']}, {shape['n_embd']}, {batch}, {seq}, **{options!r})"
+    result = subprocess.run([sys.executable, "-c", WATCHED, str(memory_limit), sys.executable, "-c", code],
+                            capture_output=True, text=True)
+    if result.stdout.startswith("killed"):
+        return None
+    *_, seconds, _, rss, code = result.stdout.split()
     if code != "0":
         sys.exit(f"bench: the {side} training worker failed: {result.stderr}")
-    return float(tokens_per_s), int(rss)
+    return float(seconds), int(rss)
+
+
+def mfu(seconds, shape, batch, seq, peak):
+    return flops_per_token(shape["n_layer"], shape["n_embd"], seq) * batch * seq / seconds / peak
 
 
 def train_section(report, rounds=2):
+    peak = gemm_peak()
+    report("float32 GEMM peak (2048 x 2048 sgemm)", f"{peak / 1e9:.1f} GFLOP/s",
+           "MFU below: 6N + 12 n_layer n_embd seq FLOPs a token (forward + backward) x tokens/s over this peak")
     for label, shape, batch, seq in TRAIN_SHAPES:
-        best = {"ours": (0.0, float("inf")), "torch": (0.0, float("inf"))}  # (tokens/s, RSS), best of the rounds
+        best = {"ours": (float("inf"), float("inf")), "torch": (float("inf"), float("inf"))}  # (s, RSS), best of
         for _ in range(rounds):  # alternating processes: a busy moment on the machine slows both sides
             for side in best:
-                tokens_per_s, rss = run_train_worker(side, shape, batch, seq)
-                best[side] = (max(best[side][0], tokens_per_s), min(best[side][1], rss))
-        (ours, ours_rss), (torch_speed, torch_rss) = best["ours"], best["torch"]
-        report(f"train.py, {label}", f"{ours:.0f} tok/s",
-               f"{ours / torch_speed:.2f}x PyTorch's {torch_speed:.0f} tok/s (target >= 1); peak RSS "
+                seconds, rss = run_train_worker(side, shape, batch, seq)
+                best[side] = (min(best[side][0], seconds), min(best[side][1], rss))
+        (ours, ours_rss), (theirs, torch_rss) = best["ours"], best["torch"]
+        report(f"train.py, {label}", f"{batch * seq / ours:.0f} tok/s",
+               f"{theirs / ours:.2f}x PyTorch's {batch * seq / theirs:.0f} tok/s (target >= 1); MFU "
+               f"{mfu(ours, shape, batch, seq, peak):.0%} vs {mfu(theirs, shape, batch, seq, peak):.0%}; peak RSS "
                f"{ours_rss / 1e6:.0f} MB = {ours_rss / torch_rss:.2f}x PyTorch's {torch_rss / 1e6:.0f} MB "
                f"(target <= 1.2x)")
+
+
+def available_memory():
+    with open("/proc/meminfo") as f:
+        return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+
+
+def adamw_bytes(size):  # weights, gradients and AdamW's two moments, float32: 16 bytes a parameter
+    return 16 * n_params(**{k: BIG_SHAPES[size][k] for k in ("n_layer", "n_embd")})
+
+
+def big_section(report, seq=1024):
+    """One optimizer step of 355M and 774M at batch 1 x 1024, the first of a process (AdamW's moments are
+    touched for the first time in it, as in a run's first step), each side in its own process: seconds and peak
+    RSS, ours without and with --recompute, against HF + AdamW. A side runs only when the machine has its expected
+    peak + 3 GB available, under a watchdog that kills it past that peak + 2 GB; PyTorch's 774M, where it does
+    not fit, is estimated from its 355M (16 bytes a parameter, plus the 355M's remainder scaled by n_layer x
+    n_embd)."""
+    peak = gemm_peak()
+    report("float32 GEMM peak (2048 x 2048 sgemm)", f"{peak / 1e9:.1f} GFLOP/s")
+    measured = {}
+    for size, sides in (("355M", [("ours", False), ("ours", True), ("torch", False)]),
+                        ("774M", [("ours", True), ("ours", False), ("torch", False)])):
+        shape = BIG_SHAPES[size]
+        scale = shape["n_layer"] * shape["n_embd"] / (24 * 1024)  # activations, against 355M's
+        for side, recompute in sides:
+            if ("355M", side, recompute) in measured:  # the expected peak: the weights, plus 355M's rest scaled
+                base_seconds, base_rss = measured[("355M", side, recompute)]
+                expected = adamw_bytes(size) + scale * (base_rss - adamw_bytes("355M"))
+            else:
+                expected = adamw_bytes(size) * (1.25 if recompute else 1.6)
+            name = f"{'train.py' if side == 'ours' else 'PyTorch'} {size}, 1 x {seq}" + \
+                   (", --recompute" if recompute else "")
+            if available_memory() < expected + 3e9:
+                report(name, "not run", f"needs about {expected / 1e9:.1f} GB, {available_memory() / 1e9:.1f} GB "
+                                        f"available (+ 3 GB kept free)")
+                continue
+            result = run_train_worker(side, shape, 1, seq, memory_limit=int(expected + 2e9), steps=1,
+                                      warm_up=False, recompute=recompute)
+            if result is None:
+                report(name, "killed", f"past {(expected + 2e9) / 1e9:.1f} GB resident")
+                continue
+            seconds, rss = measured[(size, side, recompute)] = result
+            report(name, f"{seconds:.1f} s", f"peak RSS {rss / 1e9:.2f} GB ({rss / adamw_bytes(size):.2f}x the "
+                                             f"16 bytes a parameter); MFU {mfu(seconds, shape, 1, seq, peak):.0%}")
+        torch_rss = measured.get((size, "torch", False), (None, None))[1]
+        if torch_rss is None and ("355M", "torch", False) in measured:
+            torch_rss = adamw_bytes(size) + scale * (measured[("355M", "torch", False)][1] - adamw_bytes("355M"))
+            report(f"PyTorch {size}, 1 x {seq}, estimated", f"{torch_rss / 1e9:.1f} GB",
+                   "peak RSS, from its 355M")
+        for recompute in (False, True):
+            if (size, "ours", recompute) in measured and torch_rss:
+                seconds, rss = measured[(size, "ours", recompute)]
+                note = f"{rss / torch_rss:.2f}x PyTorch's peak RSS (target for 774M: <= 0.8x and <= 16 GB)"
+                if (size, "torch", False) in measured:
+                    note += f"; {measured[(size, 'torch', False)][0] / seconds:.2f}x its speed"
+                report(f"train.py {size}{', --recompute' if recompute else ''} vs PyTorch", f"{rss / 1e9:.2f} GB",
+                       note)
+    report("1558M, 1 x 1024", f"{adamw_bytes('1558M') / 1e9:.1f} GB",
+           "weights, gradients and AdamW's moments alone (16 bytes a parameter), before any activation")
 
 
 def hf_scorer(flat, hparams, spans, params):

@@ -298,7 +298,8 @@ HELP_TYPES = {"prompt": str, "n_tokens_to_generate": int, "model_size": str, "mo
               "grad_accum": int, "max_steps": int, "learning_rate": float, "warmup_steps": int,
               "lr_decay_steps": int, "weight_decay": float, "grad_clip": float, "eval_every": int,
               "save_every": int, "patience": int, "sample_every": int, "sample_prompt": str, "sample_length": int,
-              "sample_temperature": float, "sample_top_k": int, "resume": bool, "overwrite": bool}
+              "sample_temperature": float, "sample_top_k": int, "resume": bool, "overwrite": bool,
+              "recompute": bool}
 
 
 def help_stub(main, positional="prompt"):

@@ -1122,6 +1122,8 @@ def setup(flags):
     s.models_dir = plain(flags["models_dir"])
     check_models_dir(s.models_dir)
     s.resume, s.overwrite = plain(flags["resume"]), plain(flags["overwrite"])
+    recompute = plain(flags.get("recompute", False))  # memory against time: the same arithmetic, never recorded
+    check(isinstance(recompute, bool), "--recompute takes no value")
     if isinstance(flags["out_name"], str) and flags["out_name"] and os.sep not in flags["out_name"]:
         put_back(os.path.join(s.models_dir, flags["out_name"]))
     s.run_dir = check_out_name(plain(flags["out_name"]), s.models_dir, s.resume, s.overwrite)
@@ -1197,7 +1199,7 @@ def setup(flags):
         s.hparams = model_hparams(options["init_from"], s.models_dir, options)
     options.update({k: s.hparams[k] for k in ("n_layer", "n_head", "n_embd", "n_ctx")})  # the model's real shape
     s.sample_prompt, options["sample_length"] = sample_prompt(options, flags, s.encoder, s.val_tokens)
-    s.config = options
+    s.config = dict(options, recompute=recompute)
     s.record = {"options": options, "fingerprints": fingerprints}
     return s
 

@@ -12,10 +12,14 @@ embedding, the whole model) return grads alone, since ids have no gradient. Put 
 tree with exactly the keys and shapes of the params tree. Shapes are for a batch of token ids [batch, seq]; n_embd
 is written C where it keeps lines short.
 """
+import contextlib
+import functools
 import math
+import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from tqdm import tqdm
@@ -26,6 +30,48 @@ import utils
 from cli import run_script
 from gpt2 import attention_weights, gelu, linear, merge_heads, split_heads
 from utils import flatten
+
+LOGITS_CHUNK = 512  # positions whose logits exist at once in training: [512, 50257] float32 is 103 MB
+
+# ============================================================================================ both cores
+
+CORES = os.cpu_count() or 1
+POOL = ThreadPoolExecutor(CORES)
+
+
+def on_every_core(fn, *arrays, block_bytes=1 << 20):
+    """fn(*arrays), for an fn that treats each index of the arrays' first axis on its own (an elementwise formula
+    over rows, attention head by head), computed a block of that axis at a time by one thread per core; fn's
+    result (an array or a tuple of arrays) is joined back along the first axis.
+
+    Why: NumPy runs an elementwise formula on one core, and each of its steps makes a fresh array the size of the
+    activations; OpenBLAS splits every small attention product over both cores, whose threads then wait for each
+    other (10x slower beside another busy process). Here each thread takes whole blocks, BLAS runs on one thread
+    per block, NumPy releases the GIL inside each operation, and a block's temporaries stay in the CPU's cache."""
+    n_blocks = CORES * math.ceil(arrays[0].nbytes / (block_bytes * CORES))  # every core gets as many
+    rows = max(1, math.ceil(len(arrays[0]) / n_blocks))
+    starts = range(0, len(arrays[0]), rows)
+    with one_blas_thread():
+        results = list(POOL.map(lambda start: fn(*(a[start:start + rows] for a in arrays)), starts))
+    if isinstance(results[0], tuple):
+        return tuple(np.concatenate(parts) for parts in zip(*results))
+    return np.concatenate(results)
+
+
+@functools.lru_cache(maxsize=1)
+def blas_threads():  # threadpoolctl's handle on NumPy's BLAS, or None without threadpoolctl
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController().select(user_api="blas")
+
+
+def one_blas_thread():
+    """A context in which BLAS runs each product on the thread that calls it."""
+    controller = blas_threads()
+    return controller.limit(limits=1) if controller is not None else contextlib.nullcontext()
+
 
 # ============================================================================================ the backward pass
 
@@ -83,30 +129,51 @@ def linear_backward(dout, cache):  # [..., n_out] -> [..., n_in]
 
 
 def gelu_forward(x):
-    return gelu(x), x
+    return on_every_core(gelu, x.reshape(-1, x.shape[-1])).reshape(x.shape), x
 
 
 def gelu_backward(dout, cache):
+    rows = (a.reshape(-1, a.shape[-1]) for a in (dout, cache))  # -> [batch * seq, 4C]
+    return on_every_core(gelu_grad, *rows).reshape(dout.shape)
+
+
+def gelu_grad(dout, x):
     # gelu(x) = 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3), so
     #   gelu'(x) = 0.5 (1 + tanh(u)) + 0.5 x (1 - tanh(u)^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-    x = cache
     x2 = x * x
     t = np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x2 * x))
     return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * math.sqrt(2.0 / math.pi) * (1.0 + 3 * 0.044715 * x2))
 
 
 def attention_forward(q, k, v):  # 3 x [batch, n_head, seq, d_head] -> [batch, n_head, seq, d_head]
-    weights = attention_weights(q, k)  # -> [batch, n_head, seq, seq]
-    return weights @ v, (q, k, v, weights)  # gpt2.attention, keeping the weights for the backward
+    shape = q.shape
+    # All heads of all samples as one stack [batch * n_head, seq, d_head], shared out over the cores head by head.
+    q, k, v = (heads_stack(t) for t in (q, k, v))
+    out, weights = on_every_core(attention_with_weights, q, k, v)  # weights: [batch * n_head, seq, seq]
+    return out.reshape(shape), (q, k, v, weights)
+
+
+def attention_with_weights(q, k, v):  # gpt2.attention, keeping the weights [n, seq, seq] for the backward
+    weights = attention_weights(q, k)
+    return weights @ v, weights
+
+
+def heads_stack(t):  # [batch, n_head, seq, d_head] -> [batch * n_head, seq, d_head]
+    return t.reshape(-1, *t.shape[-2:])
 
 
 def attention_backward(dout, cache):  # [batch, n_head, seq, d_head] -> 3 x [batch, n_head, seq, d_head]
+    q, k, v, weights = cache
+    dq, dk, dv = on_every_core(attention_grads, heads_stack(dout), q, k, v, weights)
+    return tuple(d.reshape(dout.shape) for d in (dq, dk, dv))
+
+
+def attention_grads(dout, q, k, v, weights):  # 4 x [n, seq, d_head], [n, seq, seq] -> 3 x [n, seq, d_head]
     # out = weights @ v:          dweights = dout @ v.T,   dv = weights.T @ dout
     # weights = softmax(scores), row by row (w_i = e^s_i / sum_j e^s_j, so dw_i/ds_j = w_i (1[i=j] - w_j)):
     #                             dscores = weights * (dweights - sum over the row of dweights * weights)
     # scores = q @ k.T / sqrt(d): dq = dscores @ k / sqrt(d),   dk = dscores.T @ q / sqrt(d)
     # The causal mask is a constant: a masked weight is 0, so its dscores is 0 and no gradient leaks to the future.
-    q, k, v, weights = cache
     dv = weights.swapaxes(-1, -2) @ dout
     dscores = dout @ v.swapaxes(-1, -2)  # dweights, turned into dscores in place:
     dscores -= np.sum(dscores * weights, axis=-1, keepdims=True)
@@ -203,24 +270,69 @@ def cross_entropy_backward(dloss, cache):  # the loss's gradient (1 for the loss
     return dlogits
 
 
-def gpt2_forward(inputs, wte, wpe, blocks, ln_f, n_head):  # [batch, seq] -> [batch, seq, n_vocab]
+def lm_head_loss_forward(x, wte, targets):  # [batch, seq, C], [batch, seq] -> the mean loss
+    """The LM head and the cross-entropy together, LOGITS_CHUNK positions at a time. The logits are the largest
+    arrays of training (a row of 1024 positions is 206 MB, as large again for their gradient), and each chunk's
+    are done with once its gradient is known: so the forward computes the gradient through the head too, chunk by
+    chunk, and keeps only that; the backward scales it by dloss."""
+    x_rows, target_rows = x.reshape(-1, x.shape[-1]), targets.reshape(-1)  # every position as one row
+    n = len(x_rows)
+    total, dx, dwte = 0.0, np.empty_like(x_rows), None
+    for start in range(0, n, LOGITS_CHUNK):
+        rows = slice(start, start + LOGITS_CHUNK)
+        logits, lm_head_cache = lm_head_forward(x_rows[rows], wte)  # -> [chunk, n_vocab]
+        loss, cross_entropy_cache = cross_entropy_forward(logits, target_rows[rows])
+        total += loss * len(logits)
+        dlogits = cross_entropy_backward(len(logits) / n, cross_entropy_cache)  # the chunk's share of the mean
+        dx[rows], dlm_head = lm_head_backward(dlogits, lm_head_cache)
+        if dwte is None:
+            dwte = dlm_head["wte"]
+        else:
+            dwte += dlm_head["wte"]
+    return total / n, (dx.reshape(x.shape), dwte)
+
+
+def lm_head_loss_backward(dloss, cache):  # dloss (1 for the loss itself) -> [batch, seq, C], dwte [n_vocab, C]
+    dx, dwte = cache
+    if dloss != 1.0:  # the chain rule from whatever comes after the loss; for the loss itself, nothing to do
+        dx, dwte = dx * dloss, dwte * dloss
+    return dx, {"wte": dwte}
+
+
+def recomputed_block_forward(x, n_head, **block):  # [batch, seq, C] -> [batch, seq, C]
+    """transformer_block_forward keeping only its input: the backward computes the block's activations again,
+    one block at a time. Every block's activations at once are the largest memory of training after the weights
+    and AdamW's moments (774M at 1 x 1024: about 140 MB a block, 5 GB in all), for a third more arithmetic."""
+    out, _ = transformer_block_forward(x, **block, n_head=n_head)
+    return out, (x, block, n_head)
+
+
+def recomputed_block_backward(dout, cache):  # [batch, seq, C] -> [batch, seq, C]
+    x, block, n_head = cache
+    _, block_cache = transformer_block_forward(x, **block, n_head=n_head)  # the same numbers as the first time
+    return transformer_block_backward(dout, block_cache)
+
+
+def gpt2_forward(inputs, targets, wte, wpe, blocks, ln_f, n_head, recompute=False):  # [batch, seq] x2 -> loss
     x, embedding_cache = embedding_forward(inputs, wte, wpe)  # -> [batch, seq, C]
+    block_forward, block_backward = ((recomputed_block_forward, recomputed_block_backward) if recompute else
+                                     (transformer_block_forward, transformer_block_backward))
     block_caches = []
     for block in blocks:
-        x, block_cache = transformer_block_forward(x, **block, n_head=n_head)
+        x, block_cache = block_forward(x, **block, n_head=n_head)
         block_caches.append(block_cache)
     x, ln_f_cache = layer_norm_forward(x, **ln_f)
-    logits, lm_head_cache = lm_head_forward(x, wte)  # -> [batch, seq, n_vocab]
-    return logits, (embedding_cache, block_caches, ln_f_cache, lm_head_cache)
+    loss, lm_head_loss_cache = lm_head_loss_forward(x, wte, targets)
+    return loss, (embedding_cache, block_backward, block_caches, ln_f_cache, lm_head_loss_cache)
 
 
-def gpt2_backward(dlogits, cache):  # [batch, seq, n_vocab] -> a gradient tree shaped like params
-    embedding_cache, block_caches, ln_f_cache, lm_head_cache = cache
-    dx, dlm_head = lm_head_backward(dlogits, lm_head_cache)
+def gpt2_backward(dloss, cache):  # the loss's gradient -> a gradient tree shaped like params
+    embedding_cache, block_backward, block_caches, ln_f_cache, lm_head_loss_cache = cache
+    dx, dlm_head = lm_head_loss_backward(dloss, lm_head_loss_cache)
     dx, dln_f = layer_norm_backward(dx, ln_f_cache)
     dblocks = []
-    for block_cache in reversed(block_caches):  # the last block's gradient is known first
-        dx, dblock = transformer_block_backward(dx, block_cache)
+    while block_caches:  # the last block's gradient is known first; each cache is let go once used
+        dx, dblock = block_backward(dx, block_caches.pop())
         dblocks.insert(0, dblock)
     dembedding = embedding_backward(dx, embedding_cache)
     # wte has two uses, the lookup table and the LM head, so its gradient is the sum of theirs. Added in place
@@ -230,16 +342,16 @@ def gpt2_backward(dlogits, cache):  # [batch, seq, n_vocab] -> a gradient tree s
     return {"wte": dwte, "wpe": dembedding["wpe"], "blocks": dblocks, "ln_f": dln_f}
 
 
-def loss_and_grads(params, inputs, targets, n_head):
+def loss_and_grads(params, inputs, targets, n_head, recompute=False):
     """The mean next-token cross-entropy of a batch and its gradient with respect to every parameter.
 
     inputs, targets: int arrays [batch, seq], targets being inputs shifted by one. The gradients form a tree with
-    the keys, shapes and dtype of params; wte's includes both of its uses, the embedding and the LM head."""
+    the keys, shapes and dtype of params; wte's includes both of its uses, the embedding and the LM head.
+    recompute: keep only each block's input in the forward and compute its activations again in the backward
+    (the same gradients, in less memory, for more time)."""
     inputs, targets = np.asarray(inputs), np.asarray(targets)
-    logits, cache = gpt2_forward(inputs, **params, n_head=n_head)
-    loss, cross_entropy_cache = cross_entropy_forward(logits, targets)
-    dlogits = cross_entropy_backward(1.0, cross_entropy_cache)  # the chain starts at dloss/dloss = 1
-    return loss, gpt2_backward(dlogits, cache)
+    loss, cache = gpt2_forward(inputs, targets, **params, n_head=n_head, recompute=recompute)
+    return loss, gpt2_backward(1.0, cache)  # the chain starts at dloss/dloss = 1
 
 
 def lm_loss(params, inputs, targets, n_head):
@@ -360,8 +472,9 @@ class AdamW:
         self.t += 1
         for p, g, m, v in zip(*(flatten(tree).values() for tree in (params, grads, self.m, self.v))):
             weight_decay = self.weight_decay if p.ndim == 2 else 0.0  # wte, wpe and every w
-            for rows in row_blocks(p):
-                self.update(p[rows], g[rows], m[rows], v[rows], lr, weight_decay)
+            # The blocks are independent: one thread per core takes them in turn (NumPy releases the GIL).
+            list(POOL.map(lambda rows: self.update(p[rows], g[rows], m[rows], v[rows], lr, weight_decay),
+                          row_blocks(p)))
 
     def update(self, p, g, m, v, lr, weight_decay):  # the formula above, on views: p, m and v change in place
         beta1, beta2 = BETAS  # Python floats throughout: a NumPy float64 scalar would make float32 arrays float64
@@ -386,7 +499,7 @@ def train_step(params, optimizer, tokens, rng, config, lr):
     total_loss, total_grads = 0.0, None
     for _ in range(config["grad_accum"]):
         inputs, targets = get_batch(tokens, rng, config["batch_size"], config["block_size"])
-        loss, grads = loss_and_grads(params, inputs, targets, config["n_head"])
+        loss, grads = loss_and_grads(params, inputs, targets, config["n_head"], config.get("recompute", False))
         total_loss += loss
         if total_grads is None:
             total_grads = grads
@@ -471,7 +584,8 @@ def main(dataset=D(None), out_name=None, val_dataset=D(None), text_column=D(None
          grad_accum=D(1), max_steps=D(1000), learning_rate=D(3e-4), warmup_steps=D(100),
          lr_decay_steps=D(None, "max_steps"), weight_decay=D(0.1), grad_clip=D(1.0), eval_every=D(100),
          save_every=D(500), seed=D(0), patience=D(0), sample_every=D(100), sample_prompt=D(None), sample_length=D(40),
-         sample_temperature=D(0.8), sample_top_k=D(40), models_dir="models", resume=False, overwrite=False):
+         sample_temperature=D(0.8), sample_top_k=D(40), models_dir="models", resume=False, overwrite=False,
+         recompute=False):
     """Train GPT-2 on your text and save it as models/<out_name>, a model folder gpt2.py and score.py load.
 
     python train.py --dataset TEXT --out_name NAME [flags]. Before the first step, a few lines on stderr say what
@@ -525,6 +639,8 @@ def main(dataset=D(None), out_name=None, val_dataset=D(None), text_column=D(None
         models_dir: where runs and models live; tokenized datasets are kept in models_dir/token-cache
         resume: continue the saved run out_name from its last save, with its recorded options
         overwrite: start the run out_name again; the old one is kept until the new run's first save
+        recompute: compute each block's activations again in the backward pass: the same gradients in far less
+            memory, for about a third more time (what lets 774M fine-tune in 24 GB)
     """
     setup = runs.setup(locals())  # every check, the data tokenized, a resumed run read back; nothing written yet
     config, hparams = setup.config, setup.hparams

@@ -108,7 +108,7 @@ def test_every_backward_keeps_the_stated_contract():
     import inspect
 
     backwards = {name: f for name, f in vars(train).items() if name.endswith("_backward")}
-    assert len(backwards) == 11
+    assert len(backwards) == 13
     for name, f in backwards.items():
         assert len(inspect.signature(f).parameters) == 2 and list(inspect.signature(f).parameters)[1] == "cache", name
 
@@ -132,3 +132,50 @@ def test_every_backward_keeps_the_stated_contract():
     halves = [train.cross_entropy_backward(dloss, train.cross_entropy_forward(logits.copy(), ids)[1])
               for dloss in (1.0, 0.5)]  # (the forward works in place on the logits: a copy each)
     np.testing.assert_allclose(halves[1], 0.5 * halves[0], rtol=1e-6)
+
+
+def test_recompute_gives_the_same_gradients(tiny_model):
+    """--recompute computes each block's activations again in the backward: the same numbers, bit for bit."""
+    params, n_head = params_of(tiny_model), tiny_model.hparams["n_head"]
+    inputs, targets = random_batch(tiny_model.hparams["n_vocab"], batch=2, seq=11, seed=4)
+    loss, grads = train.loss_and_grads(params, inputs, targets, n_head)
+    recomputed_loss, recomputed = train.loss_and_grads(params, inputs, targets, n_head, recompute=True)
+    assert recomputed_loss == loss
+    for name, g in flatten(grads).items():
+        np.testing.assert_array_equal(flatten(recomputed)[name], g, err_msg=name)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 22])  # a position at a time, chunks that do not divide 22, one chunk
+def test_the_lm_head_and_loss_in_chunks_equal_them_whole(chunk, monkeypatch):
+    """lm_head_loss_forward, LOGITS_CHUNK positions at a time, against the whole batch's logits through
+    lm_head_forward, cross_entropy_forward and their backwards: equal to float32 rounding."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 11, 16)).astype(np.float32)
+    wte = rng.standard_normal((97, 16)).astype(np.float32)
+    targets = rng.integers(0, 97, (2, 11))
+    logits, lm_head_cache = train.lm_head_forward(x, wte)
+    whole_loss, cross_entropy_cache = train.cross_entropy_forward(logits, targets)
+    whole_dx, whole_grads = train.lm_head_backward(train.cross_entropy_backward(0.5, cross_entropy_cache),
+                                                   lm_head_cache)
+
+    monkeypatch.setattr(train, "LOGITS_CHUNK", chunk)
+    loss, cache = train.lm_head_loss_forward(x, wte, targets)
+    dx, grads = train.lm_head_loss_backward(0.5, cache)
+    assert loss == pytest.approx(whole_loss, rel=1e-6)
+    assert dx.shape == x.shape and dx.dtype == np.float32 and grads["wte"].dtype == np.float32
+    np.testing.assert_allclose(dx, whole_dx, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(grads["wte"], whole_grads["wte"], rtol=1e-5, atol=1e-7)
+
+
+def test_work_shared_over_the_cores_equals_the_plain_op():
+    """on_every_core splits the first axis into blocks, one thread per core: the same numbers as one call, bit for
+    bit, for an elementwise formula, attention head by head (a tuple of results), and blocks of one row."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((37, 13)).astype(np.float32)
+    for block_bytes in (1, 200, 1 << 20):  # a row per block, a few rows, everything in one block per core
+        np.testing.assert_array_equal(train.on_every_core(train.gelu, x, block_bytes=block_bytes), train.gelu(x))
+    q, k, v = (rng.standard_normal((9, 7, 4)).astype(np.float32) for _ in range(3))
+    out, weights = train.on_every_core(train.attention_with_weights, q, k, v, block_bytes=64)
+    expected_weights = train.attention_weights(q, k)
+    np.testing.assert_array_equal(weights, expected_weights)
+    np.testing.assert_allclose(out, expected_weights @ v, rtol=1e-6, atol=1e-7)

@@ -253,6 +253,20 @@ def test_resuming_gives_the_same_weights_as_one_uninterrupted_run(models_dir, pa
         np.testing.assert_array_equal(straight[name], halves[name], err_msg=name)
 
 
+def test_recompute_trains_the_same_weights(models_dir, paragraph):
+    """--recompute only trades memory for time: the same losses and, bit for bit, the same saved weights."""
+    common = dict(init_from="scratch", n_layer=2, n_head=2, n_embd=32, n_ctx=64, block_size=16, batch_size=2,
+                  learning_rate=1e-2, warmup_steps=1, max_steps=3, eval_every=0, models_dir=models_dir)
+    train.main(paragraph, "kept", **common)
+    train.main(paragraph, "recomputed", recompute=True, **common)
+    saved = {name: utils.read_tf_checkpoint(utils.checkpoint_prefix(os.path.join(models_dir, name)), 2)
+             for name in ("kept", "recomputed")}
+    assert [r["train_loss"] for r in read_log(os.path.join(models_dir, "kept"))] == \
+        [r["train_loss"] for r in read_log(os.path.join(models_dir, "recomputed"))]
+    for name, weight in saved["kept"].items():
+        np.testing.assert_array_equal(saved["recomputed"][name], weight, err_msg=name)
+
+
 def test_ctrl_c_saves_a_loadable_run_and_a_second_run_on_it_is_refused(models_dir, paragraph):
     run_dir = os.path.join(models_dir, "long")
     # --save_every 2: a save soon after the start, whatever the machine's load; every wait below has a deadline
@@ -306,6 +320,7 @@ BAD_INPUT = [  # (flags, what the one line says)
     (dict(batch_size=-1), "--batch_size must be a positive whole number"),
     (dict(learning_rate=0), "--learning_rate must be a positive number"),
     (dict(learning_rate="fast"), "--learning_rate must be a positive number"),
+    (dict(recompute="yes"), "--recompute takes no value"),
 ]
 
 
