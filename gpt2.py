@@ -9,6 +9,8 @@ import math
 
 import numpy as np
 
+from threads import DecodeThreads
+
 
 def gelu(x):
     # GPT-2 was trained with the tanh approximation of GELU. The constants are Python floats: a NumPy float64
@@ -306,6 +308,7 @@ def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperatu
     ids[:, :len(inputs)] = inputs
     counting = controls.get("presence_penalty") or controls.get("frequency_penalty")
     counts = np.zeros(logits.shape, dtype=np.float32) if counting else None  # [n_samples, n_vocab]
+    decode_threads = DecodeThreads()
     for step in range(n_tokens_to_generate):
         n_seen = len(inputs) + step
         logits = process_logits(logits, ids[:, :n_seen], counts, step, **controls)
@@ -315,7 +318,8 @@ def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperatu
             counts[np.arange(len(rngs)), next_ids] += 1
         yield next_ids
         if step + 1 < n_tokens_to_generate:  # every earlier position is cached: only the new tokens go through
-            logits = gpt2(next_ids[:, None], **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
+            with decode_threads.step():  # as many BLAS threads as the last steps found fastest (threads.py)
+                logits = gpt2(next_ids[:, None], **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
 
 
 def generate(inputs, params, n_head, n_tokens_to_generate, temperature=0.0, top_k=0, top_p=1.0, seed=None,
