@@ -430,13 +430,12 @@ def controls_section(args):
 @contextlib.contextmanager
 def fixed_threads(count):
     """gpt2.py's decode with `count` BLAS threads throughout (None: the default count, never adapted)."""
-    controller, adaptive = threads.blas_controller(), gpt2.DecodeThreads
-    gpt2.DecodeThreads = lambda: adaptive(choices=[None])
+    controller, threads.ADAPT = threads.blas_controller(), False
     try:
         with controller.limit(limits=count) if controller and count else contextlib.nullcontext():
             yield
     finally:
-        gpt2.DecodeThreads = adaptive
+        threads.ADAPT = True
 
 
 def load():

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from threads import DecodeThreads
+import threads
 
 
 def gelu(x):
@@ -299,7 +299,9 @@ def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperatu
         return
     kv_cache = new_kv_cache(params, n_head, capacity)
     for start in range(0, len(inputs), PREFILL_CHUNK):
-        logits = gpt2(inputs[start:start + PREFILL_CHUNK], **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
+        chunk = inputs[start:start + PREFILL_CHUNK]
+        with threads.choice("prefill").step(work=len(chunk)):  # as many BLAS threads as measured fastest
+            logits = gpt2(chunk, **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
     kv_cache = [cache.repeat(len(rngs)) for cache in kv_cache]  # from here on, each sample has its own history
     logits = np.broadcast_to(logits, (len(rngs), logits.shape[-1]))  # [n_vocab] -> [n_samples, n_vocab]
     # What the controls look at: each sample's text so far and, for presence and frequency, how often it generated
@@ -308,7 +310,6 @@ def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperatu
     ids[:, :len(inputs)] = inputs
     counting = controls.get("presence_penalty") or controls.get("frequency_penalty")
     counts = np.zeros(logits.shape, dtype=np.float32) if counting else None  # [n_samples, n_vocab]
-    decode_threads = DecodeThreads()
     for step in range(n_tokens_to_generate):
         n_seen = len(inputs) + step
         logits = process_logits(logits, ids[:, :n_seen], counts, step, **controls)
@@ -318,7 +319,7 @@ def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperatu
             counts[np.arange(len(rngs)), next_ids] += 1
         yield next_ids
         if step + 1 < n_tokens_to_generate:  # every earlier position is cached: only the new tokens go through
-            with decode_threads.step():  # as many BLAS threads as the last steps found fastest (threads.py)
+            with threads.choice("decode").step():  # as many BLAS threads as the last steps found fastest
                 logits = gpt2(next_ids[:, None], **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
 
 
