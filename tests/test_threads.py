@@ -66,3 +66,14 @@ def test_decode_steps_restore_the_default_count_after_each_step(tiny_model):
     assert [lib.num_threads for lib in controller.lib_controllers] == before
     assert out == gpt2.generate([464, 3139], params, hparams["n_head"], 6)
     assert threads.thread_choices()[0] == max(before) and 1 in threads.thread_choices()
+
+
+def test_a_default_of_one_thread_leaves_nothing_to_choose():
+    """OPENBLAS_NUM_THREADS=1 (or any limit already set) is the user's choice: one count, never two."""
+    with threads.blas_controller().limit(limits=1):
+        assert threads.thread_choices() == [1]
+        choice = threads.ThreadChoice()
+        for _ in range(3):
+            with choice.step():
+                pass
+        assert list(choice.timings) == [1]
