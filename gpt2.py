@@ -4,9 +4,12 @@ Every function takes its own weights by the names the checkpoint uses, so `**blo
 model and the params dict is the call tree. Shapes are commented where they change; n_seq is the number of
 positions, and any leading batch axes ride along untouched.
 """
+import functools
 import math
 
 import numpy as np
+
+import threads
 
 
 def gelu(x):
@@ -16,10 +19,10 @@ def gelu(x):
     return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
 
 
-def softmax(x):
-    x = x - np.max(x, axis=-1, keepdims=True)  # shifting by the max keeps exp from overflowing
-    # The rest works in place: for a long prompt, x is the attention scores, the largest array in the model,
-    # and a fresh array of that size costs more in page faults than the arithmetic itself.
+def softmax(x):  # in place: x is overwritten with its softmax and returned
+    # For a long prompt, x is the attention scores, the largest array in the model: a fresh array of that size
+    # costs more in page faults than the arithmetic itself, so the caller hands over an array it no longer needs.
+    x -= np.max(x, axis=-1, keepdims=True)  # shifting by the max keeps exp from overflowing
     np.exp(x, out=x)
     x /= np.sum(x, axis=-1, keepdims=True)
     return x
@@ -42,18 +45,24 @@ def ffn(x, c_fc, c_proj):  # [n_seq, n_embd] -> [n_seq, n_embd]
     return linear(h, **c_proj)  # [n_seq, 4*n_embd] -> [n_seq, n_embd]
 
 
-def causal_mask(n_q, n_k):  # -> [n_q, n_k]
-    # The n_q queries are the last n_q of the n_k positions; each may look at itself and everything before it.
-    # (n_q < n_k once a KVCache, below, holds the earlier positions' keys.)
+@functools.lru_cache(maxsize=8)  # built once per shape, not once per layer: every block asks for the same one
+def causal_mask(n_q):  # -> [n_q, n_q]
+    # The n_q queries are the last n_q positions; each may look at itself and everything before it. Only the
+    # last n_q keys can lie in a query's future, so the mask covers those columns alone (n_q < n_k once a
+    # KVCache, below, holds the earlier positions' keys).
     # -1e10 rather than -inf: exp() turns it into an exact 0 without ever producing inf - inf = nan.
-    return np.triu(np.full((n_q, n_k), -1e10, dtype=np.float32), k=n_k - n_q + 1)
+    mask = np.triu(np.full((n_q, n_q), -1e10, dtype=np.float32), k=1)
+    mask.flags.writeable = False  # shared by every caller
+    return mask
 
 
 def attention_weights(q, k):  # [n_head, n_q, d_head], [n_head, n_k, d_head] -> [n_head, n_q, n_k]
     """How much each query attends to each key: softmax(q @ k.T / sqrt(d_head)), the future masked out."""
+    q = q * (1.0 / math.sqrt(q.shape[-1]))  # scaling q, n_k times smaller than the scores, gives the same scores
     scores = q @ k.swapaxes(-1, -2)  # all heads in one stacked matmul
-    scores /= math.sqrt(q.shape[-1])  # in place, like softmax
-    scores += causal_mask(q.shape[-2], k.shape[-2])
+    n_q = q.shape[-2]
+    if n_q > 1:  # a single query is the newest position: nothing lies in its future
+        scores[..., -n_q:] += causal_mask(n_q)
     return softmax(scores)
 
 
@@ -290,7 +299,9 @@ def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperatu
         return
     kv_cache = new_kv_cache(params, n_head, capacity)
     for start in range(0, len(inputs), PREFILL_CHUNK):
-        logits = gpt2(inputs[start:start + PREFILL_CHUNK], **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
+        chunk = inputs[start:start + PREFILL_CHUNK]
+        with threads.choice("prefill").step(work=len(chunk)):  # as many BLAS threads as measured fastest
+            logits = gpt2(chunk, **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
     kv_cache = [cache.repeat(len(rngs)) for cache in kv_cache]  # from here on, each sample has its own history
     logits = np.broadcast_to(logits, (len(rngs), logits.shape[-1]))  # [n_vocab] -> [n_samples, n_vocab]
     # What the controls look at: each sample's text so far and, for presence and frequency, how often it generated
@@ -308,7 +319,8 @@ def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperatu
             counts[np.arange(len(rngs)), next_ids] += 1
         yield next_ids
         if step + 1 < n_tokens_to_generate:  # every earlier position is cached: only the new tokens go through
-            logits = gpt2(next_ids[:, None], **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
+            with threads.choice("decode").step():  # as many BLAS threads as the last steps found fastest
+                logits = gpt2(next_ids[:, None], **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
 
 
 def generate(inputs, params, n_head, n_tokens_to_generate, temperature=0.0, top_k=0, top_p=1.0, seed=None,

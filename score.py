@@ -14,6 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 import gpt2
+import threads
 import utils
 from cli import check, is_int, run_script
 from encoder import load_encoder
@@ -124,7 +125,8 @@ def score_ids(ids, params, n_head, n_ctx, stride, top=None, progress=False):
         for batch in window_batches(spans, params, n_head):
             first = batch[0][2] - batch[0][0]  # the same in every window of the batch
             inputs = np.stack([sequence[start:end] for start, end, _ in batch])  # -> [n_windows, length]
-            logits = new_position_logits(params, inputs, first, n_head)  # -> [n_windows, length - first, n_vocab]
+            with threads.choice("score").step(work=inputs.size):  # as many BLAS threads as measured fastest
+                logits = new_position_logits(params, inputs, first, n_head)  # -> [n_windows, length - first, n_vocab]
             for (_, end, scored), row_logits in zip(batch, logits):
                 # Position p of the sequence is ids[p - 1]: the new positions' scores go to ids[scored:end].
                 scores = window_scores(row_logits, sequence[scored + 1:end + 1], top)

@@ -100,3 +100,22 @@ def test_generate_refuses_what_cannot_run(tiny_model, call, message):
     _, _, params = load_encoder_hparams_and_params(tiny_model.name, tiny_model.models_dir)
     with pytest.raises(ValueError, match=message):
         call(params)
+
+
+@pytest.mark.parametrize("n_q, n_k", [(1, 1), (1, 9), (5, 5), (5, 9)])
+def test_attention_weights_match_torch_with_the_queries_last(n_q, n_k):
+    """The mask covers only the last n_q keys and is shared between calls: the weights still equal torch's
+    softmax over all n_k keys with query i at position n_k - n_q + i, twice in a row, batched or not."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 3, n_q, 8), dtype=np.float32) * 3
+    k = rng.standard_normal((2, 3, n_k, 8), dtype=np.float32) * 3
+    allowed = torch.ones(n_q, n_k, dtype=torch.bool).tril(diagonal=n_k - n_q)
+    scores = torch.from_numpy(q) @ torch.from_numpy(k).transpose(-1, -2) / np.sqrt(8.0)
+    expected = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).numpy()
+    for _ in range(2):
+        got = gpt2.attention_weights(q, k)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, atol=1e-6, rtol=1e-5)
+        np.testing.assert_allclose(gpt2.attention_weights(q[0], k[0]), expected[0], atol=1e-6, rtol=1e-5)

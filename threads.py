@@ -1,0 +1,109 @@
+"""How many BLAS threads a decode step uses: whichever count the last steps measured fastest.
+
+A decode step multiplies one vector by every weight, a memory-bound product. On a quiet 2-core machine two
+BLAS threads stream the weights faster than one; beside another CPU-bound process, two threads wait on each
+other for a core (OpenBLAS spins at every hand-over) and a step takes about 3x as long as with one thread. No
+rule decided in advance is right in both cases, and the load average lags by a minute, so the steps time
+themselves: the default count runs until its threads get less CPU time than they had wall time (another process
+holds a core), then one thread is tried, the faster is kept, and the other gets a step again now and then (the
+slower it was, the more rarely), so a machine that gets busy (or quiet) mid-run is followed. Prefill
+chunks and scoring batches, compute-bound matrix products, choose the same way, each kind on its own: beside a
+CPU-bound process a 256-position forward pass took 5.9 s on one thread and 18.4 s on two.
+
+Without threadpoolctl (or a BLAS it knows), there is one choice, the default, and nothing changes.
+"""
+import collections
+import contextlib
+import functools
+import time
+
+TRIAL_BUDGET = 0.01  # what retrying the slower counts may cost, as a share of the decode time
+MIN_INTERVAL = 8  # steps between two trials of one count, however close the counts' speeds
+MAX_INTERVAL = 200  # however slow a count was, it is tried again within this many steps: the machine may be quiet now
+STARVED = 0.75  # the default count is starved when its threads got less than this share of a core each
+KEEP = 3  # a count's speed is the best of its last KEEP steps: noise only ever adds time
+
+
+@functools.lru_cache(maxsize=1)
+def blas_controller():
+    """threadpoolctl's handle on the BLAS NumPy loaded, or None."""
+    try:
+        import numpy  # noqa: F401  (threadpoolctl finds only the libraries already loaded)
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    controller = ThreadpoolController().select(user_api="blas")
+    return controller if controller.lib_controllers else None
+
+
+def thread_choices():
+    """The counts to choose from: one thread, and the default (which honours OPENBLAS_NUM_THREADS and the like)."""
+    controller = blas_controller()
+    if controller is None:
+        return [None]  # the default, whatever it is
+    default = max(lib.num_threads for lib in controller.lib_controllers)
+    return sorted({1, default}, reverse=True)  # the default first
+
+
+def choose(step, timings, last_run, choices, starved, budget=TRIAL_BUDGET):
+    """The thread count for step `step` (0, 1, ...). choices: the counts, the default first; timings: {count: its
+    recent step times}; last_run: {count: the last step it ran}; starved: whether the default's last step got
+    fewer cores than it has threads (another process holds one).
+
+    The default runs until it is starved; then each other count runs once, and from then on the fastest runs,
+    each other count again only when enough steps have passed that retrying it costs at most `budget` of the
+    time: a count r times slower than the fastest costs r - 1 steps' time, so it waits (r - 1) / budget steps
+    (busy machine, r about 3: 200 steps; quiet, r about 1.3: 30), at most MAX_INTERVAL."""
+    untried = [count for count in choices if not timings.get(count)]
+    if choices[0] in untried or (untried and not starved):
+        return choices[0]
+    if untried:
+        return untried[0]
+    speed = {count: min(timings[count]) for count in choices}
+    fastest = min(choices, key=speed.get)
+    for count in choices:
+        wait = min(MAX_INTERVAL, max(MIN_INTERVAL, (speed[count] / speed[fastest] - 1) / budget))
+        if count != fastest and step - last_run[count] >= wait:
+            return count
+    return fastest
+
+
+class ThreadChoice:
+    """Times each step of one kind of work run through `step()` and sets the BLAS thread count of the next."""
+
+    def __init__(self, choices=None):
+        self.choices = choices or thread_choices()
+        self.timings = collections.defaultdict(lambda: collections.deque(maxlen=KEEP))
+        self.last_run = {}
+        self.steps = 0
+        self.starved = False
+
+    @contextlib.contextmanager
+    def step(self, work=1):
+        """work: how much the step does (positions, say), so that steps of different sizes compare per unit."""
+        count = choose(self.steps, self.timings, self.last_run, self.choices, self.starved)
+        controller = blas_controller()
+        limit = controller.limit(limits=count) if controller is not None and count is not None \
+            else contextlib.nullcontext()
+        with limit:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            yield
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        self.timings[count].append(wall / work)
+        if count == self.choices[0] and count is not None:  # waiting BLAS threads spin, so a core of ours counts
+            self.starved = cpu < STARVED * count * wall  # as busy unless another process has it
+        self.last_run[count] = self.steps
+        self.steps += 1
+
+
+CHOICES = {}  # one per kind of work, kept for the life of the process: the next call starts from what it learned
+ADAPT = True  # False: every step runs with the default count (bench.py, to time what that gives)
+
+
+def choice(kind):
+    """The ThreadChoice of one kind of work ("decode", "prefill", "score"): steps of one kind are alike."""
+    if not ADAPT:
+        return ThreadChoice(choices=[None])
+    if kind not in CHOICES:
+        CHOICES[kind] = ThreadChoice()
+    return CHOICES[kind]
