@@ -1,4 +1,5 @@
-"""How many BLAS threads a decode step uses: whichever count the last steps measured fastest.
+"""How many BLAS threads a decode step uses: whichever count the last steps measured fastest; and, for
+training, work shared out over the cores (on_every_core, at the end).
 
 A decode step multiplies one vector by every weight, a memory-bound product. On a quiet 2-core machine two
 BLAS threads stream the weights faster than one; beside another CPU-bound process, two threads wait on each
@@ -15,7 +16,12 @@ Without threadpoolctl (or a BLAS it knows), there is one choice, the default, an
 import collections
 import contextlib
 import functools
+import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 TRIAL_BUDGET = 0.01  # what retrying the slower counts may cost, as a share of the decode time
 MIN_INTERVAL = 8  # steps between two trials of one count, however close the counts' speeds
@@ -28,12 +34,18 @@ KEEP = 3  # a count's speed is the best of its last KEEP steps: noise only ever 
 def blas_controller():
     """threadpoolctl's handle on the BLAS NumPy loaded, or None."""
     try:
-        import numpy  # noqa: F401  (threadpoolctl finds only the libraries already loaded)
         from threadpoolctl import ThreadpoolController
     except ImportError:
         return None
     controller = ThreadpoolController().select(user_api="blas")
     return controller if controller.lib_controllers else None
+
+
+def limit(count):
+    """A context in which BLAS runs every product on `count` threads (None: its default); without threadpoolctl,
+    the default."""
+    controller = blas_controller()
+    return controller.limit(limits=count) if controller is not None and count is not None else contextlib.nullcontext()
 
 
 def thread_choices():
@@ -82,10 +94,7 @@ class ThreadChoice:
     def step(self, work=1):
         """work: how much the step does (positions, say), so that steps of different sizes compare per unit."""
         count = choose(self.steps, self.timings, self.last_run, self.choices, self.starved)
-        controller = blas_controller()
-        limit = controller.limit(limits=count) if controller is not None and count is not None \
-            else contextlib.nullcontext()
-        with limit:
+        with limit(count):
             start, cpu_start = time.perf_counter(), time.process_time()
             yield
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
@@ -107,3 +116,27 @@ def choice(kind):
     if kind not in CHOICES:
         CHOICES[kind] = ThreadChoice()
     return CHOICES[kind]
+
+
+# Training's elementwise work and attention, shared out over the cores (train.py).
+CORES = os.cpu_count() or 1
+POOL = ThreadPoolExecutor(CORES)
+
+
+def on_every_core(fn, *arrays, block_bytes=1 << 20):
+    """fn(*arrays), for an fn that treats each index of the arrays' first axis on its own (an elementwise formula
+    over rows, attention head by head), computed a block of that axis at a time by one thread per core; fn's
+    result (an array or a tuple of arrays) is joined back along the first axis.
+
+    Why: NumPy runs an elementwise formula on one core, and each of its steps makes a fresh array the size of the
+    activations; OpenBLAS splits every small attention product over both cores, whose threads then wait for each
+    other (10x slower beside another busy process). Here each thread takes whole blocks, BLAS runs on one thread
+    per block, NumPy releases the GIL inside each operation, and a block's temporaries stay in the CPU's cache."""
+    n_blocks = CORES * math.ceil(arrays[0].nbytes / (block_bytes * CORES))  # every core gets as many
+    rows = max(1, math.ceil(len(arrays[0]) / n_blocks))
+    starts = range(0, len(arrays[0]), rows)
+    with limit(1):  # BLAS on the calling thread: the pool already keeps every core busy
+        results = list(POOL.map(lambda start: fn(*(a[start:start + rows] for a in arrays)), starts))
+    if isinstance(results[0], tuple):
+        return tuple(np.concatenate(parts) for parts in zip(*results))
+    return np.concatenate(results)

@@ -12,14 +12,10 @@ embedding, the whole model) return grads alone, since ids have no gradient. Put 
 tree with exactly the keys and shapes of the params tree. Shapes are for a batch of token ids [batch, seq]; n_embd
 is written C where it keeps lines short.
 """
-import contextlib
-import functools
 import math
-import os
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from tqdm import tqdm
@@ -29,49 +25,10 @@ import runs
 import utils
 from cli import run_script
 from gpt2 import attention_weights, gelu, linear, merge_heads, split_heads
+from threads import POOL, on_every_core
 from utils import flatten
 
 LOGITS_CHUNK = 512  # positions whose logits exist at once in training: [512, 50257] float32 is 103 MB
-
-# ============================================================================================ both cores
-
-CORES = os.cpu_count() or 1
-POOL = ThreadPoolExecutor(CORES)
-
-
-def on_every_core(fn, *arrays, block_bytes=1 << 20):
-    """fn(*arrays), for an fn that treats each index of the arrays' first axis on its own (an elementwise formula
-    over rows, attention head by head), computed a block of that axis at a time by one thread per core; fn's
-    result (an array or a tuple of arrays) is joined back along the first axis.
-
-    Why: NumPy runs an elementwise formula on one core, and each of its steps makes a fresh array the size of the
-    activations; OpenBLAS splits every small attention product over both cores, whose threads then wait for each
-    other (10x slower beside another busy process). Here each thread takes whole blocks, BLAS runs on one thread
-    per block, NumPy releases the GIL inside each operation, and a block's temporaries stay in the CPU's cache."""
-    n_blocks = CORES * math.ceil(arrays[0].nbytes / (block_bytes * CORES))  # every core gets as many
-    rows = max(1, math.ceil(len(arrays[0]) / n_blocks))
-    starts = range(0, len(arrays[0]), rows)
-    with one_blas_thread():
-        results = list(POOL.map(lambda start: fn(*(a[start:start + rows] for a in arrays)), starts))
-    if isinstance(results[0], tuple):
-        return tuple(np.concatenate(parts) for parts in zip(*results))
-    return np.concatenate(results)
-
-
-@functools.lru_cache(maxsize=1)
-def blas_threads():  # threadpoolctl's handle on NumPy's BLAS, or None without threadpoolctl
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return None
-    return ThreadpoolController().select(user_api="blas")
-
-
-def one_blas_thread():
-    """A context in which BLAS runs each product on the thread that calls it."""
-    controller = blas_threads()
-    return controller.limit(limits=1) if controller is not None else contextlib.nullcontext()
-
 
 # ============================================================================================ the backward pass
 
