@@ -161,6 +161,9 @@ def read_only(path):
 
 
 def already_exists(run_dir):
+    owner = best_of(run_dir)
+    if owner:  # --overwrite would not take it either: it is another run's
+        return f"{run_dir} is the best model of the run {owner[0]}: choose another --out_name"
     if os.path.exists(os.path.join(run_dir, STATE_FILE)):
         return f"{run_dir} already exists: --resume continues it, --overwrite starts it again"
     return f"{run_dir} already exists and is no saved training run: --overwrite replaces it"
@@ -428,7 +431,7 @@ def csv_documents(file, flag, column, dataset):
     reader = csv.reader(io.StringIO(row_text(file, flag), newline=""))
     csv.field_size_limit(CSV_FIELD_LIMIT)
     try:
-        header = next(reader, None)
+        header = next((row for row in reader if row), None)  # blank lines before the header are no rows either
         if header is None:
             return
         columns = ", ".join(header)
@@ -449,9 +452,9 @@ def csv_documents(file, flag, column, dataset):
         raise utils.UsageError(f"{flag} {file} line {reader.line_num} is not CSV ({e})") from None
 
 
-def add_document(dataset, text):
+def add_document(dataset, text, empty="an empty row"):
     if text == "":
-        dataset.skip("an empty row")
+        dataset.skip(empty)
     else:
         dataset.texts.append(text)
 
@@ -466,7 +469,7 @@ def dataset_texts(path, flag, text_column=None):
             if text is None:
                 dataset.skip("without an extension, not UTF-8 text")
                 continue
-            dataset.texts.append(text)
+            add_document(dataset, text.removeprefix("\ufeff"), "an empty file")  # a byte-order mark is no text
         else:
             dataset.row_files += 1
             (jsonl_documents if kind == "jsonl" else csv_documents)(file, flag, text_column, dataset)
@@ -1264,6 +1267,7 @@ def describe_skipped(skipped):
     labels = {"a broken link": ("broken link", "broken links"), "a FIFO": ("FIFO", "FIFOs"),
               "a socket": ("socket", "sockets"), "a character device": ("character device", "character devices"),
               "a block device": ("block device", "block devices"), "an empty row": ("empty row", "empty rows"),
+              "an empty file": ("empty file", "empty files"),
               "a folder read already": ("folder read already", "folders read already")}
     parts = sorted((-n, count(n, *labels.get(why, (why, why)))) for why, n in skipped.items())
     return ", ".join(text for _, text in sorted(parts, key=lambda part: (part[0], part[1].lower())))

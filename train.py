@@ -589,7 +589,7 @@ def main(dataset=D(None), out_name=None, val_dataset=D(None), text_column=D(None
             one is printed on stdout when the run ends
         sample_prompt: the text that previews continue (default: the first 16 tokens of the validation text,
             which the model never trains on; "" starts from <|endoftext|>)
-        sample_length: how many tokens a preview adds (fewer if the model's context is shorter)
+        sample_length: how many tokens a preview adds (left at its default, fewer if the model's context is shorter)
         sample_temperature: the previews' temperature (0: greedy); every preview uses --seed, so previews at
             different steps differ only by what the model learned
         sample_top_k: the previews' top-k (0: off)

@@ -181,6 +181,8 @@ def test_a_best_name_taken_by_another_model_is_refused_in_one_line_before_any_wo
         run(texts, models_dir, max_steps=2)
     with pytest.raises(utils.UsageError, match="is the best model of the run run-best-of: choose another"):
         run(texts, models_dir, "run-best-of-best", max_steps=2, overwrite=True)
+    with pytest.raises(utils.UsageError, match="is the best model of the run run-best-of: choose another"):
+        run(texts, models_dir, "run-best-of-best", max_steps=2)  # not "--overwrite replaces it": it would not
     # Without a validation loss a run keeps no best: the name is not in its way
     run(texts, models_dir, max_steps=1, eval_every=0)
     assert os.readlink(best) == os.readlink(os.path.join(models_dir, "run-best-of-best"))

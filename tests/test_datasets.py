@@ -173,6 +173,26 @@ def test_csv_is_one_document_per_row(tmp_path):
     assert runs.dataset_texts(str(chosen), "--dataset", "body").texts == ["This one."]
     long = write_csv(tmp_path / "long.csv", [["text"], ["x" * 200_000]])  # above csv's default field limit
     assert runs.dataset_texts(str(long), "--dataset").texts == ["x" * 200_000]
+    blank_first = tmp_path / "blank_first.csv"  # blank lines before the header: the header is the first row
+    blank_first.write_text("\n\ntext\nhello\n", encoding="utf-8")
+    assert runs.dataset_texts(str(blank_first), "--dataset").texts == ["hello"]
+    blank = tmp_path / "blank.csv"
+    blank.write_text("\n", encoding="utf-8")
+    with pytest.raises(utils.UsageError, match="is empty"):
+        runs.dataset_texts(str(blank), "--dataset")
+
+
+def test_text_files_lose_their_byte_order_mark_and_empty_ones_are_no_documents(tmp_path):
+    root = tmp_path / "texts"
+    (root / "sub").mkdir(parents=True)
+    (root / "bom.txt").write_bytes("\ufeffWritten by Notepad.".encode("utf-8"))
+    (root / "empty.txt").write_bytes(b"")
+    (root / "sub" / "empty.md").write_bytes("\ufeff".encode("utf-8"))
+    data = runs.dataset_texts(str(root), "--dataset")
+    assert data.texts == ["Written by Notepad."] and data.skipped == {"an empty file": 2} and data.files == 3
+    assert "skipped 2 empty files" in runs.describe_dataset(data)
+    with pytest.raises(utils.UsageError, match="is empty"):
+        runs.dataset_texts(str(root / "empty.txt"), "--dataset")
 
 
 def test_a_csv_column_that_is_not_there_is_one_error_listing_the_columns(tmp_path):
