@@ -25,7 +25,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests.kill_sweep import TEXT, counted_functions, in_child  # noqa: E402
+from tests.kill_sweep import counted_functions, in_child, prepare  # noqa: E402
 
 OPTIONS = dict(init_from="scratch", n_layer=1, n_head=2, n_embd=8, n_ctx=16, block_size=8, batch_size=2,
                grad_accum=1, learning_rate=1e-2, warmup_steps=1, lr_decay_steps=3, eval_every=1, save_every=1,
@@ -91,16 +91,8 @@ def same(a, b):
 def main(work_dir, scenario):
     import train
     import utils
-    from tests.release_layout import vocabulary_only
 
-    with utils.silenced_stderr():
-        import tensorflow  # noqa: F401  (used only in the children until they are all done)
-
-    dataset = os.path.join(work_dir, "text.txt")
-    with open(dataset, "w", encoding="utf-8") as f:
-        f.write(TEXT)
-    base = os.path.join(work_dir, "base")
-    vocabulary_only(base)
+    dataset, base = prepare(work_dir)
     if scenario == "resume":
         assert in_child(lambda: train.main(dataset, "run", val_dataset=dataset, max_steps=2, models_dir=base,
                                            **OPTIONS)) == 0
