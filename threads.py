@@ -9,7 +9,9 @@ themselves: the default count runs until its threads get less CPU time than they
 holds a core), then one thread is tried, the faster is kept, and the other gets a step again now and then (the
 slower it was, the more rarely), so a machine that gets busy (or quiet) mid-run is followed. Prefill
 chunks and scoring batches, compute-bound matrix products, choose the same way, each kind on its own: beside a
-CPU-bound process a 256-position forward pass took 5.9 s on one thread and 18.4 s on two.
+CPU-bound process a 256-position forward pass took 5.9 s on one thread and 18.4 s on two. Each call (a
+generate, a score_ids) learns afresh: what a step measured minutes ago, beside a process that has since ended,
+says nothing about the machine now.
 
 Without threadpoolctl (or a BLAS it knows), there is one choice, the default, and nothing changes.
 """
@@ -105,17 +107,13 @@ class ThreadChoice:
         self.steps += 1
 
 
-CHOICES = {}  # one per kind of work, kept for the life of the process: the next call starts from what it learned
 ADAPT = True  # False: every step runs with the default count (bench.py, to time what that gives)
 
 
-def choice(kind):
-    """The ThreadChoice of one kind of work ("decode", "prefill", "score"): steps of one kind are alike."""
-    if not ADAPT:
-        return ThreadChoice(choices=[None])
-    if kind not in CHOICES:
-        CHOICES[kind] = ThreadChoice()
-    return CHOICES[kind]
+def choice():
+    """A new ThreadChoice for the steps of one kind of work in one call (decode steps, prefill chunks, scoring
+    batches): steps of one kind are alike."""
+    return ThreadChoice() if ADAPT else ThreadChoice(choices=[None])
 
 
 # Training's elementwise work and attention, shared out over the cores (train.py).

@@ -77,3 +77,26 @@ def test_a_default_of_one_thread_leaves_nothing_to_choose():
             with choice.step():
                 pass
         assert list(choice.timings) == [1]
+
+
+def test_each_generate_call_chooses_afresh(tiny_model, monkeypatch):
+    """What one call learned (perhaps beside a process that has since ended) is not carried into the next: every
+    call's prefill and decode steps start from a new ThreadChoice, whose first step runs the default count. Kept
+    for the process's life, a count found slower was retried only after up to 200 steps (stop 27's bench)."""
+    from utils import load_encoder_hparams_and_params
+    _, hparams, params = load_encoder_hparams_and_params(tiny_model.name, tiny_model.models_dir)
+    seen = []  # (the choice, its step number, the count it picked) at each step
+    real_step = threads.ThreadChoice.step
+
+    def step(self, work=1):
+        seen.append((self, self.steps, threads.choose(self.steps, self.timings, self.last_run, self.choices,
+                                                      self.starved)))
+        return real_step(self, work)
+    monkeypatch.setattr(threads.ThreadChoice, "step", step)
+    for _ in range(2):
+        gpt2.generate([464, 3139], params, hparams["n_head"], 6)
+    choices = list(dict.fromkeys(choice for choice, _, _ in seen))
+    assert len(choices) == 4  # prefill and decode, per call
+    for choice in choices:
+        steps = [(number, count) for c, number, count in seen if c is choice]
+        assert steps[0] == (0, choice.choices[0])
