@@ -280,14 +280,14 @@ def read_tensors(model_dir, names):
 
 
 def load_params(model_dir, hparams):
-    """The flat {name: float32 array} of an HF folder, the linear weights column-major as read_tf_checkpoint
-    lays them out. lm_head.weight, when a file has one, must equal wte: the forward pass ties them."""
+    """The flat {name: float32 array} of an HF folder, the linear weights laid out as read_tf_checkpoint lays
+    them out (utils.decode_order). lm_head.weight, when a file has one, must equal wte: the forward pass ties them."""
     flat = read_tensors(model_dir, check_weights(model_dir, hparams))
     head = flat.pop("lm_head", None)
     if head is not None and not np.array_equal(head, flat["wte"]):
         raise utils.ModelError(f"{label(model_dir)}: lm_head.weight differs from wte.weight (untied embeddings); "
                                f"the forward pass here uses wte as the head")
-    return {name: np.asfortranarray(a) if name.endswith("/w") else np.ascontiguousarray(a)
+    return {name: np.asarray(a, order=utils.decode_order(a.shape) if name.endswith("/w") else "C")
             for name, a in flat.items()}
 
 

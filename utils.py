@@ -699,9 +699,8 @@ def silenced_stderr():
 def read_tf_checkpoint(prefix, n_layer):
     """{name: float32 array} for every model tensor, the [1, in, out] conv weights squeezed to [in, out].
 
-    The weights are laid out column-major (shape [in, out], memory [out][in]): generating one token multiplies
-    a single vector by each of them, and NumPy's BLAS streams that product about 10% faster when each output's
-    weights are contiguous. Results are the same either way.
+    The weights are laid out as decode_order says: generating one token multiplies a single vector by each of
+    them, and how fast NumPy's BLAS streams that product depends on the layout. Results are the same either way.
 
     Raises CheckpointDamaged only when TensorFlow reads the files and finds them wrong; any other failure is a
     ModelError that says what it is.
@@ -722,13 +721,21 @@ def read_tf_checkpoint(prefix, n_layer):
             reader = tf.train.load_checkpoint(prefix)
             for name in tensor_names(n_layer):
                 array = reader.get_tensor(f"model/{name}").astype(np.float32)
-                flat[name] = np.asfortranarray(array[0]) if array.ndim == 3 else array
+                flat[name] = np.asarray(array[0], order=decode_order(array.shape[1:])) if array.ndim == 3 else array
     except MemoryError:
         raise ModelError(f"not enough memory to read the checkpoint {prefix}") from None
     except (tf.errors.OpError, IndexError, ValueError) as e:  # TF's words for a bad checksum, table or length
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointDamaged(f"cannot read the checkpoint {prefix}: {reason}") from None
     return flat
+
+
+def decode_order(shape):
+    """The memory order of a linear weight [in, out] in which one token's x @ w streams fastest through
+    OpenBLAS (bench.py, 124M, 2 cores: decode 47.5 tok/s with every weight column-major, 44.2 row-major, 50.6
+    so): "C" (row-major) for the weights that widen (c_attn, c_fc), "F" (column-major: each output's weights
+    contiguous, as the LM head's rows) for those that narrow or keep the width (the two c_proj)."""
+    return "C" if shape[0] < shape[1] else "F"
 
 
 def nest(flat, n_layer):
@@ -810,6 +817,9 @@ def load_converted(converted_dir, fingerprint, shapes):
                 return None
             array = np.load(os.path.join(converted_dir, name.replace("/", ".") + ".npy"), mmap_mode="r")
             array = np.asarray(array)  # a plain ndarray view of the mapping: np.memmap adds cost to every op
+            order = decode_order(array.shape) if name.endswith("/w") else "C"
+            if not array.flags[f"{order}_CONTIGUOUS"]:  # converted by an earlier version, in a slower layout
+                return None
             if array.shape != shapes[name] or array.dtype != np.float32 or checksum(array) != expected["checksum"]:
                 return None
             flat[name] = array

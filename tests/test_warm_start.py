@@ -115,3 +115,29 @@ def test_checksum_sees_every_word_of_either_layout(shape, order):
     zeroed = array.copy(order=order)
     zeroed.reshape(-1, order="A")[-2:] = 0  # the tail, in memory order
     assert utils.checksum(zeroed) != utils.checksum(array)
+
+
+def test_weights_are_laid_out_as_decode_streams_them_fastest(model_copy):
+    """c_attn and c_fc (they widen) row-major, the two c_proj column-major (utils.decode_order), whether read
+    from the checkpoint or mapped from the converted copy; the values are the checkpoint's either way."""
+    for _ in range(2):  # converting, then mapped
+        block = utils.load_encoder_hparams_and_params("tiny", str(model_copy))[2]["blocks"][0]
+        assert block["attn"]["c_attn"]["w"].flags.c_contiguous and block["mlp"]["c_fc"]["w"].flags.c_contiguous
+        assert block["attn"]["c_proj"]["w"].flags.f_contiguous and block["mlp"]["c_proj"]["w"].flags.f_contiguous
+        assert not block["attn"]["c_attn"]["w"].flags.f_contiguous and not block["mlp"]["c_proj"]["w"].flags.c_contiguous
+
+
+def test_a_copy_converted_in_the_earlier_layout_is_converted_again(model_copy, tiny_model):
+    """Before decode_order every weight was stored column-major: such a copy (whose own checksums match) is
+    rebuilt in today's layout rather than used, and the weights are the same numbers."""
+    flat = utils.read_tf_checkpoint(utils.checkpoint_prefix(str(model_copy / "tiny")), 2)
+    earlier = {name: np.asfortranarray(a) if name.endswith("/w") else a for name, a in flat.items()}
+    converted = str(model_copy / "tiny" / CONVERTED)
+    utils.save_converted(converted, utils.checkpoint_fingerprint(utils.checkpoint_prefix(str(model_copy / "tiny"))),
+                         earlier)
+    c_attn = np.load(os.path.join(converted, "h0.attn.c_attn.w.npy"), mmap_mode="r")
+    assert c_attn.flags.f_contiguous and not c_attn.flags.c_contiguous  # the earlier layout, as written
+    block = utils.load_encoder_hparams_and_params("tiny", str(model_copy))[2]["blocks"][0]
+    assert block["attn"]["c_attn"]["w"].flags.c_contiguous
+    np.testing.assert_array_equal(block["attn"]["c_attn"]["w"], tiny_model.tensors["model/h0/attn/c_attn/w"][0])
+    assert np.load(os.path.join(converted, "h0.attn.c_attn.w.npy"), mmap_mode="r").flags.c_contiguous  # rewritten
