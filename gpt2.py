@@ -298,10 +298,9 @@ def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperatu
     if n_tokens_to_generate == 0:
         return
     kv_cache = new_kv_cache(params, n_head, capacity)
-    prefill, decode = threads.choice(), threads.choice()
     for start in range(0, len(inputs), PREFILL_CHUNK):
         chunk = inputs[start:start + PREFILL_CHUNK]
-        with prefill.step(work=len(chunk)):  # as many BLAS threads as measured fastest
+        with threads.choice("prefill").step(work=len(chunk)):  # as many BLAS threads as measured fastest
             logits = gpt2(chunk, **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
     kv_cache = [cache.repeat(len(rngs)) for cache in kv_cache]  # from here on, each sample has its own history
     logits = np.broadcast_to(logits, (len(rngs), logits.shape[-1]))  # [n_vocab] -> [n_samples, n_vocab]
@@ -320,7 +319,7 @@ def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperatu
             counts[np.arange(len(rngs)), next_ids] += 1
         yield next_ids
         if step + 1 < n_tokens_to_generate:  # every earlier position is cached: only the new tokens go through
-            with decode.step():  # as many BLAS threads as the last steps found fastest
+            with threads.choice("decode").step():  # as many BLAS threads as the last steps found fastest
                 logits = gpt2(next_ids[:, None], **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
 
 

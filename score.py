@@ -120,13 +120,12 @@ def score_ids(ids, params, n_head, n_ctx, stride, top=None, progress=False):
     if top is not None:
         result.update(ranks=np.empty(n, dtype=np.int64), top_ids=np.empty((n, top), dtype=np.int64),
                       top_logprobs=np.empty((n, top), dtype=params["wte"].dtype))
-    choice = threads.choice()
     with tqdm(total=len(spans), desc="scoring", unit="window", leave=False,
               disable=not progress or len(spans) <= PROGRESS_MIN_WINDOWS) as bar:
         for batch in window_batches(spans, params, n_head):
             first = batch[0][2] - batch[0][0]  # the same in every window of the batch
             inputs = np.stack([sequence[start:end] for start, end, _ in batch])  # -> [n_windows, length]
-            with choice.step(work=inputs.size):  # as many BLAS threads as measured fastest
+            with threads.choice("score").step(work=inputs.size):  # as many BLAS threads as measured fastest
                 logits = new_position_logits(params, inputs, first, n_head)  # -> [n_windows, length - first, n_vocab]
             for (_, end, scored), row_logits in zip(batch, logits):
                 # Position p of the sequence is ids[p - 1]: the new positions' scores go to ids[scored:end].

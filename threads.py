@@ -9,9 +9,10 @@ themselves: the default count runs until its threads get less CPU time than they
 holds a core), then one thread is tried, the faster is kept, and the other gets a step again now and then (the
 slower it was, the more rarely), so a machine that gets busy (or quiet) mid-run is followed. Prefill
 chunks and scoring batches, compute-bound matrix products, choose the same way, each kind on its own: beside a
-CPU-bound process a 256-position forward pass took 5.9 s on one thread and 18.4 s on two. Each call (a
-generate, a score_ids) learns afresh: what a step measured minutes ago, beside a process that has since ended,
-says nothing about the machine now.
+CPU-bound process a 256-position forward pass took 5.9 s on one thread and 18.4 s on two. What a count
+measured is kept for the life of the process (a call starts from what the last one learned), but a count not run
+for MAX_AGE seconds runs again at the next step: what it measured beside a process that has since ended says
+nothing about the machine now.
 
 Without threadpoolctl (or a BLAS it knows), there is one choice, the default, and nothing changes.
 """
@@ -28,8 +29,13 @@ import numpy as np
 TRIAL_BUDGET = 0.01  # what retrying the slower counts may cost, as a share of the decode time
 MIN_INTERVAL = 8  # steps between two trials of one count, however close the counts' speeds
 MAX_INTERVAL = 200  # however slow a count was, it is tried again within this many steps: the machine may be quiet now
+MAX_AGE = 30.0  # ... and within this many seconds, however few steps ran since (between calls, say)
 STARVED = 0.75  # the default count is starved when its threads got less than this share of a core each
 KEEP = 3  # a count's speed is the best of its last KEEP steps: noise only ever adds time
+FIRST_TRIAL = 3  # steps a count other than the default runs when first tried: the first steps after a change to
+# fewer threads are slowed by the thread just stopped, which spins on for a while (OpenBLAS: about 0.1 s). Beside a
+# CPU-bound process the first two one-thread steps took 49-64 ms, the later ones 29-31 ms: judged on those two,
+# a call went back to two threads (40-48 ms a step) for the rest of its tokens
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,16 +65,19 @@ def thread_choices():
     return sorted({1, default}, reverse=True)  # the default first
 
 
-def choose(step, timings, last_run, choices, starved, budget=TRIAL_BUDGET):
+def choose(step, timings, last_run, choices, starved, stale=(), budget=TRIAL_BUDGET):
     """The thread count for step `step` (0, 1, ...). choices: the counts, the default first; timings: {count: its
     recent step times}; last_run: {count: the last step it ran}; starved: whether the default's last step got
-    fewer cores than it has threads (another process holds one).
+    fewer cores than it has threads (another process holds one); stale: the counts that last ran MAX_AGE seconds
+    ago or more.
 
-    The default runs until it is starved; then each other count runs once, and from then on the fastest runs,
+    The default runs until it is starved; then each other count runs FIRST_TRIAL steps, and from then on the
+    fastest runs,
     each other count again only when enough steps have passed that retrying it costs at most `budget` of the
     time: a count r times slower than the fastest costs r - 1 steps' time, so it waits (r - 1) / budget steps
-    (busy machine, r about 3: 200 steps; quiet, r about 1.3: 30), at most MAX_INTERVAL."""
-    untried = [count for count in choices if not timings.get(count)]
+    (busy machine, r about 3: 200 steps; quiet, r about 1.3: 30), at most MAX_INTERVAL; a stale count runs
+    again at once."""
+    untried = [count for count in choices if len(timings.get(count, ())) < (1 if count == choices[0] else FIRST_TRIAL)]
     if choices[0] in untried or (untried and not starved):
         return choices[0]
     if untried:
@@ -77,7 +86,7 @@ def choose(step, timings, last_run, choices, starved, budget=TRIAL_BUDGET):
     fastest = min(choices, key=speed.get)
     for count in choices:
         wait = min(MAX_INTERVAL, max(MIN_INTERVAL, (speed[count] / speed[fastest] - 1) / budget))
-        if count != fastest and step - last_run[count] >= wait:
+        if count != fastest and (step - last_run[count] >= wait or count in stale):
             return count
     return fastest
 
@@ -89,13 +98,16 @@ class ThreadChoice:
         self.choices = choices or thread_choices()
         self.timings = collections.defaultdict(lambda: collections.deque(maxlen=KEEP))
         self.last_run = {}
+        self.last_run_at = {}  # {count: time.perf_counter() at the end of its last step}
         self.steps = 0
         self.starved = False
 
     @contextlib.contextmanager
     def step(self, work=1):
         """work: how much the step does (positions, say), so that steps of different sizes compare per unit."""
-        count = choose(self.steps, self.timings, self.last_run, self.choices, self.starved)
+        now = time.perf_counter()
+        stale = [count for count, at in self.last_run_at.items() if now - at >= MAX_AGE]
+        count = choose(self.steps, self.timings, self.last_run, self.choices, self.starved, stale)
         with limit(count):
             start, cpu_start = time.perf_counter(), time.process_time()
             yield
@@ -103,17 +115,21 @@ class ThreadChoice:
         self.timings[count].append(wall / work)
         if count == self.choices[0] and count is not None:  # waiting BLAS threads spin, so a core of ours counts
             self.starved = cpu < STARVED * count * wall  # as busy unless another process has it
-        self.last_run[count] = self.steps
+        self.last_run[count], self.last_run_at[count] = self.steps, time.perf_counter()
         self.steps += 1
 
 
+CHOICES = {}  # one per kind of work, kept for the life of the process: the next call starts from what it learned
 ADAPT = True  # False: every step runs with the default count (bench.py, to time what that gives)
 
 
-def choice():
-    """A new ThreadChoice for the steps of one kind of work in one call (decode steps, prefill chunks, scoring
-    batches): steps of one kind are alike."""
-    return ThreadChoice() if ADAPT else ThreadChoice(choices=[None])
+def choice(kind):
+    """The ThreadChoice of one kind of work ("decode", "prefill", "score"): steps of one kind are alike."""
+    if not ADAPT:
+        return ThreadChoice(choices=[None])
+    if kind not in CHOICES:
+        CHOICES[kind] = ThreadChoice()
+    return CHOICES[kind]
 
 
 # Training's elementwise work and attention, shared out over the cores (train.py).
