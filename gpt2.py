@@ -37,7 +37,9 @@ def layer_norm(x, g, b, eps=1e-5):
 def linear(x, w, b):  # [n_seq, n_in] -> [n_seq, n_out]
     # One matrix product over every position of every sample: given a batch axis, NumPy would multiply
     # sample by sample and read w from memory once per sample.
-    return (x.reshape(-1, x.shape[-1]) @ w + b).reshape(*x.shape[:-1], w.shape[-1])
+    y = x.reshape(-1, x.shape[-1]) @ w
+    y += b  # in place: `+ b` would make a second array the size of the output, one more pass over memory
+    return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 def ffn(x, c_fc, c_proj):  # [n_seq, n_embd] -> [n_seq, n_embd]
@@ -102,7 +104,11 @@ class KVCache:
         return self.keys[..., :end, :], self.values[..., :end, :]
 
     def repeat(self, n_samples):  # [n_head, capacity, d_head] -> [n_samples, n_head, capacity, d_head]
-        """Copies of this history for n_samples continuations that will go their own ways."""
+        """Copies of this history for n_samples continuations that will go their own ways; a single one goes on
+        in this cache's own buffers, seen with a sample axis (a copy would cost 629 MB for 1558M's full context)."""
+        if n_samples == 1:
+            self.keys, self.values = self.keys[None], self.values[None]
+            return self
         batched = KVCache((n_samples, *self.keys.shape))
         batched.keys[..., :self.length, :] = self.keys[..., :self.length, :]
         batched.values[..., :self.length, :] = self.values[..., :self.length, :]

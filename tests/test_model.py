@@ -118,6 +118,22 @@ def test_kv_cache_appends_in_place_and_repeats():
         cache.append(new(2, 1, 3), new(2, 1, 3))
 
 
+def test_a_single_continuation_goes_on_in_the_cache_itself():
+    """repeat(1) copies nothing (a copy of 1558M's full context is 629 MB): the same buffers with a sample axis,
+    the history and what is appended after it as with a copy."""
+    rng = np.random.default_rng(0)
+    cache = gpt2.KVCache((2, 5, 3))
+    k1, v1 = rng.standard_normal((2, 2, 3), dtype=np.float32), rng.standard_normal((2, 2, 3), dtype=np.float32)
+    cache.append(k1, v1)
+    buffer = cache.keys
+    single = cache.repeat(1)
+    assert single.length == 2 and single.keys.shape == (1, 2, 5, 3) and np.shares_memory(single.keys, buffer)
+    k2, v2 = rng.standard_normal((1, 2, 1, 3), dtype=np.float32), rng.standard_normal((1, 2, 1, 3), dtype=np.float32)
+    keys, values = single.append(k2, v2)
+    assert np.array_equal(keys[0], np.concatenate([k1, k2[0]], axis=1))
+    assert np.array_equal(values[0], np.concatenate([v1, v2[0]], axis=1))
+
+
 def test_importing_gpt2_for_the_model_imports_no_network_library():
     """`import gpt2` to call gpt2.gpt2 loads NumPy and the project's modules, not requests or tqdm (nor fire,
     filelock or TensorFlow): those are imported by the code that downloads, shows progress or parses argv."""
