@@ -11,16 +11,17 @@ Sections, in the order they run (all by default):
   (TensorFlow reads the checkpoint) and warm (converted params mapped from disk); the GEMV limit in each
   orientation the model uses (every weight streamed once through a float32 matrix-vector product: `x @ w` with w
   [in, out] row-major, the layout of c_attn and c_fc, and `w @ x` over contiguous rows, that of the two c_proj
-  and the LM head); decode tok/s (greedy, 10-token prompt, --new_tokens new tokens, prefill excluded) for gpt2.py with its
-  KV cache against the faster limit and HF transformers with its KV cache, and the share of a decode step each
-  part takes; gpt2_pico.py (no cache); 8 sampled continuations in one batch against one; a 1000-token prefill
-  against HF.
+  and the LM head); decode tok/s (greedy, 10-token prompt, --new_tokens new tokens, prefill excluded) for
+  gpt2.py with its KV cache against the faster limit and HF transformers with its KV cache, and the share of a
+  decode step each part takes; gpt2_pico.py (no cache); 8 sampled continuations in one batch against one; a
+  1000-token prefill against HF, and its products with the weights alone (the floor under its time).
 - controls: decode tok/s (greedy, as above) with every generation control off against the decode loop before
   the controls existed, with --repetition_penalty and --no_repeat_ngram_size on against off, and with every
   control on (sampled, min-p, presence and frequency penalties too).
 - busy: decode tok/s with the default BLAS threads (threads.py picks the count per step) against one thread and
   against the default count held fixed, on the machine as it is and beside one CPU-bound process it starts.
-- score: tokens/s of score.py on a 5000-token text at stride 512, against HF on the same windows and batches.
+- score: tokens/s of score.py on a 5000-token text at stride 512, against HF on the same windows and batches,
+  and of its products with the weights alone (the floor under its time).
 - backward: one forward + backward pass of train.py over 4 x 256 tokens against PyTorch's loss.backward(): time
   and peak RSS, each side in a process of its own.
 - train: training tokens/s, MFU (6N + 12 n_layer n_embd seq FLOPs a token, forward + backward, times tokens/s,

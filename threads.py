@@ -72,11 +72,10 @@ def choose(step, timings, last_run, choices, starved, stale=(), budget=TRIAL_BUD
     ago or more.
 
     The default runs until it is starved; then each other count runs FIRST_TRIAL steps, and from then on the
-    fastest runs,
-    each other count again only when enough steps have passed that retrying it costs at most `budget` of the
-    time: a count r times slower than the fastest costs r - 1 steps' time, so it waits (r - 1) / budget steps
-    (busy machine, r about 3: 200 steps; quiet, r about 1.3: 30), at most MAX_INTERVAL; a stale count runs
-    again at once."""
+    fastest runs, each other count again only when enough steps have passed that retrying it costs at most
+    `budget` of the time: a count r times slower than the fastest costs r - 1 steps' time, so it waits
+    (r - 1) / budget steps (busy machine, r about 3: 200 steps; quiet, r about 1.3: 30), at most MAX_INTERVAL;
+    a stale count runs again at once."""
     untried = [count for count in choices if len(timings.get(count, ())) < (1 if count == choices[0] else FIRST_TRIAL)]
     if choices[0] in untried or (untried and not starved):
         return choices[0]

@@ -732,9 +732,9 @@ def read_tf_checkpoint(prefix, n_layer):
 
 def decode_order(shape):
     """The memory order of a linear weight [in, out] in which one token's x @ w streams fastest through
-    OpenBLAS (bench.py, 124M, 2 cores: decode 47.5 tok/s with every weight column-major, 44.2 row-major, 50.6
-    so): "C" (row-major) for the weights that widen (c_attn, c_fc), "F" (column-major: each output's weights
-    contiguous, as the LM head's rows) for those that narrow or keep the width (the two c_proj)."""
+    OpenBLAS: "C" (row-major) for the weights that widen (c_attn, c_fc), "F" (column-major: each output's
+    weights contiguous, as the LM head's rows) for those that narrow or keep the width (the two c_proj). 124M on
+    2 cores, one alternating run: decode 50.6 tok/s so, 47.5 with every weight column-major, 44.2 row-major."""
     return "C" if shape[0] < shape[1] else "F"
 
 
