@@ -803,10 +803,11 @@ def loaded_shapes(prefix, n_layer):
             for name in tensor_names(n_layer)}
 
 
-def load_converted(converted_dir, fingerprint, shapes):
+def load_converted(converted_dir, fingerprint, shapes, any_layout=False):
     """The params converted on an earlier run, memory-mapped, or None if they are missing, stale or damaged.
     shapes ({name: shape}, from the checkpoint's index) are the tensors it must hold: its manifest is trusted for
-    nothing that the checkpoint says otherwise."""
+    nothing that the checkpoint says otherwise. any_layout: a copy in an earlier version's layout (the same
+    numbers, decoded a little slower) is used too."""
     try:
         manifest = read_json(os.path.join(converted_dir, "manifest.json"))
         if manifest["checkpoint"] != fingerprint or sorted(manifest["tensors"]) != sorted(shapes):
@@ -818,7 +819,7 @@ def load_converted(converted_dir, fingerprint, shapes):
             array = np.load(os.path.join(converted_dir, name.replace("/", ".") + ".npy"), mmap_mode="r")
             array = np.asarray(array)  # a plain ndarray view of the mapping: np.memmap adds cost to every op
             order = decode_order(array.shape) if name.endswith("/w") else "C"
-            if not array.flags[f"{order}_CONTIGUOUS"]:  # converted by an earlier version, in a slower layout
+            if not any_layout and not array.flags[f"{order}_CONTIGUOUS"]:  # converted by an earlier version, in a slower layout
                 return None
             if array.shape != shapes[name] or array.dtype != np.float32 or checksum(array) != expected["checksum"]:
                 return None
@@ -877,6 +878,11 @@ def load_params(model_dir, n_layer):
     try:
         held = hold(model_dir, f"converting {os.path.basename(os.path.normpath(model_dir))}")
     except OSError as e:
+        # A copy in an earlier layout that cannot be rewritten here (a read-only folder) still beats TensorFlow
+        # on every run, and needs no TensorFlow at all
+        flat = load_converted(converted_dir, fingerprint, shapes, any_layout=True)
+        if flat is not None:
+            return flat
         warn_unsaved(converted_dir, e)
         return read_tf_checkpoint(prefix, n_layer)
     with held, terminate_as_exit():

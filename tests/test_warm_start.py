@@ -21,9 +21,9 @@ def model_copy(tmp_path, tiny_model):
     return tmp_path
 
 
-def run_cli_without_tensorflow(models_dir):
+def run_cli_without_tensorflow(models_dir, blocker=None):
     """The real CLI, in a process where `import tensorflow` fails."""
-    blocker = os.path.join(models_dir, "no_tf")
+    blocker = blocker or os.path.join(models_dir, "no_tf")
     os.makedirs(blocker, exist_ok=True)
     with open(os.path.join(blocker, "tensorflow.py"), "w") as f:
         f.write("raise ImportError('tensorflow was imported')\n")
@@ -142,3 +142,20 @@ def test_a_copy_converted_in_the_earlier_layout_is_converted_again(model_copy, t
     assert block["attn"]["c_attn"]["w"].flags.c_contiguous
     np.testing.assert_array_equal(block["attn"]["c_attn"]["w"], tiny_model.tensors["model/h0/attn/c_attn/w"][0])
     assert np.load(os.path.join(converted, "h0.attn.c_attn.w.npy"), mmap_mode="r").flags.c_contiguous  # rewritten
+
+
+def test_an_earlier_layout_copy_in_a_read_only_folder_is_used_as_it_is(tmp_path, model_copy):
+    """A copy in the earlier layout that cannot be rewritten (a read-only folder) is still the checkpoint's
+    numbers: it is mapped as it is, without TensorFlow, rather than the checkpoint read on every run."""
+    from tests.mounts import read_only
+
+    prefix = utils.checkpoint_prefix(str(model_copy / "tiny"))
+    flat = utils.read_tf_checkpoint(prefix, 2)
+    utils.save_converted(str(model_copy / "tiny" / CONVERTED), utils.checkpoint_fingerprint(prefix),
+                         {name: np.asfortranarray(a) if name.endswith("/w") else a for name, a in flat.items()})
+    with read_only(model_copy, tmp_path / "ro") as models_dir:
+        result = run_cli_without_tensorflow(models_dir, blocker=str(tmp_path / "no_tf"))
+        block = utils.load_encoder_hparams_and_params("tiny", str(models_dir))[2]["blocks"][0]
+        np.testing.assert_array_equal(block["attn"]["c_attn"]["w"], flat["h0/attn/c_attn/w"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
