@@ -4,6 +4,7 @@ Every function takes its own weights by the names the checkpoint uses, so `**blo
 model and the params dict is the call tree. Shapes are commented where they change; n_seq is the number of
 positions, and any leading batch axes ride along untouched.
 """
+import copy
 import functools
 import math
 
@@ -104,11 +105,13 @@ class KVCache:
         return self.keys[..., :end, :], self.values[..., :end, :]
 
     def repeat(self, n_samples):  # [n_head, capacity, d_head] -> [n_samples, n_head, capacity, d_head]
-        """Copies of this history for n_samples continuations that will go their own ways; a single one goes on
-        in this cache's own buffers, seen with a sample axis (a copy would cost 629 MB for 1558M's full context)."""
+        """Copies of this history for n_samples continuations that will go their own ways. A single one goes on
+        in this cache's own buffers, seen with a sample axis (a copy would cost 629 MB for 1558M's full context):
+        from then on, append to it, not to this cache."""
         if n_samples == 1:
-            self.keys, self.values = self.keys[None], self.values[None]
-            return self
+            single = copy.copy(self)
+            single.keys, single.values = self.keys[None], self.values[None]
+            return single
         batched = KVCache((n_samples, *self.keys.shape))
         batched.keys[..., :self.length, :] = self.keys[..., :self.length, :]
         batched.values[..., :self.length, :] = self.values[..., :self.length, :]

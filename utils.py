@@ -819,7 +819,7 @@ def load_converted(converted_dir, fingerprint, shapes, any_layout=False):
             array = np.load(os.path.join(converted_dir, name.replace("/", ".") + ".npy"), mmap_mode="r")
             array = np.asarray(array)  # a plain ndarray view of the mapping: np.memmap adds cost to every op
             order = decode_order(array.shape) if name.endswith("/w") else "C"
-            if not any_layout and not array.flags[f"{order}_CONTIGUOUS"]:  # converted by an earlier version, in a slower layout
+            if not any_layout and not array.flags[f"{order}_CONTIGUOUS"]:  # an earlier version's, slower layout
                 return None
             if array.shape != shapes[name] or array.dtype != np.float32 or checksum(array) != expected["checksum"]:
                 return None
@@ -866,8 +866,9 @@ def warn_unsaved(converted_dir, error):
 
 def load_params(model_dir, n_layer):
     """Flat {name: float32 array}: mapped from the converted .npy files if they match the checkpoint,
-    otherwise read from the checkpoint with TensorFlow and converted for next time. The converted copy is only a
-    speed-up: when it cannot be written (a read-only folder, a full disk), a warning says so and the run goes on."""
+    otherwise read from the checkpoint with TensorFlow (or from a copy in an earlier version's layout) and
+    converted for next time. The converted copy is only a speed-up: when it cannot be written (a read-only
+    folder, a full disk), a warning says so and the run goes on."""
     prefix = checkpoint_prefix(model_dir)
     fingerprint = checkpoint_fingerprint(prefix)
     shapes = loaded_shapes(prefix, n_layer)
@@ -875,14 +876,14 @@ def load_params(model_dir, n_layer):
     flat = load_converted(converted_dir, fingerprint, shapes)
     if flat is not None:
         return flat
+    # A copy in an earlier version's layout holds the checkpoint's numbers: it is laid out anew from itself
+    # (no TensorFlow), and used as it is where no new copy can be written (a read-only folder, a full disk).
+    earlier = load_converted(converted_dir, fingerprint, shapes, any_layout=True)
     try:
         held = hold(model_dir, f"converting {os.path.basename(os.path.normpath(model_dir))}")
     except OSError as e:
-        # A copy in an earlier layout that cannot be rewritten here (a read-only folder) still beats TensorFlow
-        # on every run, and needs no TensorFlow at all
-        flat = load_converted(converted_dir, fingerprint, shapes, any_layout=True)
-        if flat is not None:
-            return flat
+        if earlier is not None:
+            return earlier
         warn_unsaved(converted_dir, e)
         return read_tf_checkpoint(prefix, n_layer)
     with held, terminate_as_exit():
@@ -890,10 +891,16 @@ def load_params(model_dir, n_layer):
         if flat is None:
             for leftover in glob.glob(glob.escape(converted_dir) + ".tmp*"):  # its writer died: we hold the lock
                 shutil.rmtree(leftover, ignore_errors=True)
-            flat = read_tf_checkpoint(prefix, n_layer)
+            if earlier is not None:
+                flat = {name: np.asarray(a, order=decode_order(a.shape) if name.endswith("/w") else "C")
+                        for name, a in earlier.items()}
+            else:
+                flat = read_tf_checkpoint(prefix, n_layer)
             try:
                 save_converted(converted_dir, fingerprint, flat)
             except OSError as e:
+                if earlier is not None:
+                    return earlier
                 warn_unsaved(converted_dir, e)
     return flat
 

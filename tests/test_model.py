@@ -120,7 +120,7 @@ def test_kv_cache_appends_in_place_and_repeats():
 
 def test_a_single_continuation_goes_on_in_the_cache_itself():
     """repeat(1) copies nothing (a copy of 1558M's full context is 629 MB): the same buffers with a sample axis,
-    the history and what is appended after it as with a copy."""
+    the history and what is appended after it as with a copy; the cache it is called on keeps its shape."""
     rng = np.random.default_rng(0)
     cache = gpt2.KVCache((2, 5, 3))
     k1, v1 = rng.standard_normal((2, 2, 3), dtype=np.float32), rng.standard_normal((2, 2, 3), dtype=np.float32)
@@ -128,6 +128,7 @@ def test_a_single_continuation_goes_on_in_the_cache_itself():
     buffer = cache.keys
     single = cache.repeat(1)
     assert single.length == 2 and single.keys.shape == (1, 2, 5, 3) and np.shares_memory(single.keys, buffer)
+    assert cache.keys is buffer and cache.keys.shape == (2, 5, 3)  # the cache it came from is as it was
     k2, v2 = rng.standard_normal((1, 2, 1, 3), dtype=np.float32), rng.standard_normal((1, 2, 1, 3), dtype=np.float32)
     keys, values = single.append(k2, v2)
     assert np.array_equal(keys[0], np.concatenate([k1, k2[0]], axis=1))

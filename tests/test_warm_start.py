@@ -144,15 +144,52 @@ def test_a_copy_converted_in_the_earlier_layout_is_converted_again(model_copy, t
     assert np.load(os.path.join(converted, "h0.attn.c_attn.w.npy"), mmap_mode="r").flags.c_contiguous  # rewritten
 
 
+def write_earlier_layout_copy(model_dir):
+    """numpy-params/ as the version before decode_order wrote it, every linear weight column-major: the flat params."""
+    prefix = utils.checkpoint_prefix(str(model_dir))
+    flat = utils.read_tf_checkpoint(prefix, 2)
+    utils.save_converted(str(model_dir / CONVERTED), utils.checkpoint_fingerprint(prefix),
+                         {name: np.asfortranarray(a) if name.endswith("/w") else a for name, a in flat.items()})
+    return flat
+
+
+def test_an_earlier_layout_copy_is_laid_out_anew_without_tensorflow(model_copy):
+    flat = write_earlier_layout_copy(model_copy / "tiny")
+    result = run_cli_without_tensorflow(model_copy)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and not result.stderr.strip()
+    c_attn = np.load(str(model_copy / "tiny" / CONVERTED / "h0.attn.c_attn.w.npy"), mmap_mode="r")
+    assert c_attn.flags.c_contiguous  # rewritten in today's layout, from the copy itself
+    np.testing.assert_array_equal(c_attn, flat["h0/attn/c_attn/w"])
+    assert not [name for name in os.listdir(model_copy / "tiny") if ".tmp" in name]
+
+
+def test_an_earlier_layout_copy_on_a_full_disk_is_used_as_it_is(model_copy, tmp_path):
+    """No room for a second copy beside it: the earlier one is mapped as it is (no TensorFlow, no warning), and
+    it stays: it is the only copy there is."""
+    from tests.mounts import small_disk
+
+    flat = write_earlier_layout_copy(model_copy / "tiny")
+    need = sum(a.nbytes for a in flat.values())
+    used = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(model_copy / "tiny") for f in files)
+    with small_disk(tmp_path / "full", f"{(used + need // 2) // 1024 + 64}k") as models_dir:
+        shutil.copytree(model_copy / "tiny", models_dir / "tiny")
+        assert shutil.disk_usage(models_dir).free < need
+        result = run_cli_without_tensorflow(models_dir, blocker=str(tmp_path / "no_tf"))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() and not result.stderr.strip()
+        c_attn = np.load(str(models_dir / "tiny" / CONVERTED / "h0.attn.c_attn.w.npy"), mmap_mode="r")
+        assert c_attn.flags.f_contiguous and not c_attn.flags.c_contiguous  # the earlier copy, kept
+        np.testing.assert_array_equal(c_attn, flat["h0/attn/c_attn/w"])
+        assert not [name for name in os.listdir(models_dir / "tiny") if ".tmp" in name]
+
+
 def test_an_earlier_layout_copy_in_a_read_only_folder_is_used_as_it_is(tmp_path, model_copy):
     """A copy in the earlier layout that cannot be rewritten (a read-only folder) is still the checkpoint's
     numbers: it is mapped as it is, without TensorFlow, rather than the checkpoint read on every run."""
     from tests.mounts import read_only
 
-    prefix = utils.checkpoint_prefix(str(model_copy / "tiny"))
-    flat = utils.read_tf_checkpoint(prefix, 2)
-    utils.save_converted(str(model_copy / "tiny" / CONVERTED), utils.checkpoint_fingerprint(prefix),
-                         {name: np.asfortranarray(a) if name.endswith("/w") else a for name, a in flat.items()})
+    flat = write_earlier_layout_copy(model_copy / "tiny")
     with read_only(model_copy, tmp_path / "ro") as models_dir:
         result = run_cli_without_tensorflow(models_dir, blocker=str(tmp_path / "no_tf"))
         block = utils.load_encoder_hparams_and_params("tiny", str(models_dir))[2]["blocks"][0]
