@@ -818,10 +818,12 @@ def load_converted(converted_dir, fingerprint, shapes, any_layout=False):
                 return None
             array = np.load(os.path.join(converted_dir, name.replace("/", ".") + ".npy"), mmap_mode="r")
             array = np.asarray(array)  # a plain ndarray view of the mapping: np.memmap adds cost to every op
+            if array.shape != shapes[name] or array.dtype != np.float32:
+                return None
             order = decode_order(array.shape) if name.endswith("/w") else "C"
             if not any_layout and not array.flags[f"{order}_CONTIGUOUS"]:  # an earlier version's, slower layout
                 return None
-            if array.shape != shapes[name] or array.dtype != np.float32 or checksum(array) != expected["checksum"]:
+            if checksum(array) != expected["checksum"]:
                 return None
             flat[name] = array
         return flat

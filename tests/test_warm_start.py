@@ -78,7 +78,7 @@ def test_same_size_checkpoint_with_restored_times_is_converted_again(model_copy,
 
 
 @pytest.mark.parametrize("damage", ["truncate_npy", "delete_npy", "garbage_manifest", "delete_manifest",
-                                    "zeroed_tail", "nan"])
+                                    "zeroed_tail", "nan", "weight_of_another_shape"])
 def test_damaged_conversion_is_rebuilt_not_used(model_copy, tiny_model, damage):
     load_wte(model_copy)
     converted = model_copy / "tiny" / CONVERTED
@@ -95,6 +95,8 @@ def test_damaged_conversion_is_rebuilt_not_used(model_copy, tiny_model, damage):
             f.write(np.float32("nan").tobytes())
     elif damage == "delete_npy":
         os.remove(npy)
+    elif damage == "weight_of_another_shape":  # a 1-d array where a linear weight [in, out] belongs
+        np.save(converted / "h0.attn.c_attn.w.npy", np.zeros(10, dtype=np.float32))
     elif damage == "garbage_manifest":
         (converted / "manifest.json").write_text("{not json")
     else:
