@@ -77,6 +77,8 @@ def attention(q, k, v):  # [n_head, n_q, d_head], [n_head, n_k, d_head] x2 -> [n
     # without a KV cache) go ATTENTION_BLOCK at a time, each block with the keys up to its last query only: the
     # masked-out part is never computed, and a block's scores stay small enough for the CPU's cache.
     n_q, n_k = q.shape[-2], k.shape[-2]
+    if n_q <= ATTENTION_BLOCK:  # one block (every decode step, every prefill chunk): nothing to split or copy
+        return attention_weights(q, k) @ v
     out = np.empty(q.shape, dtype=q.dtype)
     for start in range(0, n_q, ATTENTION_BLOCK):
         end = min(start + ATTENTION_BLOCK, n_q)

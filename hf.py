@@ -287,8 +287,7 @@ def load_params(model_dir, hparams):
     if head is not None and not np.array_equal(head, flat["wte"]):
         raise utils.ModelError(f"{label(model_dir)}: lm_head.weight differs from wte.weight (untied embeddings); "
                                f"the forward pass here uses wte as the head")
-    return {name: np.asarray(a, order=utils.decode_order(a.shape) if name.endswith("/w") else "C")
-            for name, a in flat.items()}
+    return utils.in_decode_order(flat)
 
 
 # --- The Hub --------------------------------------------------------------------------------------------------------

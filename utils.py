@@ -721,21 +721,31 @@ def read_tf_checkpoint(prefix, n_layer):
             reader = tf.train.load_checkpoint(prefix)
             for name in tensor_names(n_layer):
                 array = reader.get_tensor(f"model/{name}").astype(np.float32)
-                flat[name] = np.asarray(array[0], order=decode_order(array.shape[1:])) if array.ndim == 3 else array
+                flat[name] = array[0] if array.ndim == 3 else array
     except MemoryError:
         raise ModelError(f"not enough memory to read the checkpoint {prefix}") from None
     except (tf.errors.OpError, IndexError, ValueError) as e:  # TF's words for a bad checksum, table or length
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointDamaged(f"cannot read the checkpoint {prefix}: {reason}") from None
-    return flat
+    return in_decode_order(flat)
 
 
-def decode_order(shape):
-    """The memory order of a linear weight [in, out] in which one token's x @ w streams fastest through
-    OpenBLAS: "C" (row-major) for the weights that widen (c_attn, c_fc), "F" (column-major: each output's
-    weights contiguous, as the LM head's rows) for those that narrow or keep the width (the two c_proj). 124M on
-    2 cores, one alternating run: decode 50.6 tok/s so, 47.5 with every weight column-major, 44.2 row-major."""
-    return "C" if shape[0] < shape[1] else "F"
+def decode_order(name, shape):
+    """The memory order of a tensor in which one token's x @ w streams fastest through OpenBLAS: for a linear
+    weight [in, out], "C" (row-major) if it widens (c_attn, c_fc), "F" (column-major: each output's weights
+    contiguous, as the LM head's rows) if it narrows or keeps the width (the two c_proj); "C" for the rest. 124M
+    on 2 cores, one alternating run: decode 50.6 tok/s so, 47.5 with every weight column-major, 44.2 row-major."""
+    return "F" if name.endswith("/w") and shape[0] >= shape[1] else "C"
+
+
+def in_decode_order(flat):
+    """{name: array}, each tensor laid out as decode_order says (a view of those that already are)."""
+    return {name: np.asarray(a, order=decode_order(name, a.shape)) for name, a in flat.items()}
+
+
+def laid_out_for_decode(flat):
+    """Whether every tensor already is in decode_order (a copy converted by an earlier version is not)."""
+    return all(a.flags[decode_order(name, a.shape) + "_CONTIGUOUS"] for name, a in flat.items())
 
 
 def nest(flat, n_layer):
@@ -803,11 +813,11 @@ def loaded_shapes(prefix, n_layer):
             for name in tensor_names(n_layer)}
 
 
-def load_converted(converted_dir, fingerprint, shapes, any_layout=False):
+def load_converted(converted_dir, fingerprint, shapes):
     """The params converted on an earlier run, memory-mapped, or None if they are missing, stale or damaged.
     shapes ({name: shape}, from the checkpoint's index) are the tensors it must hold: its manifest is trusted for
-    nothing that the checkpoint says otherwise. any_layout: a copy in an earlier version's layout (the same
-    numbers, decoded a little slower) is used too."""
+    nothing that the checkpoint says otherwise. The copy may be in an earlier version's layout (laid_out_for_decode
+    tells)."""
     try:
         manifest = read_json(os.path.join(converted_dir, "manifest.json"))
         if manifest["checkpoint"] != fingerprint or sorted(manifest["tensors"]) != sorted(shapes):
@@ -818,12 +828,7 @@ def load_converted(converted_dir, fingerprint, shapes, any_layout=False):
                 return None
             array = np.load(os.path.join(converted_dir, name.replace("/", ".") + ".npy"), mmap_mode="r")
             array = np.asarray(array)  # a plain ndarray view of the mapping: np.memmap adds cost to every op
-            if array.shape != shapes[name] or array.dtype != np.float32:
-                return None
-            order = decode_order(array.shape) if name.endswith("/w") else "C"
-            if not any_layout and not array.flags[f"{order}_CONTIGUOUS"]:  # an earlier version's, slower layout
-                return None
-            if checksum(array) != expected["checksum"]:
+            if array.shape != shapes[name] or array.dtype != np.float32 or checksum(array) != expected["checksum"]:
                 return None
             flat[name] = array
         return flat
@@ -876,11 +881,11 @@ def load_params(model_dir, n_layer):
     shapes = loaded_shapes(prefix, n_layer)
     converted_dir = os.path.join(model_dir, CONVERTED)
     flat = load_converted(converted_dir, fingerprint, shapes)
-    if flat is not None:
+    if flat is not None and laid_out_for_decode(flat):
         return flat
     # A copy in an earlier version's layout holds the checkpoint's numbers: it is laid out anew from itself
     # (no TensorFlow), and used as it is where no new copy can be written (a read-only folder, a full disk).
-    earlier = load_converted(converted_dir, fingerprint, shapes, any_layout=True)
+    earlier = flat
     try:
         held = hold(model_dir, f"converting {os.path.basename(os.path.normpath(model_dir))}")
     except OSError as e:
@@ -890,14 +895,10 @@ def load_params(model_dir, n_layer):
         return read_tf_checkpoint(prefix, n_layer)
     with held, terminate_as_exit():
         flat = load_converted(converted_dir, fingerprint, shapes)  # written while this process waited?
-        if flat is None:
+        if flat is None or not laid_out_for_decode(flat):
             for leftover in glob.glob(glob.escape(converted_dir) + ".tmp*"):  # its writer died: we hold the lock
                 shutil.rmtree(leftover, ignore_errors=True)
-            if earlier is not None:
-                flat = {name: np.asarray(a, order=decode_order(a.shape) if name.endswith("/w") else "C")
-                        for name, a in earlier.items()}
-            else:
-                flat = read_tf_checkpoint(prefix, n_layer)
+            flat = in_decode_order(earlier) if earlier is not None else read_tf_checkpoint(prefix, n_layer)
             try:
                 save_converted(converted_dir, fingerprint, flat)
             except OSError as e:

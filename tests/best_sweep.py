@@ -18,14 +18,13 @@ import os
 import shutil
 import signal
 import sys
-import time
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests.kill_sweep import counted_functions, in_child, prepare  # noqa: E402
+from tests.kill_sweep import counted_functions, in_child, kill_at_each_call, prepare  # noqa: E402
 
 OPTIONS = dict(init_from="scratch", n_layer=1, n_head=2, n_embd=8, n_ctx=16, block_size=8, batch_size=2,
                grad_accum=1, learning_rate=1e-2, warmup_steps=1, lr_decay_steps=3, eval_every=1, save_every=1,
@@ -50,23 +49,20 @@ def count_calls_in_best(kill_at, count_file):
             return original(*args, **kwargs)
         return counted
 
-    def region(original):
-        def within(*args, **kwargs):
-            inside[0] += 1
+    def counting_depth(depth, original):  # original, with depth[0] one higher while it runs
+        def call(*args, **kwargs):
+            depth[0] += 1
             try:
                 return original(*args, **kwargs)
             finally:
-                inside[0] -= 1
-        return within
+                depth[0] -= 1
+        return call
+
+    def region(original):
+        return counting_depth(inside, original)
 
     def one_call(original):  # a kill point of its own, whose insides tests/kill_sweep.py already sweeps
-        def whole(*args, **kwargs):
-            suspended[0] += 1
-            try:
-                return original(*args, **kwargs)
-            finally:
-                suspended[0] -= 1
-        return wrap(whole)
+        return wrap(counting_depth(suspended, original))
 
     for module, name in counted_functions():
         if (module, name) != (shutil, "rmtree"):
@@ -112,15 +108,7 @@ def main(work_dir, scenario):
             report()
         return in_child(run)
 
-    count_file = os.path.join(work_dir, "count")
-    assert attempt(os.path.join(work_dir, "uninterrupted"), 0, count_file) == 0
-    with open(count_file) as f:
-        n_calls = int(f.read())
-    started = time.monotonic()
-    deaths = {k: (os.path.join(work_dir, f"k{k}"), None) for k in range(1, n_calls + 1)}
-    for k, (models_dir, _) in deaths.items():
-        deaths[k] = (models_dir, attempt(models_dir, k, count_file))
-    print(f"{n_calls} deaths in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    n_calls, deaths = kill_at_each_call(attempt, work_dir)
 
     import gpt2
 

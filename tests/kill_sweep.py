@@ -96,6 +96,23 @@ def in_child(fn):
         time.sleep(0.005)
 
 
+def kill_at_each_call(attempt, work_dir):
+    """attempt(models_dir, kill_at, count_file) -> the child's exit status, once uninterrupted (kill_at 0: it counts
+    the calls) and once killed at each call k in its own folder work_dir/k<k>: (the number of calls, {k: (that
+    folder, its status)})."""
+    count_file = os.path.join(work_dir, "count")
+    assert attempt(os.path.join(work_dir, "uninterrupted"), 0, count_file) == 0
+    with open(count_file) as f:
+        n_calls = int(f.read())
+    started = time.monotonic()
+    deaths = {}
+    for k in range(1, n_calls + 1):
+        models_dir = os.path.join(work_dir, f"k{k}")
+        deaths[k] = (models_dir, attempt(models_dir, k, count_file))
+    print(f"{n_calls} deaths in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    return n_calls, deaths
+
+
 def as_legacy(models_dir):
     """The run as the previous train.py left it: a real folder, no train_config.json, no session column."""
     run_dir = os.path.join(models_dir, "run")
@@ -162,17 +179,7 @@ def main(work_dir, scenario):
             report()
         return in_child(run)
 
-    count_file = os.path.join(work_dir, "count")
-    assert attempt(os.path.join(work_dir, "uninterrupted"), 0, count_file) == 0
-    with open(count_file) as f:
-        n_calls = int(f.read())
-    started = time.monotonic()
-    deaths = {}
-    for k in range(1, n_calls + 1):
-        models_dir = os.path.join(work_dir, f"k{k}")
-        deaths[k] = (models_dir, attempt(models_dir, k, count_file))
-
-    print(f"{n_calls} deaths in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    n_calls, deaths = kill_at_each_call(attempt, work_dir)
     started = time.monotonic()
     # Every child has ended: TensorFlow may now run here.
     import gpt2
