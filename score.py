@@ -120,17 +120,35 @@ def score_ids(ids, params, n_head, n_ctx, stride, top=None, progress=False):
     if top is not None:
         result.update(ranks=np.empty(n, dtype=np.int64), top_ids=np.empty((n, top), dtype=np.int64),
                       top_logprobs=np.empty((n, top), dtype=params["wte"].dtype))
+
+    def scores_of(batch):  # the windows' scores: [(logprobs, ranks, top_ids, top_logprobs) for each window]
+        first = batch[0][2] - batch[0][0]  # the same in every window of the batch
+        inputs = np.stack([sequence[start:end] for start, end, _ in batch])  # -> [n_windows, length]
+        logits = new_position_logits(params, inputs, first, n_head)  # -> [n_windows, length - first, n_vocab]
+        # Position p of the sequence is ids[p - 1]: the new positions' scores go to ids[scored:end].
+        return [window_scores(row_logits, sequence[scored + 1:end + 1], top)
+                for (_, end, scored), row_logits in zip(batch, logits)]
+
+    def one_at_a_time(batches):
+        for batch in batches:
+            with threads.choice("score").step(work=sum(end - start for start, end, _ in batch)):
+                scores = scores_of(batch)  # with as many BLAS threads as measured fastest
+            yield scores
+
+    # A window per core, side by side (threads.side_by_side says why), when there are as many and their arrays
+    # all fit in LOGITS_BUDGET at once; else batches of windows, one at a time, with every core in BLAS.
+    most_new, longest = max(end - scored for _, end, scored in spans), max(end - start for start, end, _ in spans)
+    if len(spans) >= threads.CORES > 1 and rows_within_budget(most_new, longest, params, n_head) >= threads.CORES:
+        batches = [[span] for span in spans]
+        batch_scores = threads.side_by_side(scores_of, batches)
+    else:
+        batches = list(window_batches(spans, params, n_head))
+        batch_scores = one_at_a_time(batches)
     with tqdm(total=len(spans), desc="scoring", unit="window", leave=False,
               disable=not progress or len(spans) <= PROGRESS_MIN_WINDOWS) as bar:
-        for batch in window_batches(spans, params, n_head):
-            first = batch[0][2] - batch[0][0]  # the same in every window of the batch
-            inputs = np.stack([sequence[start:end] for start, end, _ in batch])  # -> [n_windows, length]
-            with threads.choice("score").step(work=inputs.size):  # as many BLAS threads as measured fastest
-                logits = new_position_logits(params, inputs, first, n_head)  # -> [n_windows, length - first, n_vocab]
-            for (_, end, scored), row_logits in zip(batch, logits):
-                # Position p of the sequence is ids[p - 1]: the new positions' scores go to ids[scored:end].
-                scores = window_scores(row_logits, sequence[scored + 1:end + 1], top)
-                for key, value in zip(("logprobs", "ranks", "top_ids", "top_logprobs"), scores):
+        for batch, scores in zip(batches, batch_scores):
+            for (_, end, scored), window in zip(batch, scores):
+                for key, value in zip(("logprobs", "ranks", "top_ids", "top_logprobs"), window):
                     if value is not None:
                         result[key][scored:end] = value
             bar.update(len(batch))

@@ -4,14 +4,17 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
 import score
+import threads
 from gpt2 import ENDOFTEXT
 from tests.conftest import ROOT, make_model
 from tests.release_layout import hf_model
@@ -158,13 +161,22 @@ def test_default_output(short_model, capsys, tmp_path):
     assert value("bits per byte") == pytest.approx(as_json["bits_per_byte"], abs=1e-4)
 
 
-@pytest.mark.parametrize("budget_rows", [1, 3], ids=["one window per batch", "three windows per batch"])
-def test_batches_of_windows_give_the_same_scores(short_model, monkeypatch, budget_rows):
+@pytest.mark.parametrize("cores, budget_rows, side_by_side", [
+    (1, 1, False), (1, 3, False), (2, 2, True), (3, 3, True), (3, 2, False)],
+    ids=["one core, one window per batch", "one core, three windows per batch", "two cores, a window on each",
+         "three cores, a window on each", "three cores but the budget holds two windows: batches"])
+def test_windows_side_by_side_or_in_batches_give_the_same_scores(short_model, monkeypatch, cores, budget_rows,
+                                                                  side_by_side):
     _, encoder, hparams, params, _ = short_model
     ids = encoder.encode(TEXT)
+    monkeypatch.setattr(threads, "CORES", 1)
     everything_at_once = score.score_ids(ids, params, hparams["n_head"], N_CTX, 5, top=3)
+    monkeypatch.setattr(threads, "CORES", cores)
     monkeypatch.setattr(score, "LOGITS_BUDGET", budget_rows * N_CTX * hparams["n_vocab"] * 4)
+    calls, original = [], threads.side_by_side
+    monkeypatch.setattr(threads, "side_by_side", lambda fn, items: calls.append(items) or original(fn, items))
     batched = score.score_ids(ids, params, hparams["n_head"], N_CTX, 5, top=3)
+    assert bool(calls) == side_by_side and all(len(batch) == 1 for items in calls for batch in items)
     for key, value in everything_at_once.items():
         np.testing.assert_allclose(batched[key], value, rtol=0, atol=1e-5)
 
@@ -343,3 +355,26 @@ def test_a_small_stride_batches_by_attention_memory_not_only_logits():
     # stride 1 on 124M's shape: one new position per window, but 12 x 1024 x 1024 attention scores each
     assert score.rows_within_budget(1, 1024, params, n_head=12) * 12 * 1024 * 1024 * 4 <= score.LOGITS_BUDGET
     assert score.rows_within_budget(512, 1024, params, n_head=12) == score.LOGITS_BUDGET // (512 * 50257 * 4)
+
+
+def test_ctrl_c_in_the_middle_of_scoring_windows_side_by_side(short_model, tmp_path):
+    """A real SIGINT while the windows are scored on threads of their own: the one line and 130, at once."""
+    model, encoder, *_ = short_model
+    (tmp_path / "long.txt").write_text(TEXT * 100, encoding="utf-8")  # thousands of windows at stride 1
+    with open(tmp_path / "stderr", "w+b") as stderr:
+        process = subprocess.Popen([sys.executable, os.path.join(ROOT, "score.py"), str(tmp_path / "long.txt"),
+                                    "--stride", "1", "--model_size", model.name, "--models_dir", model.models_dir],
+                                   stdout=subprocess.PIPE, stderr=stderr, cwd=ROOT)
+        deadline = time.monotonic() + 300
+        while b"scoring" not in (tmp_path / "stderr").read_bytes():  # the progress bar: the windows are under way
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_bytes()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        try:
+            out, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            pytest.fail("score.py went on after Ctrl-C")
+    err = (tmp_path / "stderr").read_bytes()
+    assert process.returncode == 130 and out == b"", err
+    assert err.endswith(b"interrupted\n") and b"Traceback" not in err, err

@@ -1,9 +1,16 @@
 """The BLAS thread count of decode steps: the decision logic (threads.choose), never timings of this machine."""
 import collections
 import contextlib
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
 
 import gpt2
 import threads
+from tests.conftest import ROOT
 from threads import choose
 
 
@@ -118,3 +125,69 @@ def test_a_thread_choice_sees_which_counts_are_stale(monkeypatch):
     with choice.step():
         pass
     assert ran == [1, 2]
+
+
+def test_side_by_side_yields_in_order_what_finished_out_of_order(monkeypatch):
+    """Item 0 finishes only after item 1 has run: that needs two threads at once, and the results still come
+    in the items' order."""
+    monkeypatch.setattr(threads, "CORES", 2)
+    second_ran = threading.Event()
+
+    def fn(item):
+        if item == 0:
+            assert second_ran.wait(timeout=30), "item 1 never ran beside item 0"
+        if item == 1:
+            second_ran.set()
+        return item * 10
+    assert list(threads.side_by_side(fn, range(5))) == [0, 10, 20, 30, 40]
+
+
+def test_side_by_side_runs_blas_on_one_thread_per_item_and_restores_the_default():
+    controller = threads.blas_controller()
+    before = [lib.num_threads for lib in controller.lib_controllers]
+    seen = list(threads.side_by_side(lambda item: [lib.num_threads for lib in controller.lib_controllers], range(3)))
+    assert seen == [[1] * len(before)] * 3 and max(before) > 1
+    assert [lib.num_threads for lib in controller.lib_controllers] == before
+
+
+def test_side_by_side_raises_an_items_error_in_its_turn(monkeypatch):
+    monkeypatch.setattr(threads, "CORES", 2)
+
+    def fn(item):
+        if item == 2:
+            raise ValueError("item 2 failed")
+        return item
+    results = threads.side_by_side(fn, range(6))
+    assert [next(results), next(results)] == [0, 1]
+    with pytest.raises(ValueError, match="item 2 failed"):
+        next(results)
+
+
+def test_side_by_side_takes_no_more_items_once_the_caller_stops_reading(monkeypatch):
+    monkeypatch.setattr(threads, "CORES", 2)
+    started, release = [], threading.Event()
+
+    def fn(item):
+        started.append(item)
+        assert item == 0 or release.wait(timeout=30)
+        return item
+    results = threads.side_by_side(fn, range(100))
+    assert next(results) == 0  # meanwhile the two threads have taken items 1 and 2, and wait
+    results.close()  # the caller is done: the threads finish what they hold and take nothing more
+    release.set()
+    deadline = time.monotonic() + 30
+    while any(t.name == "side_by_side" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert 0 in started and set(started) <= {0, 1, 2}  # item 2 perhaps not yet taken when the caller stopped
+
+
+def test_ctrl_c_does_not_wait_for_the_items_in_flight():
+    """The program ends at once although an item would run for a minute more: its thread is a daemon."""
+    program = ("import threads, time\n"
+               "results = threads.side_by_side(lambda item: time.sleep(60 if item else 0), range(4))\n"
+               "next(results)\n"
+               "raise KeyboardInterrupt\n")
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=50)
+    assert run.returncode != 0 and "KeyboardInterrupt" in run.stderr
+    assert time.monotonic() - start < 30
