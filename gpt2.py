@@ -149,6 +149,18 @@ def transformer_block(x, mlp, attn, ln_1, ln_2, n_head, cache=None):  # [n_seq, 
     return x
 
 
+def embed(inputs, wte, wpe, start=0):  # [n_seq] -> [n_seq, n_embd]
+    """Token + position embeddings of inputs at positions start, start + 1, ..."""
+    inputs = np.asarray(inputs)
+    return wte[inputs] + wpe[np.arange(start, start + inputs.shape[-1])]
+
+
+def lm_head(x, wte, ln_f):  # [n_seq, n_embd] -> [n_seq, n_vocab]
+    # The output projection is the token embedding itself (weight tying): a logit is the similarity between
+    # the final hidden state and a token's input vector.
+    return layer_norm(x, **ln_f) @ wte.T
+
+
 def gpt2(inputs, wte, wpe, blocks, ln_f, n_head, kv_cache=None, last_only=False):  # [n_seq] -> [n_seq, n_vocab]
     """Logits for every position of inputs.
 
@@ -156,18 +168,12 @@ def gpt2(inputs, wte, wpe, blocks, ln_f, n_head, kv_cache=None, last_only=False)
     not seen yet; each call appends their keys and values, so generating a token costs one position's work.
     last_only: return only the last position's logits ([n_vocab]), all that generation needs.
     """
-    inputs = np.asarray(inputs)
-    start = kv_cache[0].length if kv_cache else 0
-    positions = np.arange(start, start + inputs.shape[-1])
-    x = wte[inputs] + wpe[positions]  # token + position embeddings: -> [n_seq, n_embd]
+    x = embed(inputs, wte, wpe, start=kv_cache[0].length if kv_cache else 0)
     for block, cache in zip(blocks, kv_cache or [None] * len(blocks)):
         x = transformer_block(x, **block, n_head=n_head, cache=cache)
     if last_only:
         x = x[..., -1, :]  # [n_seq, n_embd] -> [n_embd]
-    x = layer_norm(x, **ln_f)
-    # The output projection is the token embedding itself (weight tying): a logit is the similarity between
-    # the final hidden state and a token's input vector.
-    return x @ wte.T  # [n_seq, n_embd] -> [n_seq, n_vocab]
+    return lm_head(x, wte, ln_f)
 
 
 def new_kv_cache(params, n_head, capacity):
@@ -298,6 +304,22 @@ ENDOFTEXT = 50256  # GPT-2's document separator; the official code also starts u
 PREFILL_CHUNK = 256
 
 
+def prefill(inputs, params, n_head, kv_cache):  # [n_prompt] -> [n_vocab]
+    """The prompt's last logits, its keys and values read into kv_cache PREFILL_CHUNK positions at a time."""
+    starts = range(0, len(inputs), PREFILL_CHUNK)
+    if len(starts) > 1 and threads.CORES > 1:  # the chunks in waves, each on a core of its own (threads.in_waves)
+        chunks = [embed(inputs[start:start + PREFILL_CHUNK], params["wte"], params["wpe"], start) for start in starts]
+        blocks = [functools.partial(transformer_block, **block, n_head=n_head, cache=cache)
+                  for block, cache in zip(params["blocks"], kv_cache)]
+        *_, x = threads.in_waves(chunks, blocks)
+        return lm_head(x[-1], params["wte"], params["ln_f"])
+    for start in starts:
+        chunk = inputs[start:start + PREFILL_CHUNK]
+        with threads.choice("prefill").step(work=len(chunk)):  # as many BLAS threads as measured fastest
+            logits = gpt2(chunk, **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
+    return logits
+
+
 def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperature=0.0, top_k=0, top_p=1.0,
                    min_p=0.0, **controls):
     """Yields the next token of each of len(rngs) samples of one prompt, step by step: [n_samples] ids.
@@ -321,10 +343,7 @@ def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperatu
     if n_tokens_to_generate == 0:
         return
     kv_cache = new_kv_cache(params, n_head, capacity)
-    for start in range(0, len(inputs), PREFILL_CHUNK):
-        chunk = inputs[start:start + PREFILL_CHUNK]
-        with threads.choice("prefill").step(work=len(chunk)):  # as many BLAS threads as measured fastest
-            logits = gpt2(chunk, **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
+    logits = prefill(inputs, params, n_head, kv_cache)
     kv_cache = [cache.repeat(len(rngs)) for cache in kv_cache]  # from here on, each sample has its own history
     logits = np.broadcast_to(logits, (len(rngs), logits.shape[-1]))  # [n_vocab] -> [n_samples, n_vocab]
     # What the controls look at: each sample's text so far and, for presence and frequency, how often it generated

@@ -1,5 +1,6 @@
-"""How many BLAS threads a decode step uses: whichever count the last steps measured fastest; and, for
-training and scoring, work shared out over the cores (on_every_core and side_by_side, at the end).
+"""How many BLAS threads a decode step uses: whichever count the last steps measured fastest; and work shared
+out over the cores (at the end): training's elementwise work (on_every_core), scoring's windows
+(side_by_side), a prompt's chunks (in_waves).
 
 A decode step multiplies one vector by every weight, a memory-bound product. On a quiet 2-core machine two
 BLAS threads stream the weights faster than one; beside another CPU-bound process, two threads wait on each
@@ -7,8 +8,8 @@ other for a core (OpenBLAS spins at every hand-over) and a step takes about 3x a
 rule decided in advance is right in both cases, and the load average lags by a minute, so the steps time
 themselves: the default count runs until its threads get less CPU time than they had wall time (another process
 holds a core), then one thread is tried, the faster is kept, and the other gets a step again now and then (the
-slower it was, the more rarely), so a machine that gets busy (or quiet) mid-run is followed. Prefill
-chunks and scoring batches, compute-bound matrix products, choose the same way, each kind on its own: beside a
+slower it was, the more rarely), so a machine that gets busy (or quiet) mid-run is followed. A prompt of
+one chunk and scoring batches not side by side, compute-bound matrix products, choose the same way: beside a
 CPU-bound process a 256-position forward pass took 5.9 s on one thread and 18.4 s on two. What a count
 measured is kept for the life of the process (a call starts from what the last one learned), but a count not run
 for MAX_AGE seconds runs again at the next step: what it measured beside a process that has since ended says
@@ -199,3 +200,29 @@ def side_by_side(fn, items):
                 yield result
         finally:
             stop.set()
+
+
+def in_waves(items, stages):
+    """Yields, for each item in order, what its last stage returns, each stage taking what the one before returned
+    (the first, the item), items side by side as in side_by_side, item i entering a stage only once item i - 1
+    has left it: for stages that read what the items before them left there (a prompt's chunks going through the
+    blocks, each block's attention reading the keys and values the chunks before put in its cache).
+
+    Why: a prompt is read a chunk at a time, each chunk after the one before, and every step of a chunk is small
+    work for two cores; in waves, one chunk goes through block l + 1 while the next goes through block l, each on
+    a core with all of its work."""
+    left = [[threading.Event() for _ in stages] for _ in items]  # left[i][s]: item i is done with stage s
+
+    def run(i):
+        x = items[i]
+        try:
+            for s, stage in enumerate(stages):
+                if i:
+                    left[i - 1][s].wait()
+                x = stage(x)
+                left[i][s].set()
+        finally:  # an item that failed lets the ones after it go on: its error is raised before their results
+            for event in left[i]:
+                event.set()
+        return x
+    return side_by_side(run, range(len(items)))

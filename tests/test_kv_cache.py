@@ -119,3 +119,29 @@ def test_attention_weights_match_torch_with_the_queries_last(n_q, n_k):
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, expected, atol=1e-6, rtol=1e-5)
         np.testing.assert_allclose(gpt2.attention_weights(q[0], k[0]), expected[0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cores", [2, 3])
+def test_a_prompt_read_in_waves_gives_the_logits_and_cache_of_one_chunk_at_a_time(model, monkeypatch, cores):
+    _, hparams, params = model
+    n_head = hparams["n_head"]
+    ids = list(np.random.default_rng(1).integers(0, hparams["n_vocab"], 8 * 5 + 3))  # six chunks of 8
+    monkeypatch.setattr(gpt2, "PREFILL_CHUNK", 8)
+    monkeypatch.setattr(gpt2.threads, "CORES", 1)
+    one_at_a_time = gpt2.new_kv_cache(params, n_head, len(ids))
+    expected = gpt2.prefill(ids, params, n_head, one_at_a_time)
+    np.testing.assert_allclose(expected, gpt2.gpt2(ids, **params, n_head=n_head)[-1], atol=1e-5, rtol=0)
+    monkeypatch.setattr(gpt2.threads, "CORES", cores)
+    waves = []
+    monkeypatch.setattr(gpt2.threads, "in_waves", lambda *args: waves.append(args) or in_waves(*args))
+    in_waves_cache = gpt2.new_kv_cache(params, n_head, len(ids))
+    logits = gpt2.prefill(ids, params, n_head, in_waves_cache)
+    assert len(waves) == 1 and len(waves[0][0]) == 6  # the wave path ran, on six chunks
+    np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
+    for a, b in zip(in_waves_cache, one_at_a_time):
+        assert a.length == b.length == len(ids)
+        np.testing.assert_allclose(a.keys, b.keys, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(a.values, b.values, atol=1e-5, rtol=0)
+
+
+in_waves = gpt2.threads.in_waves

@@ -150,14 +150,26 @@ def test_side_by_side_runs_blas_on_one_thread_per_item_and_restores_the_default(
     assert [lib.num_threads for lib in controller.lib_controllers] == before
 
 
+def failing_at(bad):
+    """An identity function that raises on the item `bad`."""
+    def fn(item):
+        if item == bad:
+            raise ValueError(f"item {bad} failed")
+        return item
+    return fn
+
+
+def side_by_side_threads_end(timeout=30):
+    """Whether every side_by_side thread has ended within timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while any(t.name == "side_by_side" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not any(t.name == "side_by_side" for t in threading.enumerate())
+
+
 def test_side_by_side_raises_an_items_error_in_its_turn(monkeypatch):
     monkeypatch.setattr(threads, "CORES", 2)
-
-    def fn(item):
-        if item == 2:
-            raise ValueError("item 2 failed")
-        return item
-    results = threads.side_by_side(fn, range(6))
+    results = threads.side_by_side(failing_at(2), range(6))
     assert [next(results), next(results)] == [0, 1]
     with pytest.raises(ValueError, match="item 2 failed"):
         next(results)
@@ -175,9 +187,7 @@ def test_side_by_side_takes_no_more_items_once_the_caller_stops_reading(monkeypa
     assert next(results) == 0  # meanwhile the two threads have taken items 1 and 2, and wait
     results.close()  # the caller is done: the threads finish what they hold and take nothing more
     release.set()
-    deadline = time.monotonic() + 30
-    while any(t.name == "side_by_side" for t in threading.enumerate()) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert side_by_side_threads_end()
     assert 0 in started and set(started) <= {0, 1, 2}  # item 2 perhaps not yet taken when the caller stopped
 
 
@@ -191,3 +201,33 @@ def test_ctrl_c_does_not_wait_for_the_items_in_flight():
     run = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=50)
     assert run.returncode != 0 and "KeyboardInterrupt" in run.stderr
     assert time.monotonic() - start < 30
+
+
+def test_in_waves_an_item_enters_a_stage_only_once_the_one_before_left_it(monkeypatch):
+    """Stages that append to lists stand in for blocks filling their caches: each item finds the one before it
+    already in the list of every stage it enters, and item 0 waits in stage 1 until item 1 has begun stage 0
+    (so the two run at once)."""
+    monkeypatch.setattr(threads, "CORES", 2)
+    lists, second_began = [[], [], []], threading.Event()
+
+    def stage(s):
+        def run(x):
+            assert x == 0 or x - 1 in lists[s], f"item {x} entered stage {s} before item {x - 1} left it"
+            if (x, s) == (1, 0):
+                second_began.set()
+            if (x, s) == (0, 1):
+                assert second_began.wait(timeout=30), "item 1 did not begin while item 0 was in stage 1"
+            lists[s].append(x)
+            return x
+        return run
+    assert list(threads.in_waves(list(range(5)), [stage(s) for s in range(3)])) == [0, 1, 2, 3, 4]
+    assert lists == [[0, 1, 2, 3, 4]] * 3
+
+
+def test_in_waves_an_items_error_is_raised_and_the_items_after_it_do_not_hang(monkeypatch):
+    monkeypatch.setattr(threads, "CORES", 2)
+    results = threads.in_waves(list(range(4)), [failing_at(1), failing_at(1)])
+    assert next(results) == 0
+    with pytest.raises(ValueError, match="item 1 failed"):
+        next(results)
+    assert side_by_side_threads_end()  # none left waiting on item 1
