@@ -6,6 +6,7 @@ A model's log-probability of each token given the tokens before it is how langua
 (perplexity), and a direct view of what surprised the model and what it expected instead. `target_logprobs`
 is the one implementation of it; train.py's loss is its negative mean.
 """
+import contextlib
 import math
 import sys
 from json import dumps
@@ -145,7 +146,10 @@ def score_ids(ids, params, n_head, n_ctx, stride, top=None, progress=False):
         batches = list(window_batches(spans, params, n_head))
         batch_scores = one_at_a_time(batches)
     with tqdm(total=len(spans), desc="scoring", unit="window", leave=False,
-              disable=not progress or len(spans) <= PROGRESS_MIN_WINDOWS) as bar:
+              disable=not progress or len(spans) <= PROGRESS_MIN_WINDOWS) as bar, contextlib.closing(batch_scores):
+        # closing: an exception here, between two windows (Ctrl-C landing in this loop rather than in side_by_side's
+        # wait), would leave the generator suspended with BLAS limited to one thread and its threads scoring every
+        # window left, for as long as the traceback keeps it (sys.last_traceback, a notebook's history)
         for batch, scores in zip(batches, batch_scores):
             for (_, end, scored), window in zip(batch, scores):
                 for key, value in zip(("logprobs", "ranks", "top_ids", "top_logprobs"), window):
