@@ -1,6 +1,7 @@
 """The BLAS thread count of decode steps: the decision logic (threads.choose), never timings of this machine."""
 import collections
 import contextlib
+import signal
 import subprocess
 import sys
 import threading
@@ -159,14 +160,6 @@ def failing_at(bad):
     return fn
 
 
-def side_by_side_threads_end(timeout=30):
-    """Whether every side_by_side thread has ended within timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while any(t.name == "side_by_side" for t in threading.enumerate()) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return not any(t.name == "side_by_side" for t in threading.enumerate())
-
-
 def test_side_by_side_raises_an_items_error_in_its_turn(monkeypatch):
     monkeypatch.setattr(threads, "CORES", 2)
     results = threads.side_by_side(failing_at(2), range(6))
@@ -175,31 +168,45 @@ def test_side_by_side_raises_an_items_error_in_its_turn(monkeypatch):
         next(results)
 
 
-def test_side_by_side_takes_no_more_items_once_the_caller_stops_reading(monkeypatch):
+def busy_until_cut_short(seconds=60):
+    """Python work (short sleeps) for up to `seconds`: what an item in flight does until it is cut short."""
+    for _ in range(int(seconds / 0.001)):
+        time.sleep(0.001)
+
+
+def side_by_side_threads():
+    return [t for t in threading.enumerate() if t.name == "side_by_side"]
+
+
+def test_a_caller_that_stops_reading_cuts_the_items_in_flight_short_and_takes_no_more(monkeypatch):
+    """close() (what an error or Ctrl-C in the caller does) returns with no side_by_side thread left, at once:
+    those in an item are cut short at their next Python instruction, and none takes another item."""
     monkeypatch.setattr(threads, "CORES", 2)
-    started, release = [], threading.Event()
+    started = []
 
     def fn(item):
         started.append(item)
-        assert item == 0 or release.wait(timeout=30)
-        return item
+        return item if item == 0 else busy_until_cut_short()
     results = threads.side_by_side(fn, range(100))
-    assert next(results) == 0  # meanwhile the two threads have taken items 1 and 2, and wait
-    results.close()  # the caller is done: the threads finish what they hold and take nothing more
-    release.set()
-    assert side_by_side_threads_end()
-    assert 0 in started and set(started) <= {0, 1, 2}  # item 2 perhaps not yet taken when the caller stopped
+    assert next(results) == 0  # meanwhile the two threads have taken items 1 and 2, or are about to
+    start = time.monotonic()
+    results.close()
+    assert time.monotonic() - start < 30  # not the 60 s the items in flight would have run
+    assert not side_by_side_threads()
+    assert 0 in started and set(started) <= {0, 1, 2}
+    assert max(lib.num_threads for lib in threads.blas_controller().lib_controllers) == threads.thread_choices()[0]
 
 
 def test_ctrl_c_does_not_wait_for_the_items_in_flight():
-    """The program ends at once although an item would run for a minute more: its thread is a daemon."""
-    program = ("import threads, time\n"
-               "results = threads.side_by_side(lambda item: time.sleep(60 if item else 0), range(4))\n"
-               "next(results)\n"
-               "raise KeyboardInterrupt\n")
+    """The program ends at once although an item would run for a minute more, and cleanly: a program that exits
+    while a thread is still inside OpenBLAS can hang or crash in OpenBLAS's exit handler."""
+    program = ("import os, signal, threading, threads\n"
+               "from tests.test_threads import busy_until_cut_short\n"
+               "threading.Timer(1, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C in a second\n"
+               "list(threads.side_by_side(lambda item: item or busy_until_cut_short(), range(4)))\n")
     start = time.monotonic()
     run = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=50)
-    assert run.returncode != 0 and "KeyboardInterrupt" in run.stderr
+    assert run.returncode == -signal.SIGINT and run.stderr.rstrip().endswith("KeyboardInterrupt"), run.stderr
     assert time.monotonic() - start < 30
 
 
@@ -230,4 +237,4 @@ def test_in_waves_an_items_error_is_raised_and_the_items_after_it_do_not_hang(mo
     assert next(results) == 0
     with pytest.raises(ValueError, match="item 1 failed"):
         next(results)
-    assert side_by_side_threads_end()  # none left waiting on item 1
+    assert not side_by_side_threads()  # none left waiting on item 1
