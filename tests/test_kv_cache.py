@@ -132,7 +132,7 @@ def test_a_prompt_read_in_waves_gives_the_logits_and_cache_of_one_chunk_at_a_tim
     expected = gpt2.prefill(ids, params, n_head, one_at_a_time)
     np.testing.assert_allclose(expected, gpt2.gpt2(ids, **params, n_head=n_head)[-1], atol=1e-5, rtol=0)
     monkeypatch.setattr(gpt2.threads, "CORES", cores)
-    waves = []
+    waves, in_waves = [], gpt2.threads.in_waves
     monkeypatch.setattr(gpt2.threads, "in_waves", lambda *args: waves.append(args) or in_waves(*args))
     in_waves_cache = gpt2.new_kv_cache(params, n_head, len(ids))
     logits = gpt2.prefill(ids, params, n_head, in_waves_cache)
@@ -142,6 +142,3 @@ def test_a_prompt_read_in_waves_gives_the_logits_and_cache_of_one_chunk_at_a_tim
         assert a.length == b.length == len(ids)
         np.testing.assert_allclose(a.keys, b.keys, atol=1e-5, rtol=0)
         np.testing.assert_allclose(a.values, b.values, atol=1e-5, rtol=0)
-
-
-in_waves = gpt2.threads.in_waves

@@ -1,4 +1,5 @@
-"""The BLAS thread count of decode steps: the decision logic (threads.choose), never timings of this machine."""
+"""The BLAS thread count of decode steps: the decision logic (threads.choose), never timings of this machine; and
+work side by side on threads of its own (threads.side_by_side, threads.in_waves): order, errors, stopping."""
 import collections
 import contextlib
 import signal
@@ -146,8 +147,10 @@ def test_side_by_side_yields_in_order_what_finished_out_of_order(monkeypatch):
 def test_side_by_side_runs_blas_on_one_thread_per_item_and_restores_the_default():
     controller = threads.blas_controller()
     before = [lib.num_threads for lib in controller.lib_controllers]
+    if max(before) == 1:
+        pytest.skip("BLAS runs on one thread already (OPENBLAS_NUM_THREADS=1 or one core)")
     seen = list(threads.side_by_side(lambda item: [lib.num_threads for lib in controller.lib_controllers], range(3)))
-    assert seen == [[1] * len(before)] * 3 and max(before) > 1
+    assert seen == [[1] * len(before)] * 3
     assert [lib.num_threads for lib in controller.lib_controllers] == before
 
 
