@@ -19,7 +19,6 @@ Without threadpoolctl (or a BLAS it knows), there is one choice, the default, an
 """
 import collections
 import contextlib
-import ctypes
 import functools
 import math
 import os
@@ -160,7 +159,7 @@ def on_every_core(fn, *arrays, block_bytes=1 << 20):
     return np.concatenate(results)
 
 
-def side_by_side(fn, items):
+def side_by_side(fn, items, stop=None):
     """Yields fn(item) for each item, in order, computed by CORES threads of their own side by side, each taking
     the next item when it is done and running BLAS on itself alone; for items that are whole pieces of work
     (score.py's windows) with small results.
@@ -168,36 +167,34 @@ def side_by_side(fn, items):
     Why: a forward pass through BLAS's own threads runs only its matrix products on every core; the elementwise
     work between them (GELU, softmax, layer norms, a third of scoring) runs on one, while the other core's BLAS
     thread spins, waiting for the next product. Whole items side by side keep every core busy with all of it:
-    on two cores, scoring 5000 tokens went from 254-281 to 291-316 tok/s (alternating rounds). A caller that stops reading (an error, Ctrl-C)
-    cuts the items in flight short instead of waiting for them (cut_short)."""
+    on two cores, scoring 5000 tokens went from 254-281 to 291-316 tok/s (alternating rounds). A caller that
+    stops reading (an error, Ctrl-C) waits for the items in flight, and no more are taken: a program that exits
+    while a thread is still inside OpenBLAS hangs or crashes in OpenBLAS's exit handler (6% of Ctrl-Cs, when these
+    threads were left running), and a thread cannot be stopped safely from outside. stop: an Event set when the
+    caller stops reading, before the threads are waited for; an fn that watches it can end early."""
     items = list(items)
     todo = enumerate(items)
     take = threading.Lock()  # one thread at a time takes the next item
-    done = queue.Queue()  # (index, result, exception) as each item is done, in any order
-    stop = threading.Event()  # the caller stopped reading: take no more items
+    done = queue.SimpleQueue()  # (index, result, exception) as each item is done, in any order
+    stop = stop or threading.Event()  # the caller stopped reading: take no more items
 
     def work():
-        try:
-            while not stop.is_set():
-                with take:
-                    index, item = next(todo, (None, None))
-                if index is None:
-                    return
-                try:
-                    done.put((index, fn(item), None))
-                except CutShort:
-                    return
-                except BaseException as e:  # the caller sees it in the item's turn
-                    done.put((index, None, e))
-        except CutShort:  # between two items
-            pass
+        while not stop.is_set():
+            with take:
+                index, item = next(todo, (None, None))
+            if index is None:
+                return
+            try:
+                done.put((index, fn(item), None))
+            except BaseException as e:  # the caller sees it in the item's turn
+                done.put((index, None, e))
 
     with limit(1):
         workers = [threading.Thread(target=work, daemon=True, name="side_by_side")
                    for _ in range(min(CORES, len(items)))]
         for worker in workers:
             worker.start()
-        arrived, finished = {}, False
+        arrived = {}
         try:
             for index in range(len(items)):
                 while index not in arrived:
@@ -207,50 +204,38 @@ def side_by_side(fn, items):
                 if error is not None:
                     raise error
                 yield result
-            finished = True
         finally:
             stop.set()
-            if not finished:  # the caller stopped early
-                for worker in workers:
-                    cut_short(worker)
-            for worker in workers:  # every thread out of BLAS before the limit is lifted or the program exits:
+            for worker in workers:  # every thread out of BLAS before the limit is lifted or the program exits
                 if not sys.is_finalizing():  # (threads no longer run then: a join would wait for ever)
-                    worker.join()  # OpenBLAS's exit handler, run while a thread was still in it, hung or crashed
-
-
-class CutShort(BaseException):
-    """Raised in a side_by_side thread whose caller stopped reading (an error, Ctrl-C)."""
-
-
-def cut_short(thread):
-    """Raises CutShort in thread as soon as it is back in Python, after the NumPy operation it is in: the caller
-    waits for that alone, not for the rest of the item (a whole window, at 1558M a minute). CPython's
-    PyThreadState_SetAsyncExc; a thread that has ended is left alone."""
-    if thread.is_alive():
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(CutShort))
+                    worker.join()
 
 
 def in_waves(items, stages):
     """Yields, for each item in order, what its last stage returns, each stage taking what the one before returned
     (the first, the item), items side by side as in side_by_side, item i entering a stage only once item i - 1
     has left it: for stages that read what the items before them left there (a prompt's chunks going through the
-    blocks, each block's attention reading the keys and values the chunks before put in its cache).
+    blocks, each block's attention reading the keys and values the chunks before put in its cache). A caller that
+    stops reading waits for the stages in progress only.
 
     Why: a prompt is read a chunk at a time, each chunk after the one before, and every step of a chunk is small
     work for two cores; in waves, one chunk goes through block l + 1 while the next goes through block l, each on
     a core with all of its work."""
     left = [[threading.Event() for _ in stages] for _ in items]  # left[i][s]: item i is done with stage s
+    stopped = threading.Event()  # the caller stopped reading: each thread ends at its next stage
 
     def run(i):
         x = items[i]
         try:
             for s, stage in enumerate(stages):
-                while i and not left[i - 1][s].wait(timeout=0.1):  # back in Python now and then: a thread
-                    pass  # cut short while it waits (item i - 1 cut short before it began, say) still ends
+                if i:
+                    left[i - 1][s].wait()  # item i - 1 always sets it: it was taken first, and its finally sets all
+                if stopped.is_set():
+                    return None
                 x = stage(x)
                 left[i][s].set()
-        finally:  # an item that failed lets the ones after it go on: its error is raised before their results
+        finally:  # an item that failed or stopped lets the ones after it go on (to stop, or to be never read)
             for event in left[i]:
                 event.set()
         return x
-    return side_by_side(run, range(len(items)))
+    return side_by_side(run, range(len(items)), stop=stopped)
