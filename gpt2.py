@@ -308,6 +308,7 @@ def prefill(inputs, params, n_head, kv_cache):  # [n_prompt] -> [n_vocab]
     """The prompt's last logits, its keys and values read into kv_cache PREFILL_CHUNK positions at a time."""
     starts = range(0, len(inputs), PREFILL_CHUNK)
     if len(starts) > 1 and threads.CORES > 1:  # the chunks in waves, each on a core of its own (threads.in_waves)
+        # -> one [<= PREFILL_CHUNK, n_embd] array per chunk, each through every block, then the last position's logits
         chunks = [embed(inputs[start:start + PREFILL_CHUNK], params["wte"], params["wpe"], start) for start in starts]
         blocks = [functools.partial(transformer_block, **block, n_head=n_head, cache=cache)
                   for block, cache in zip(params["blocks"], kv_cache)]
