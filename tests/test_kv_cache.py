@@ -56,6 +56,26 @@ def test_last_only_is_the_last_row(tiny_model):
     np.testing.assert_allclose(last, full[-1], atol=1e-5, rtol=0)
 
 
+def test_last_only_fills_the_cache_and_runs_the_last_block_past_attention_for_the_last_position_alone(
+        model, monkeypatch):
+    _, hparams, params = model
+    n_head, n_layer = hparams["n_head"], hparams["n_layer"]
+    ids = np.random.default_rng(2).integers(0, hparams["n_vocab"], (2, 9))  # two rows, as score.py's windows
+    full_cache, last_cache = (gpt2.new_kv_cache(params, n_head, 9) for _ in range(2))
+    for cache in full_cache + last_cache:  # a batch axis in front of [n_head, capacity, d_head]
+        cache.keys, cache.values = (np.zeros((2, *a.shape), dtype=a.dtype) for a in (cache.keys, cache.values))
+    full = gpt2.gpt2(ids, **params, n_head=n_head, kv_cache=full_cache)
+    mlp_rows, ffn = [], gpt2.ffn
+    monkeypatch.setattr(gpt2, "ffn", lambda x, **mlp: mlp_rows.append(x.shape[-2]) or ffn(x, **mlp))
+    last = gpt2.gpt2(ids, **params, n_head=n_head, kv_cache=last_cache, last_only=True)
+    assert mlp_rows == [9] * (n_layer - 1) + [1]  # every position but in the last block: only the last one
+    np.testing.assert_allclose(last, full[:, -1], atol=1e-5, rtol=0)
+    for a, b in zip(last_cache, full_cache):  # the last block's keys and values too, for the positions to come
+        assert a.length == 9
+        np.testing.assert_allclose(a.keys, b.keys, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(a.values, b.values, atol=1e-5, rtol=0)
+
+
 def test_cache_writes_in_place_and_never_copies_history():
     cache = gpt2.KVCache((2, 8, 4))
     buffer = cache.keys
