@@ -326,16 +326,21 @@ PREFILL_CHUNK = 256
 
 
 def prefill(inputs, params, n_head, kv_cache):  # [n_prompt] -> [n_vocab]
-    """The prompt's last logits, its keys and values read into kv_cache PREFILL_CHUNK positions at a time."""
-    starts = range(0, len(inputs), PREFILL_CHUNK)
-    if len(starts) > 1 and threads.CORES > 1:  # the chunks in waves, each on a core of its own (threads.in_waves)
+    """The prompt's last logits, its keys and values read into kv_cache at most PREFILL_CHUNK positions at a time."""
+    if len(inputs) > PREFILL_CHUNK and threads.CORES > 1:  # the chunks in waves, each on a core of its own
+        # Each thread of threads.in_waves takes the next chunk when done with one, so chunks of equal size, as many
+        # as a multiple of the cores, keep every core busy to the end (a 300-token prompt: 0.47 s in two chunks
+        # of 150, 0.70 s in chunks of 256 and 44, where the second had nothing to run beside it).
+        n_chunks = threads.CORES * math.ceil(len(inputs) / (threads.CORES * PREFILL_CHUNK))
+        bounds = [len(inputs) * i // n_chunks for i in range(n_chunks + 1)]
         # -> one [<= PREFILL_CHUNK, n_embd] array per chunk, each through every block, then the last position's logits
-        chunks = [embed(inputs[start:start + PREFILL_CHUNK], params["wte"], params["wpe"], start) for start in starts]
+        chunks = [embed(inputs[a:b], params["wte"], params["wpe"], a) for a, b in zip(bounds, bounds[1:])]
         blocks = [functools.partial(transformer_block, **block, n_head=n_head, cache=cache)
                   for block, cache in zip(params["blocks"], kv_cache)]
         blocks[-1] = functools.partial(blocks[-1], last_only=True)  # only the last chunk's last position is read
         *_, x = threads.in_waves(chunks, blocks)
         return lm_head(x[-1], params["wte"], params["ln_f"])
+    starts = range(0, len(inputs), PREFILL_CHUNK)
     for start in starts:
         chunk = inputs[start:start + PREFILL_CHUNK]
         with threads.choice("prefill").step(work=len(chunk)):  # as many BLAS threads as measured fastest

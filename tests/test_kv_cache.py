@@ -142,10 +142,11 @@ def test_attention_weights_match_torch_with_the_queries_last(n_q, n_k):
 
 
 @pytest.mark.parametrize("cores", [2, 3])
-def test_a_prompt_read_in_waves_gives_the_logits_and_cache_of_one_chunk_at_a_time(model, monkeypatch, cores):
+def test_a_prompt_read_in_waves_in_equal_chunks_gives_the_logits_and_cache_of_one_chunk_at_a_time(
+        model, monkeypatch, cores):
     _, hparams, params = model
     n_head = hparams["n_head"]
-    ids = list(np.random.default_rng(1).integers(0, hparams["n_vocab"], 8 * 5 + 3))  # six chunks of 8
+    ids = list(np.random.default_rng(1).integers(0, hparams["n_vocab"], 8 * 5 + 3))  # six chunks of 7 or 8
     monkeypatch.setattr(gpt2, "PREFILL_CHUNK", 8)
     monkeypatch.setattr(gpt2.threads, "CORES", 1)
     one_at_a_time = gpt2.new_kv_cache(params, n_head, len(ids))
@@ -156,7 +157,8 @@ def test_a_prompt_read_in_waves_gives_the_logits_and_cache_of_one_chunk_at_a_tim
     monkeypatch.setattr(gpt2.threads, "in_waves", lambda *args: waves.append(args) or in_waves(*args))
     in_waves_cache = gpt2.new_kv_cache(params, n_head, len(ids))
     logits = gpt2.prefill(ids, params, n_head, in_waves_cache)
-    assert len(waves) == 1 and len(waves[0][0]) == 6  # the wave path ran, on six chunks
+    # The wave path ran, on as many chunks as a multiple of the cores (six, not 8 * 5 + 3), each as long as the others
+    assert len(waves) == 1 and [len(chunk) for chunk in waves[0][0]] == [7, 7, 7, 7, 7, 8]
     np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
     for a, b in zip(in_waves_cache, one_at_a_time):
         assert a.length == b.length == len(ids)
