@@ -135,8 +135,9 @@ def choice(kind):
     return CHOICES[kind]
 
 
-# Training's elementwise work and attention, shared out over the cores (train.py).
-CORES = os.cpu_count() or 1
+# Training's elementwise work and attention, shared out over the cores (train.py). The cores this process may
+# run on (taskset, a container's cpuset), not all the machine has: a thread more than cores only waits its turn.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 POOL = ThreadPoolExecutor(CORES)
 
 

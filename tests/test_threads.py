@@ -2,6 +2,7 @@
 work side by side on threads of its own (threads.side_by_side, threads.in_waves): order, errors, stopping."""
 import collections
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -193,6 +194,15 @@ def test_a_caller_that_stops_reading_waits_for_the_items_in_flight_and_takes_no_
     assert not side_by_side_threads()
     assert 0 in started and set(started) <= {0, 1, 2} and sorted(finished) == sorted(started)
     assert max(lib.num_threads for lib in threads.blas_controller().lib_controllers) == threads.thread_choices()[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_cores_are_those_the_process_may_run_on():
+    """Under taskset (or a container's cpuset) to one CPU, work is not shared out over cores it cannot use."""
+    program = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); import threads; print(threads.CORES)"
+    run = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=50)
+    assert run.stdout.split() == ["1"], run.stderr
+    assert threads.CORES == len(os.sched_getaffinity(0))
 
 
 def test_ctrl_c_ends_the_program_cleanly_after_the_items_in_flight():
