@@ -348,6 +348,13 @@ def prefill(inputs, params, n_head, kv_cache):  # [n_prompt] -> [n_vocab]
     return logits
 
 
+def check_token_ids(ids, n_vocab):
+    ids = np.asarray(ids)
+    outside = ids[(ids < 0) | (ids >= n_vocab)]
+    if outside.size:  # a negative id would silently pick a row from the end of wte
+        raise ValueError(f"token ids lie in 0..{n_vocab - 1}; inputs hold {outside[:3].tolist()}")
+
+
 def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperature=0.0, top_k=0, top_p=1.0,
                    min_p=0.0, **controls):
     """Yields the next token of each of len(rngs) samples of one prompt, step by step: [n_samples] ids.
@@ -359,6 +366,7 @@ def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperatu
     n_ctx = params["wpe"].shape[0]
     if len(inputs) == 0:
         raise ValueError("inputs must hold at least one token; unconditional generation starts from [ENDOFTEXT]")
+    check_token_ids(inputs, params["wte"].shape[0])
     if len(rngs) < 1:
         raise ValueError(f"num_samples must be at least 1, got {len(rngs)}")
     if n_tokens_to_generate < 0:

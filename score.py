@@ -114,6 +114,7 @@ def score_ids(ids, params, n_head, n_ctx, stride, top=None, progress=False):
     Returns {"logprobs": [n]}, and with top (a number of candidates, 0 for none) also "ranks" ([n]: 1 for
     the model's most likely token) and "top_ids", "top_logprobs" ([n, top], most likely first).
     """
+    gpt2.check_token_ids(ids, params["wte"].shape[0])
     sequence = np.array([ENDOFTEXT, *ids])
     spans = list(windows(len(sequence), n_ctx, stride))
     n = len(ids)

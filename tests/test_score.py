@@ -181,6 +181,14 @@ def test_windows_side_by_side_or_in_batches_give_the_same_scores(short_model, mo
         np.testing.assert_allclose(batched[key], value, rtol=0, atol=1e-5)
 
 
+def test_score_ids_refuses_token_ids_outside_the_vocabulary(short_model):
+    _, _, hparams, params, _ = short_model
+    n_vocab = hparams["n_vocab"]
+    for ids, outside in (([1, -1, 2], -1), ([5, n_vocab], n_vocab)):
+        with pytest.raises(ValueError, match=rf"token ids lie in 0\.\.{n_vocab - 1}; inputs hold \[{outside}\]"):
+            score.score_ids(ids, params, hparams["n_head"], N_CTX, N_CTX // 2)
+
+
 def test_windows_score_every_token_once_with_enough_context():
     for n_positions, n_ctx, stride in [(2, 8, 4), (8, 8, 4), (9, 8, 4), (100, 8, 1), (100, 8, 3), (100, 8, 8)]:
         spans = list(score.windows(n_positions, n_ctx, stride))
