@@ -13,12 +13,11 @@ import numpy as np
 import threads
 
 
-def gelu(x):
+def gelu(x):  # x: a float array, left as it is
     # GPT-2 was trained with the tanh approximation of GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
-    # Written as that expression, NumPy makes a new array for each of its eight operations; in the MLP these
+    # Written as that expression, NumPy makes a new array for each of its nine operations; in the MLP these
     # are the largest activations, so the steps go one at a time through one array, y, instead (1.7x faster
-    # on [1024, 3072]). x * x rather than x**3, which NumPy computes with a general pow(); Python float
-    # constants, as a NumPy float64 scalar would silently promote every activation to float64.
+    # on [1024, 3072]). x * x rather than x**3, which NumPy computes with a general pow().
     c = math.sqrt(2.0 / math.pi)
     y = x * x
     y *= 0.044715 * c
@@ -147,7 +146,7 @@ class KVCache:
         return batched
 
 
-def mha(x, c_attn, c_proj, n_head, cache=None, last_only=False):  # [n_seq, n_embd] -> [n_seq, n_embd]
+def mha(x, c_attn, c_proj, n_head, cache=None, last_only=False):  # [n_seq, n_embd] -> [n_seq or 1, n_embd]
     qkv = linear(x, **c_attn)  # [n_seq, n_embd] -> [n_seq, 3*n_embd]
     q, k, v = (split_heads(t, n_head) for t in np.split(qkv, 3, axis=-1))  # -> 3 x [n_head, n_seq, d_head]
     if cache is not None:
@@ -328,10 +327,13 @@ PREFILL_CHUNK = 256
 def prefill(inputs, params, n_head, kv_cache):  # [n_prompt] -> [n_vocab]
     """The prompt's last logits, its keys and values read into kv_cache at most PREFILL_CHUNK positions at a time."""
     if len(inputs) > PREFILL_CHUNK and threads.CORES > 1:  # the chunks in waves, each on a core of its own
-        # Each thread of threads.in_waves takes the next chunk when done with one, so chunks of equal size, as many
-        # as a multiple of the cores, keep every core busy to the end (a 300-token prompt: 0.47 s in two chunks
-        # of 150, 0.70 s in chunks of 256 and 44, where the second had nothing to run beside it).
-        n_chunks = threads.CORES * math.ceil(len(inputs) / (threads.CORES * PREFILL_CHUNK))
+        # Each thread of threads.in_waves takes the next chunk when done with one, so chunks of equal size keep
+        # every core busy to the end (a 300-token prompt: 0.47 s in two chunks of 150, 0.70 s in chunks of 256
+        # and 44, where the second had nothing to run beside it); more chunks than cores, as many as a multiple
+        # of the cores, so each core gets as many (and none shorter than PREFILL_CHUNK / 2).
+        n_chunks = math.ceil(len(inputs) / PREFILL_CHUNK)
+        if n_chunks > threads.CORES:
+            n_chunks = threads.CORES * math.ceil(n_chunks / threads.CORES)
         bounds = [len(inputs) * i // n_chunks for i in range(n_chunks + 1)]
         # -> one [<= PREFILL_CHUNK, n_embd] array per chunk, each through every block, then the last position's logits
         chunks = [embed(inputs[a:b], params["wte"], params["wpe"], a) for a, b in zip(bounds, bounds[1:])]

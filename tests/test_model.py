@@ -69,11 +69,24 @@ def test_layer_norm_matches_torch():
     x[0, 0] = 1e-3 * rng.standard_normal(64)  # variance 1e-6, where eps (1e-5) matters
     x[1, 1] = -40.0  # no variance at all: eps alone keeps it finite
     x, g, b = (a.astype(np.float32) for a in (x, rng.standard_normal(64), rng.standard_normal(64)))
+    before = x.copy()
     ours = gpt2.layer_norm(x, g, b)
     expected = torch.nn.functional.layer_norm(torch.from_numpy(x), (64,), torch.from_numpy(g), torch.from_numpy(b),
                                               eps=1e-5).numpy()
     assert ours.dtype == np.float32 and ours.shape == x.shape
     np.testing.assert_allclose(ours, expected, atol=2e-5, rtol=1e-5)
+    np.testing.assert_array_equal(x, before)  # it works in an array of its own, not in the caller's
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gelu_matches_torchs_tanh_gelu_and_leaves_its_input_alone(dtype):
+    x = (np.random.default_rng(1).standard_normal((3, 4, 96)) * 4).astype(dtype)[:, ::2]  # a view, not contiguous
+    before = x.copy()
+    ours = gpt2.gelu(x)
+    expected = torch.nn.functional.gelu(torch.from_numpy(np.ascontiguousarray(x)), approximate="tanh").numpy()
+    assert ours.dtype == dtype and ours.shape == x.shape
+    np.testing.assert_allclose(ours, expected, atol=1e-6 if dtype == np.float32 else 1e-12, rtol=1e-6)
+    np.testing.assert_array_equal(x, before)
 
 
 @pytest.mark.parametrize("n_q, n_k", [(7, 7), (3, 7), (1, 7), (1, 1)])
