@@ -117,6 +117,8 @@ def test_generate_fills_exactly_the_context_and_refuses_one_more(tiny_model):
     (lambda p: gpt2.generate([1, 2], p, 4, -1), "n_tokens_to_generate must be at least 0, got -1"),
     (lambda p: gpt2.generate([1, -1], p, 4, 3), r"token ids lie in 0\.\.\d+; inputs hold \[-1\]"),
     (lambda p: gpt2.generate(np.array([5, 10**6]), p, 4, 3), r"inputs hold \[1000000\]"),
+    (lambda p: gpt2.generate([1, 2**70], p, 4, 3), r"inputs hold \[1180591620717411303424\]"),
+    (lambda p: gpt2.generate([True], p, 4, 3), "token ids are integers; inputs are bool"),
 ])
 def test_generate_refuses_what_cannot_run(tiny_model, call, message):
     _, _, params = load_encoder_hparams_and_params(tiny_model.name, tiny_model.models_dir)

@@ -187,6 +187,9 @@ def test_score_ids_refuses_token_ids_outside_the_vocabulary(short_model):
     for ids, outside in (([1, -1, 2], -1), ([5, n_vocab], n_vocab)):
         with pytest.raises(ValueError, match=rf"token ids lie in 0\.\.{n_vocab - 1}; inputs hold \[{outside}\]"):
             score.score_ids(ids, params, hparams["n_head"], N_CTX, N_CTX // 2)
+    for ids, dtype in (([True, False], "bool"), ([1, 3.0], "float64")):  # scored as ids 1 and 0, or an IndexError
+        with pytest.raises(ValueError, match=f"token ids are integers; inputs are {dtype}"):
+            score.score_ids(ids, params, hparams["n_head"], N_CTX, N_CTX // 2)
 
 
 def test_windows_score_every_token_once_with_enough_context():
