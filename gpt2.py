@@ -326,7 +326,7 @@ PREFILL_CHUNK = 256
 
 def prefill(inputs, params, n_head, kv_cache):  # [n_prompt] -> [n_vocab]
     """The prompt's last logits, its keys and values read into kv_cache at most PREFILL_CHUNK positions at a time."""
-    if len(inputs) > PREFILL_CHUNK and threads.CORES > 1:  # the chunks in waves, each on a core of its own
+    if len(inputs) > PREFILL_CHUNK and threads.CORES > 1:  # the chunks in waves over the cores (threads.in_waves)
         # Each thread of threads.in_waves takes the next chunk when done with one, so chunks of equal size keep
         # every core busy to the end (a 300-token prompt: 0.47 s in two chunks of 150, 0.70 s in chunks of 256
         # and 44, where the second had nothing to run beside it); more chunks than cores, as many as a multiple
@@ -342,8 +342,7 @@ def prefill(inputs, params, n_head, kv_cache):  # [n_prompt] -> [n_vocab]
         blocks[-1] = functools.partial(blocks[-1], last_only=True)  # only the last chunk's last position is read
         *_, x = threads.in_waves(chunks, blocks)
         return lm_head(x[-1], params["wte"], params["ln_f"])
-    starts = range(0, len(inputs), PREFILL_CHUNK)
-    for start in starts:
+    for start in range(0, len(inputs), PREFILL_CHUNK):
         chunk = inputs[start:start + PREFILL_CHUNK]
         with threads.choice("prefill").step(work=len(chunk)):  # as many BLAS threads as measured fastest
             logits = gpt2(chunk, **params, n_head=n_head, kv_cache=kv_cache, last_only=True)
