@@ -349,13 +349,14 @@ def prefill(inputs, params, n_head, kv_cache):  # [n_prompt] -> [n_vocab]
     return logits
 
 
-def check_token_ids(ids, n_vocab):
+def check_token_ids(ids, n_vocab):  # -> ids as an int64 array, once they are known to be token ids
     ids = np.asarray(ids)
     if ids.size and ids.dtype.kind not in "iuO":  # O: Python ints too large for int64, refused below
         raise ValueError(f"token ids are integers; inputs are {ids.dtype}")  # a bool or a float would index wte
     outside = ids[(ids < 0) | (ids >= n_vocab)]
     if outside.size:  # a negative id would silently pick a row from the end of wte
         raise ValueError(f"token ids lie in 0..{n_vocab - 1}; inputs hold {outside[:3].tolist()}")
+    return ids.astype(np.int64)
 
 
 def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperature=0.0, top_k=0, top_p=1.0,

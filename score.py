@@ -114,14 +114,15 @@ def score_ids(ids, params, n_head, n_ctx, stride, top=None, progress=False):
     Returns {"logprobs": [n]}, and with top (a number of candidates, 0 for none) also "ranks" ([n]: 1 for
     the model's most likely token) and "top_ids", "top_logprobs" ([n, top], most likely first).
     """
-    gpt2.check_token_ids(ids, params["wte"].shape[0])
-    sequence = np.array([ENDOFTEXT, *ids])
+    sequence = np.concatenate([[ENDOFTEXT], gpt2.check_token_ids(ids, params["wte"].shape[0])])
     spans = list(windows(len(sequence), n_ctx, stride))
     n = len(ids)
     result = {"logprobs": np.empty(n, dtype=params["wte"].dtype)}
     if top is not None:
         result.update(ranks=np.empty(n, dtype=np.int64), top_ids=np.empty((n, top), dtype=np.int64),
                       top_logprobs=np.empty((n, top), dtype=params["wte"].dtype))
+    if not spans:  # no ids: nothing to score
+        return result
 
     def scores_of(batch):  # the windows' scores: [(logprobs, ranks, top_ids, top_logprobs) for each window]
         first = batch[0][2] - batch[0][0]  # the same in every window of the batch

@@ -192,6 +192,19 @@ def test_score_ids_refuses_token_ids_outside_the_vocabulary(short_model):
             score.score_ids(ids, params, hparams["n_head"], N_CTX, N_CTX // 2)
 
 
+def test_score_ids_takes_any_integer_array_and_an_empty_text(short_model):
+    _, encoder, hparams, params, _ = short_model
+    ids = encoder.encode(TEXT)[:40]
+    as_list = score.score_ids(ids, params, hparams["n_head"], N_CTX, 8, top=2)
+    for dtype in (np.uint64, np.uint16, np.int32):  # uint64 beside the Python int <|endoftext|> used to be float64
+        as_array = score.score_ids(np.array(ids, dtype=dtype), params, hparams["n_head"], N_CTX, 8, top=2)
+        for key, value in as_list.items():
+            np.testing.assert_array_equal(as_array[key], value)
+    empty = score.score_ids([], params, hparams["n_head"], N_CTX, 8, top=2)  # used to be "max() arg is an empty sequence"
+    assert {key: value.shape for key, value in empty.items()} == {
+        "logprobs": (0,), "ranks": (0,), "top_ids": (0, 2), "top_logprobs": (0, 2)}
+
+
 def test_windows_score_every_token_once_with_enough_context():
     for n_positions, n_ctx, stride in [(2, 8, 4), (8, 8, 4), (9, 8, 4), (100, 8, 1), (100, 8, 3), (100, 8, 8)]:
         spans = list(score.windows(n_positions, n_ctx, stride))
