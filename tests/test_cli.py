@@ -248,6 +248,17 @@ def test_bench_model_is_written_on_requirements_txt_alone_and_atomically(tmp_pat
     assert hparams["n_embd"] == 8 and encoder.encode(" Hello") == [18435]
 
 
+def test_bench_measures_openblas_own_kernels_in_a_child_without_the_variables_that_force_others(monkeypatch):
+    import bench
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.setenv("OPENBLAS_L2_SIZE", "512")
+    monkeypatch.setenv("GPT2_TEST_KEPT", "kept")
+    assert bench.without_forcing("import os; print(os.environ['GPT2_TEST_KEPT'])") == "kept"  # the rest stays
+    assert bench.without_forcing("import os; print(os.environ.get('OPENBLAS_CORETYPE', 'unset'))") == "unset"
+    assert bench.without_forcing("import os; print(os.environ.get('OPENBLAS_L2_SIZE', 'unset'))") == "unset"
+    assert bench.without_forcing("raise SystemExit(1)") is None
+
+
 def test_bench_refuses_zero_new_tokens(tmp_path):
     result = run_cli("bench.py", "--new_tokens", "0", "--models_dir", str(tmp_path), text=True)
     assert result.returncode == 2 and "--new_tokens must be at least 1, got 0" in result.stderr
