@@ -57,7 +57,9 @@ def limit(count):
     """A context in which BLAS runs every product on `count` threads (None: its default); without threadpoolctl,
     the default."""
     controller = blas_controller()
-    return controller.limit(limits=count) if controller is not None and count is not None else contextlib.nullcontext()
+    if controller is None or count is None or all(lib.num_threads == count for lib in controller.lib_controllers):
+        return contextlib.nullcontext()  # so already: setting it again (every decode step) is no free call to BLAS
+    return controller.limit(limits=count)
 
 
 def thread_choices():

@@ -89,6 +89,19 @@ def test_decode_steps_restore_the_default_count_after_each_step(tiny_model):
     assert threads.thread_choices()[0] == max(before) and 1 in threads.thread_choices()
 
 
+def test_a_limit_to_the_count_blas_runs_already_leaves_blas_alone(monkeypatch):
+    controller = threads.blas_controller()
+    current = max(lib.num_threads for lib in controller.lib_controllers)
+    calls = []
+    monkeypatch.setattr(type(controller), "limit", lambda self, limits: calls.append(limits) or contextlib.nullcontext())
+    with threads.limit(current), threads.limit(None):  # every decode step on the default count asks for this
+        pass
+    assert calls == []
+    with threads.limit(current + 1):
+        pass
+    assert calls == [current + 1]
+
+
 def test_a_default_of_one_thread_leaves_nothing_to_choose():
     """OPENBLAS_NUM_THREADS=1 (or any limit already set) is the user's choice: one count, never two."""
     with threads.blas_controller().limit(limits=1):
