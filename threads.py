@@ -58,7 +58,7 @@ def limit(count):
     the default."""
     controller = blas_controller()
     if controller is None or count is None or all(lib.num_threads == count for lib in controller.lib_controllers):
-        return contextlib.nullcontext()  # so already: setting it again (every decode step) is no free call to BLAS
+        return contextlib.nullcontext()  # already so: each decode step asks, and setting it costs two BLAS calls
     return controller.limit(limits=count)
 
 

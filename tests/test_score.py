@@ -200,7 +200,7 @@ def test_score_ids_takes_any_integer_array_and_an_empty_text(short_model):
         as_array = score.score_ids(np.array(ids, dtype=dtype), params, hparams["n_head"], N_CTX, 8, top=2)
         for key, value in as_list.items():
             np.testing.assert_array_equal(as_array[key], value)
-    empty = score.score_ids([], params, hparams["n_head"], N_CTX, 8, top=2)  # used to be "max() arg is an empty sequence"
+    empty = score.score_ids([], params, hparams["n_head"], N_CTX, 8, top=2)  # was "max() arg is an empty sequence"
     assert {key: value.shape for key, value in empty.items()} == {
         "logprobs": (0,), "ranks": (0,), "top_ids": (0, 2), "top_logprobs": (0, 2)}
 

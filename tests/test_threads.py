@@ -93,7 +93,8 @@ def test_a_limit_to_the_count_blas_runs_already_leaves_blas_alone(monkeypatch):
     controller = threads.blas_controller()
     current = max(lib.num_threads for lib in controller.lib_controllers)
     calls = []
-    monkeypatch.setattr(type(controller), "limit", lambda self, limits: calls.append(limits) or contextlib.nullcontext())
+    monkeypatch.setattr(type(controller), "limit",
+                        lambda self, limits: calls.append(limits) or contextlib.nullcontext())
     with threads.limit(current), threads.limit(None):  # every decode step on the default count asks for this
         pass
     assert calls == []
