@@ -117,9 +117,12 @@ class ThreadChoice:
             start, cpu_start = time.perf_counter(), time.process_time()
             yield
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-        self.timings[count].append(wall / work)
         if count == self.choices[0] and count is not None:  # waiting BLAS threads spin, so a core of ours counts
-            self.starved = cpu < STARVED * count * wall  # as busy unless another process has it
+            starved = cpu < STARVED * count * wall  # as busy unless another process has it
+            if starved and not self.starved:  # the machine just got busy: the default's earlier, faster steps
+                self.timings[count].clear()  # say nothing of it now (kept, they won back two slow steps or more)
+            self.starved = starved
+        self.timings[count].append(wall / work)
         self.last_run[count], self.last_run_at[count] = self.steps, time.perf_counter()
         self.steps += 1
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import pytest
 
@@ -72,6 +73,28 @@ def test_follows_the_machine_when_it_gets_busy_and_quiet_again():
     assert picked[:100] == [2] * 100  # quiet: two threads
     assert picked[400:600].count(1) > 190  # busy: one, found within a few steps of the change
     assert picked[600 + threads.MAX_INTERVAL + 10:].count(2) > 180  # quiet again: back to two, after one retry
+
+
+def test_a_default_starved_after_quiet_steps_is_judged_on_its_starved_step_alone(monkeypatch):
+    """ThreadChoice on a fake clock: quiet steps on two threads, then another process takes a core. The quiet
+    steps' fast timings say nothing of the machine now; kept among the default's last KEEP, they sent the choice
+    back to the starved default for KEEP more slow steps after one thread's trial (decode beside a CPU hog at 76%
+    to 89% of one thread over 40 tokens, bench.py)."""
+    clock = {"wall": 0.0, "cpu": 0.0}
+    monkeypatch.setattr(threads, "time", types.SimpleNamespace(perf_counter=lambda: clock["wall"],
+                                                               process_time=lambda: clock["cpu"]))
+    picked = []
+    monkeypatch.setattr(threads, "limit", lambda count: picked.append(count) or contextlib.nullcontext())
+    choice = threads.ThreadChoice(choices=[2, 1])
+    for step in range(200):
+        busy = step >= 100
+        with choice.step():
+            count = picked[-1]
+            seconds = ({2: 0.300, 1: 0.100} if busy else {2: 0.030, 1: 0.040})[count]
+            clock["wall"] += seconds
+            clock["cpu"] += seconds * (1 if busy else count)  # beside the other process, one core of ours
+    assert picked[:100] == [2] * 100
+    assert picked[100:] == [2] + [1] * 99  # one starved step, then one thread (its next trial far off)
 
 
 def test_one_choice_is_all_there_is():
