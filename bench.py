@@ -41,6 +41,7 @@ ratios taken in one run mean much.
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -640,8 +641,11 @@ def without_forcing(code):
 
 def native_gemm_peak():
     """gemm_peak with the kernels OpenBLAS chooses for this CPU itself, or None."""
-    peak = without_forcing("import bench; print(bench.gemm_peak())")
-    return float(peak) if peak else None
+    try:
+        peak = float(without_forcing("import bench; print(bench.gemm_peak())"))
+    except (TypeError, ValueError):  # no output, or not a number (a sitecustomize printing at exit, say)
+        return None
+    return peak if 0 < peak < math.inf else None
 
 
 def gemm_peak(n=2048):

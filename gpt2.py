@@ -350,9 +350,16 @@ def prefill(inputs, params, n_head, kv_cache):  # [n_prompt] -> [n_vocab]
 
 
 def check_token_ids(ids, n_vocab):  # -> ids as an int64 array, once they are known to be token ids
-    ids = np.asarray(ids)
-    if ids.size and ids.dtype.kind not in "iuO":  # O: Python ints too large for int64, refused below
-        raise ValueError(f"token ids are integers; inputs are {ids.dtype}")  # a bool or a float would index wte
+    if not isinstance(ids, np.ndarray):  # element by element: NumPy makes floats of np.uint64s beside Python ints
+        ids = np.array(ids, dtype=object)
+    if ids.ndim != 1:
+        raise ValueError(f"token ids are a list of ids; inputs have shape {ids.shape}")
+    if ids.dtype.kind == "O":  # a bool or a float would index wte, or be cut to an int below
+        bad = [i for i in ids.flat if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer))]
+        if bad:
+            raise ValueError(f"token ids are integers; inputs hold {bad[0]!r}")
+    elif ids.size and ids.dtype.kind not in "iu":
+        raise ValueError(f"token ids are integers; inputs are {ids.dtype}")
     outside = ids[(ids < 0) | (ids >= n_vocab)]
     if outside.size:  # a negative id would silently pick a row from the end of wte
         raise ValueError(f"token ids lie in 0..{n_vocab - 1}; inputs hold {outside[:3].tolist()}")
@@ -370,7 +377,7 @@ def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperatu
     n_ctx = params["wpe"].shape[0]
     if len(inputs) == 0:
         raise ValueError("inputs must hold at least one token; unconditional generation starts from [ENDOFTEXT]")
-    check_token_ids(inputs, params["wte"].shape[0])
+    inputs = check_token_ids(inputs, params["wte"].shape[0])
     if len(rngs) < 1:
         raise ValueError(f"num_samples must be at least 1, got {len(rngs)}")
     if n_tokens_to_generate < 0:

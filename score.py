@@ -114,6 +114,9 @@ def score_ids(ids, params, n_head, n_ctx, stride, top=None, progress=False):
     Returns {"logprobs": [n]}, and with top (a number of candidates, 0 for none) also "ranks" ([n]: 1 for
     the model's most likely token) and "top_ids", "top_logprobs" ([n, top], most likely first).
     """
+    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or not 1 <= stride <= n_ctx:
+        # (0 would never end; more than n_ctx would leave tokens between windows unscored)
+        raise ValueError(f"stride must be a whole number in 1..{n_ctx}, got {stride!r}")
     sequence = np.concatenate([[ENDOFTEXT], gpt2.check_token_ids(ids, params["wte"].shape[0])])
     spans = list(windows(len(sequence), n_ctx, stride))
     n = len(ids)

@@ -118,12 +118,23 @@ def test_generate_fills_exactly_the_context_and_refuses_one_more(tiny_model):
     (lambda p: gpt2.generate([1, -1], p, 4, 3), r"token ids lie in 0\.\.\d+; inputs hold \[-1\]"),
     (lambda p: gpt2.generate(np.array([5, 10**6]), p, 4, 3), r"inputs hold \[1000000\]"),
     (lambda p: gpt2.generate([1, 2**70], p, 4, 3), r"inputs hold \[1180591620717411303424\]"),
-    (lambda p: gpt2.generate([True], p, 4, 3), "token ids are integers; inputs are bool"),
+    (lambda p: gpt2.generate([True], p, 4, 3), "token ids are integers; inputs hold True"),
+    (lambda p: gpt2.generate(np.array([True]), p, 4, 3), "token ids are integers; inputs are bool"),
+    (lambda p: gpt2.generate(np.array([1.5, 2.0], dtype=object), p, 4, 3), "token ids are integers; inputs hold 1.5"),
+    (lambda p: gpt2.generate([[1, 2]], p, 4, 3), r"token ids are a list of ids; inputs have shape \(1, 2\)"),
 ])
 def test_generate_refuses_what_cannot_run(tiny_model, call, message):
     _, _, params = load_encoder_hparams_and_params(tiny_model.name, tiny_model.models_dir)
     with pytest.raises(ValueError, match=message):
         call(params)
+
+
+def test_generate_takes_any_list_or_array_of_integer_ids(tiny_model):
+    _, _, params = load_encoder_hparams_and_params(tiny_model.name, tiny_model.models_dir)
+    expected = gpt2.generate([15496, 11, 995], params, 4, 3)
+    for ids in ([np.uint64(15496), 11, 995], np.array([15496, 11, 995], dtype=object),
+                np.array([15496, 11, 995], dtype=np.uint64), (15496, 11, 995)):  # the first became floats in NumPy
+        assert gpt2.generate(ids, params, 4, 3) == expected
 
 
 @pytest.mark.parametrize("n_q, n_k", [(1, 1), (1, 9), (5, 5), (5, 9)])

@@ -187,19 +187,32 @@ def test_score_ids_refuses_token_ids_outside_the_vocabulary(short_model):
     for ids, outside in (([1, -1, 2], -1), ([5, n_vocab], n_vocab)):
         with pytest.raises(ValueError, match=rf"token ids lie in 0\.\.{n_vocab - 1}; inputs hold \[{outside}\]"):
             score.score_ids(ids, params, hparams["n_head"], N_CTX, N_CTX // 2)
-    for ids, dtype in (([True, False], "bool"), ([1, 3.0], "float64")):  # scored as ids 1 and 0, or an IndexError
-        with pytest.raises(ValueError, match=f"token ids are integers; inputs are {dtype}"):
+    for ids, what in (([True, False], "hold True"), ([1, 3.0], "hold 3.0"), (np.array([1.0]), "are float64"),
+                      (np.array([1.5, 2.7], dtype=object), "hold 1.5"),  # was scored as ids 1 and 2
+                      (np.array([True]), "are bool")):  # scored as ids 1 and 0, or an IndexError, before
+        with pytest.raises(ValueError, match=f"token ids are integers; inputs {what}"):
             score.score_ids(ids, params, hparams["n_head"], N_CTX, N_CTX // 2)
+    with pytest.raises(ValueError, match=r"token ids are a list of ids; inputs have shape \(2, 2\)"):
+        score.score_ids([[1, 2], [3, 4]], params, hparams["n_head"], N_CTX, N_CTX // 2)
+
+
+def test_score_ids_refuses_a_stride_outside_the_context(short_model):
+    _, _, hparams, params, _ = short_model
+    for stride in (0, -1, N_CTX + 1, 2.5, True):  # 0 and -1 never ended; N_CTX + 1 left tokens unscored
+        with pytest.raises(ValueError, match=rf"stride must be a whole number in 1\.\.{N_CTX}, got {stride}"):
+            score.score_ids(list(range(3 * N_CTX)), params, hparams["n_head"], N_CTX, stride)
+    assert len(score.score_ids([1, 2], params, hparams["n_head"], N_CTX, np.int64(N_CTX))["logprobs"]) == 2
 
 
 def test_score_ids_takes_any_integer_array_and_an_empty_text(short_model):
     _, encoder, hparams, params, _ = short_model
     ids = encoder.encode(TEXT)[:40]
     as_list = score.score_ids(ids, params, hparams["n_head"], N_CTX, 8, top=2)
-    for dtype in (np.uint64, np.uint16, np.int32):  # uint64 beside the Python int <|endoftext|> used to be float64
-        as_array = score.score_ids(np.array(ids, dtype=dtype), params, hparams["n_head"], N_CTX, 8, top=2)
-        for key, value in as_list.items():
-            np.testing.assert_array_equal(as_array[key], value)
+    for as_array in (*(np.array(ids, dtype=dtype) for dtype in (np.uint64, np.uint16, np.int32)),
+                     [np.uint64(i) if k % 2 else i for k, i in enumerate(ids)]):  # uint64 and ints made floats
+        as_array = score.score_ids(as_array, params, hparams["n_head"], N_CTX, 8, top=2)
+        for key, value in as_list.items():  # (BLAS's threads may add in another order from one call to the next)
+            np.testing.assert_allclose(as_array[key], value, rtol=0, atol=1e-6)
     empty = score.score_ids([], params, hparams["n_head"], N_CTX, 8, top=2)  # was "max() arg is an empty sequence"
     assert {key: value.shape for key, value in empty.items()} == {
         "logprobs": (0,), "ranks": (0,), "top_ids": (0, 2), "top_logprobs": (0, 2)}
