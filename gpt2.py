@@ -375,9 +375,9 @@ def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperatu
     of them, which reads the weights from memory once instead of once per sample.
     """
     n_ctx = params["wpe"].shape[0]
+    inputs = check_token_ids(inputs, params["wte"].shape[0])
     if len(inputs) == 0:
         raise ValueError("inputs must hold at least one token; unconditional generation starts from [ENDOFTEXT]")
-    inputs = check_token_ids(inputs, params["wte"].shape[0])
     if len(rngs) < 1:
         raise ValueError(f"num_samples must be at least 1, got {len(rngs)}")
     if n_tokens_to_generate < 0:

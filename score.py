@@ -119,7 +119,7 @@ def score_ids(ids, params, n_head, n_ctx, stride, top=None, progress=False):
         raise ValueError(f"stride must be a whole number in 1..{n_ctx}, got {stride!r}")
     sequence = np.concatenate([[ENDOFTEXT], gpt2.check_token_ids(ids, params["wte"].shape[0])])
     spans = list(windows(len(sequence), n_ctx, stride))
-    n = len(ids)
+    n = len(sequence) - 1
     result = {"logprobs": np.empty(n, dtype=params["wte"].dtype)}
     if top is not None:
         result.update(ranks=np.empty(n, dtype=np.int64), top_ids=np.empty((n, top), dtype=np.int64),

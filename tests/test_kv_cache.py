@@ -122,6 +122,8 @@ def test_generate_fills_exactly_the_context_and_refuses_one_more(tiny_model):
     (lambda p: gpt2.generate(np.array([True]), p, 4, 3), "token ids are integers; inputs are bool"),
     (lambda p: gpt2.generate(np.array([1.5, 2.0], dtype=object), p, 4, 3), "token ids are integers; inputs hold 1.5"),
     (lambda p: gpt2.generate([[1, 2]], p, 4, 3), r"token ids are a list of ids; inputs have shape \(1, 2\)"),
+    (lambda p: gpt2.generate(np.int64(5), p, 4, 3), r"token ids are a list of ids; inputs have shape \(\)"),
+    (lambda p: gpt2.generate([], p, 4, 3), "inputs must hold at least one token"),
 ])
 def test_generate_refuses_what_cannot_run(tiny_model, call, message):
     _, _, params = load_encoder_hparams_and_params(tiny_model.name, tiny_model.models_dir)
