@@ -117,7 +117,10 @@ def score_ids(ids, params, n_head, n_ctx, stride, top=None, progress=False):
     if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or not 1 <= stride <= n_ctx:
         # (0 would never end; more than n_ctx would leave tokens between windows unscored)
         raise ValueError(f"stride must be a whole number in 1..{n_ctx}, got {stride!r}")
-    sequence = np.concatenate([[ENDOFTEXT], gpt2.check_token_ids(ids, params["wte"].shape[0])])
+    n_vocab = params["wte"].shape[0]
+    if top is not None and (isinstance(top, bool) or not isinstance(top, (int, np.integer)) or not 0 <= top <= n_vocab):
+        raise ValueError(f"top must be a whole number in 0..{n_vocab} (or None), got {top!r}")
+    sequence = np.concatenate([[ENDOFTEXT], gpt2.check_token_ids(ids, n_vocab)])
     spans = list(windows(len(sequence), n_ctx, stride))
     n = len(sequence) - 1
     result = {"logprobs": np.empty(n, dtype=params["wte"].dtype)}

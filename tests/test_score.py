@@ -196,12 +196,17 @@ def test_score_ids_refuses_token_ids_outside_the_vocabulary(short_model):
         score.score_ids([[1, 2], [3, 4]], params, hparams["n_head"], N_CTX, N_CTX // 2)
 
 
-def test_score_ids_refuses_a_stride_outside_the_context(short_model):
+def test_score_ids_refuses_a_stride_outside_the_context_and_a_top_beyond_the_vocabulary(short_model):
     _, _, hparams, params, _ = short_model
     for stride in (0, -1, N_CTX + 1, 2.5, True):  # 0 and -1 never ended; N_CTX + 1 left tokens unscored
         with pytest.raises(ValueError, match=rf"stride must be a whole number in 1\.\.{N_CTX}, got {stride}"):
             score.score_ids(list(range(3 * N_CTX)), params, hparams["n_head"], N_CTX, stride)
     assert len(score.score_ids([1, 2], params, hparams["n_head"], N_CTX, np.int64(N_CTX))["logprobs"]) == 2
+    n_vocab = hparams["n_vocab"]
+    for top in (-1, n_vocab + 1, 1.5, True):  # n_vocab + 1 gave NumPy's "kth out of bounds"
+        with pytest.raises(ValueError, match=rf"top must be a whole number in 0\.\.{n_vocab} \(or None\), got {top}"):
+            score.score_ids([1, 2], params, hparams["n_head"], N_CTX, 4, top=top)
+    assert score.score_ids([1, 2], params, hparams["n_head"], N_CTX, 4, top=n_vocab)["top_ids"].shape == (2, n_vocab)
 
 
 def test_score_ids_takes_any_integer_array_and_an_empty_text(short_model):
