@@ -106,12 +106,15 @@ class ThreadChoice:
         self.last_run_at = {}  # {count: time.perf_counter() at the end of its last step}
         self.steps = 0
         self.starved = False
+        self.cleared = False  # the default's timings were dropped at its last step, which was starved
 
     @contextlib.contextmanager
     def step(self, work=1):
         """work: how much the step does (positions, say), so that steps of different sizes compare per unit."""
         now = time.perf_counter()
         stale = [count for count, at in self.last_run_at.items() if now - at >= MAX_AGE]
+        if self.cleared and self.steps - self.last_run[self.choices[0]] >= MIN_INTERVAL:  # (see below)
+            stale.append(self.choices[0])
         count = choose(self.steps, self.timings, self.last_run, self.choices, self.starved, stale)
         with limit(count):
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -119,8 +122,13 @@ class ThreadChoice:
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         if count == self.choices[0] and count is not None:  # waiting BLAS threads spin, so a core of ours counts
             starved = cpu < STARVED * count * wall  # as busy unless another process has it
-            if starved and not self.starved:  # the machine just got busy: the default's earlier, faster steps
-                self.timings[count].clear()  # say nothing of it now (kept, they won back two slow steps or more)
+            # The machine just got busy: the default's earlier, faster steps say nothing of it now (kept, they won
+            # the default back for two slow steps or more after one thread's trial). Judged on one starved step
+            # alone, though, it runs again within MIN_INTERVAL steps (above), not up to MAX_INTERVAL: a load spike
+            # of a few steps must not hold one thread for long.
+            self.cleared = starved and not self.starved
+            if self.cleared:
+                self.timings[count].clear()
             self.starved = starved
         self.timings[count].append(wall / work)
         self.last_run[count], self.last_run_at[count] = self.steps, time.perf_counter()

@@ -75,26 +75,41 @@ def test_follows_the_machine_when_it_gets_busy_and_quiet_again():
     assert picked[600 + threads.MAX_INTERVAL + 10:].count(2) > 180  # quiet again: back to two, after one retry
 
 
-def test_a_default_starved_after_quiet_steps_is_judged_on_its_starved_step_alone(monkeypatch):
-    """ThreadChoice on a fake clock: quiet steps on two threads, then another process takes a core. The quiet
-    steps' fast timings say nothing of the machine now; kept among the default's last KEEP, they sent the choice
-    back to the starved default for KEEP more slow steps after one thread's trial (decode beside a CPU hog at 76%
-    to 89% of one thread over 40 tokens, bench.py)."""
+def run_thread_choice(monkeypatch, busy, n_steps=200):
+    """The counts a real ThreadChoice picks on a fake clock, quiet (2 threads 30 ms a step, 1 thread 40 ms) or,
+    where busy(step), beside a process holding a core (300 ms and 100 ms, the default's threads starved)."""
     clock = {"wall": 0.0, "cpu": 0.0}
     monkeypatch.setattr(threads, "time", types.SimpleNamespace(perf_counter=lambda: clock["wall"],
                                                                process_time=lambda: clock["cpu"]))
     picked = []
     monkeypatch.setattr(threads, "limit", lambda count: picked.append(count) or contextlib.nullcontext())
     choice = threads.ThreadChoice(choices=[2, 1])
-    for step in range(200):
-        busy = step >= 100
+    for step in range(n_steps):
         with choice.step():
             count = picked[-1]
-            seconds = ({2: 0.300, 1: 0.100} if busy else {2: 0.030, 1: 0.040})[count]
+            seconds = ({2: 0.300, 1: 0.100} if busy(step) else {2: 0.030, 1: 0.040})[count]
             clock["wall"] += seconds
-            clock["cpu"] += seconds * (1 if busy else count)  # beside the other process, one core of ours
+            clock["cpu"] += seconds * (1 if busy(step) else count)  # beside the other process, one core of ours
+    return picked
+
+
+def test_a_default_starved_after_quiet_steps_is_judged_on_its_starved_step_alone(monkeypatch):
+    """The quiet steps' fast timings say nothing of a machine that just got busy; kept among the default's last
+    KEEP, they sent the choice back to the starved default for KEEP - 1 more slow steps after one thread's trial
+    (decode beside a CPU hog at 76% to 89% of one thread over 40 tokens, bench.py). Judged on one starved step,
+    the default is tried once more after MIN_INTERVAL steps, then rarely."""
+    picked = run_thread_choice(monkeypatch, busy=lambda step: step >= 100)
     assert picked[:100] == [2] * 100
-    assert picked[100:] == [2] + [1] * 99  # one starved step, then one thread (its next trial far off)
+    retry = 100 + threads.MIN_INTERVAL
+    assert picked[100:] == [2] + [1] * (retry - 101) + [2] + [1] * (199 - retry)  # 3x slower: next try far off
+
+
+def test_a_load_spike_of_a_few_steps_does_not_hold_one_thread_for_long(monkeypatch):
+    picked = run_thread_choice(monkeypatch, busy=lambda step: 100 <= step < 104)
+    retry = 100 + threads.MIN_INTERVAL
+    assert picked[:retry] == [2] * 101 + [1] * (retry - 101)
+    assert picked[retry:retry + 30] == [2] * 30  # quiet again: two threads, found on the first retry (before
+    # this retry, one starved step made one thread look 3x faster, and it ran until MAX_INTERVAL)
 
 
 def test_one_choice_is_all_there_is():
