@@ -114,11 +114,10 @@ def score_ids(ids, params, n_head, n_ctx, stride, top=None, progress=False):
     Returns {"logprobs": [n]}, and with top (a number of candidates, 0 for none) also "ranks" ([n]: 1 for
     the model's most likely token) and "top_ids", "top_logprobs" ([n, top], most likely first).
     """
-    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or not 1 <= stride <= n_ctx:
-        # (0 would never end; more than n_ctx would leave tokens between windows unscored)
+    if not (is_int(stride) and 1 <= stride <= n_ctx):  # 0 would never end; more than n_ctx would skip tokens
         raise ValueError(f"stride must be a whole number in 1..{n_ctx}, got {stride!r}")
     n_vocab = params["wte"].shape[0]
-    if top is not None and (isinstance(top, bool) or not isinstance(top, (int, np.integer)) or not 0 <= top <= n_vocab):
+    if not (top is None or is_int(top) and 0 <= top <= n_vocab):
         raise ValueError(f"top must be a whole number in 0..{n_vocab} (or None), got {top!r}")
     sequence = np.concatenate([[ENDOFTEXT], gpt2.check_token_ids(ids, n_vocab)])
     spans = list(windows(len(sequence), n_ctx, stride))
