@@ -346,9 +346,12 @@ def inference_section(args):
 
     long_prompt = [int(i) for i in np.random.default_rng(0).integers(0, hparams["n_vocab"], 1000)]
     if hf:
-        chunks = [len(long_prompt[i:i + gpt2.PREFILL_CHUNK]) for i in range(0, 1000, gpt2.PREFILL_CHUNK)]
+        # The rows of each product as prefill makes them: a part per core side by side, or chunks one at a time
+        bounds = (gpt2.prompt_parts(1000, threads.CORES, n_embd) if threads.CORES > 1 else
+                  range(0, 1000 + gpt2.PREFILL_CHUNK, gpt2.PREFILL_CHUNK))
+        rows = [min(b, 1000) - a for a, b in zip(bounds, bounds[1:])]
         ours_prefill, hf_prefill, floor = alternating_best(ours(long_prompt, 1), lambda: hf(long_prompt, 1),
-                                                           weight_products(params, chunks, []))
+                                                           weight_products(params, rows, []))
         report("gpt2.py prefill, 1000 tokens", f"{ours_prefill:.2f} s",
                f"{hf_prefill / ours_prefill:.2f}x HF's speed ({hf_prefill:.2f} s; target >= 1.3x); {load()}")
         report("  its products with the weights alone", f"{floor:.2f} s",

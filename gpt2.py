@@ -324,23 +324,33 @@ ENDOFTEXT = 50256  # GPT-2's document separator; the official code also starts u
 PREFILL_CHUNK = 256
 
 
+def prompt_parts(n_positions, n_cores, n_embd):  # -> [0, ..., n_positions]: where each part begins, and the end
+    """How prefill cuts a prompt to read it side by side: one part per core, none shorter than PREFILL_CHUNK / 2 on
+    average, and of equal work. In each block a position p costs 12 n_embd^2 multiply-adds for its products with
+    the weights and 2 n_embd (p + 1) for its attention to the positions up to it, so later positions cost more;
+    the first n positions cost n_embd (n^2 + (12 n_embd + 1) n), and part k ends where that reaches k / n_parts
+    of the whole: at the positive root of the quadratic, to the nearest position."""
+    n_parts = min(n_cores, n_positions // (PREFILL_CHUNK // 2))
+    b = 12 * n_embd + 1
+    total = n_positions ** 2 + b * n_positions
+    ends = [(math.sqrt(b * b + 4 * total * k / n_parts) - b) / 2 for k in range(1, n_parts)]
+    return [0, *(round(end) for end in ends), n_positions]
+
+
 def prefill(inputs, params, n_head, kv_cache):  # [n_prompt] -> [n_vocab]
-    """The prompt's last logits, its keys and values read into kv_cache at most PREFILL_CHUNK positions at a time."""
-    if len(inputs) > PREFILL_CHUNK and threads.CORES > 1:  # the chunks in waves over the cores (threads.in_waves)
-        # Each thread of threads.in_waves takes the next chunk when done with one, so chunks of equal size keep
-        # every core busy to the end (a 300-token prompt: 0.47 s in two chunks of 150, 0.70 s in chunks of 256
-        # and 44, where the second had nothing to run beside it); more chunks than cores, as many as a multiple
-        # of the cores, so each core gets as many (and none shorter than PREFILL_CHUNK / 2).
-        n_chunks = math.ceil(len(inputs) / PREFILL_CHUNK)
-        if n_chunks > threads.CORES:
-            n_chunks = threads.CORES * math.ceil(n_chunks / threads.CORES)
-        bounds = [len(inputs) * i // n_chunks for i in range(n_chunks + 1)]
-        # -> one [<= PREFILL_CHUNK, n_embd] array per chunk, each through every block, then the last position's logits
-        chunks = [embed(inputs[a:b], params["wte"], params["wpe"], a) for a, b in zip(bounds, bounds[1:])]
-        blocks = [functools.partial(transformer_block, **block, n_head=n_head, cache=cache)
-                  for block, cache in zip(params["blocks"], kv_cache)]
-        blocks[-1] = functools.partial(blocks[-1], last_only=True)  # only the last chunk's last position is read
-        *_, x = threads.in_waves(chunks, blocks)
+    """The prompt's last logits, its keys and values read into kv_cache."""
+    if len(inputs) > PREFILL_CHUNK and threads.CORES > 1:
+        # One part of the prompt per core, each through every block on its core, side by side; block j's cache
+        # takes the parts' keys and values in prompt order, as part i's attention reads those of the parts before
+        # it (threads.in_turns). Parts of equal work end together.
+        bounds = prompt_parts(len(inputs), threads.CORES, params["wte"].shape[1])
+
+        def read(i, caches):  # part i through every block -> [1, n_embd]: its last position, all the last computes
+            x = embed(inputs[bounds[i]:bounds[i + 1]], params["wte"], params["wpe"], start=bounds[i])
+            for j, (block, cache) in enumerate(zip(params["blocks"], caches)):
+                x = transformer_block(x, **block, n_head=n_head, cache=cache, last_only=j == len(caches) - 1)
+            return x
+        *_, x = threads.in_turns(read, len(bounds) - 1, kv_cache)
         return lm_head(x[-1], params["wte"], params["ln_f"])
     for start in range(0, len(inputs), PREFILL_CHUNK):
         chunk = inputs[start:start + PREFILL_CHUNK]

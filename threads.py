@@ -1,6 +1,6 @@
 """How many BLAS threads a decode step uses: whichever count the last steps measured fastest; and work shared
 out over the cores (at the end): training's elementwise work (on_every_core), scoring's windows
-(side_by_side), a prompt's chunks (in_waves).
+(side_by_side), a prompt's parts (in_turns).
 
 A decode step multiplies one vector by every weight, a memory-bound product. On a quiet 2-core machine two
 BLAS threads stream the weights faster than one; beside another CPU-bound process, two threads wait on each
@@ -225,31 +225,62 @@ def side_by_side(fn, items, stop=None):
                     worker.join()
 
 
-def in_waves(items, stages):
-    """Yields, for each item in order, what its last stage returns, each stage taking what the one before returned
-    (the first, the item), items side by side as in side_by_side, item i entering a stage only once item i - 1
-    has left it: for stages that read what the items before them left there (a prompt's chunks going through the
-    blocks, each block's attention reading the keys and values the chunks before put in its cache). A caller that
-    stops reading waits for the stages in progress only.
+class Stopped(Exception):
+    """Raised in an item of in_turns whose caller stopped reading: what it computes would never be read."""
 
-    Why: a prompt is read a chunk at a time, each chunk after the one before, and every step of a chunk is small
-    work for two cores; in waves, one chunk goes through block l + 1 while the next goes through block l, each on
-    a core with all of its work."""
-    left = [[threading.Event() for _ in stages] for _ in items]  # left[i][s]: item i is done with stage s
-    stopped = threading.Event()  # the caller stopped reading: each thread ends at its next stage
+
+def in_turns(fn, n_items, shared):
+    """Yields fn(i, turns) for i = 0 .. n_items - 1, in order, the items side by side as in side_by_side, where
+    turns[j] is shared[j] as item i appends to it: its append() waits until item i - 1's has been made (item 0's
+    never waits). A caller that stops reading waits for the appends in progress only.
+
+    Why: a prompt's parts go through the blocks side by side, one part per core. Part i's attention in block j
+    reads the keys and values of the parts before it, so block j's cache must take the parts in prompt order,
+    and that is all part i has to wait for: it can run block j while part i - 1 is still in it, once part i - 1
+    has appended. (Waiting for part i - 1 to leave the block, the second core lagged a whole block behind.)"""
+    appended = [0] * len(shared)  # appended[j]: the items before this number are done with shared[j]
+    changed = threading.Condition()
+
+    class Stop(threading.Event):  # set when the caller stops reading; wakes the items waiting for a turn
+        def set(self):
+            super().set()
+            with changed:
+                changed.notify_all()
+    stopped = Stop()
+
+    class Turn:
+        def __init__(self, i, j):
+            self.i, self.j, self.taken = i, j, False
+
+        def wait(self):
+            with changed:
+                changed.wait_for(lambda: appended[self.j] == self.i or stopped.is_set())
+            if stopped.is_set():
+                raise Stopped()
+
+        def done(self):
+            self.taken = True
+            with changed:
+                appended[self.j] = self.i + 1
+                changed.notify_all()
+
+        def append(self, *args):
+            self.wait()
+            try:
+                return shared[self.j].append(*args)
+            finally:
+                self.done()
 
     def run(i):
-        x = items[i]
+        turns = [Turn(i, j) for j in range(len(shared))]
         try:
-            for s, stage in enumerate(stages):
-                if i:
-                    left[i - 1][s].wait()  # item i - 1 always sets it: it was taken first, and its finally sets all
-                if stopped.is_set():
-                    return None
-                x = stage(x)
-                left[i][s].set()
-        finally:  # an item that failed or stopped lets the ones after it go on (to stop, or to be never read)
-            for event in left[i]:
-                event.set()
-        return x
-    return side_by_side(run, range(len(items)), stop=stopped)
+            return fn(i, turns)
+        finally:  # an item that failed or stopped passes its turns in order, so the ones after it do not wait for ever
+            for turn in turns:
+                if not turn.taken:
+                    try:
+                        turn.wait()
+                    except Stopped:
+                        break
+                    turn.done()
+    return side_by_side(run, range(n_items), stop=stopped)

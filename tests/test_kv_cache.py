@@ -158,9 +158,9 @@ def test_attention_weights_match_torch_with_the_queries_last(n_q, n_k):
         np.testing.assert_allclose(gpt2.attention_weights(q[0], k[0]), expected[0], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("cores, n_chunks", [(2, 6), (3, 6), (4, 8), (64, 6)])
-def test_a_prompt_read_in_waves_in_equal_chunks_gives_the_logits_and_cache_of_one_chunk_at_a_time(
-        model, monkeypatch, cores, n_chunks):
+@pytest.mark.parametrize("cores, n_parts", [(2, 2), (3, 3), (4, 4), (64, 10)])
+def test_a_prompt_read_in_parts_side_by_side_gives_the_logits_and_cache_of_one_chunk_at_a_time(
+        model, monkeypatch, cores, n_parts):
     _, hparams, params = model
     n_head = hparams["n_head"]
     ids = list(np.random.default_rng(1).integers(0, hparams["n_vocab"], 8 * 5 + 3))  # six chunks of at most 8
@@ -170,17 +170,30 @@ def test_a_prompt_read_in_waves_in_equal_chunks_gives_the_logits_and_cache_of_on
     expected = gpt2.prefill(ids, params, n_head, one_at_a_time)
     np.testing.assert_allclose(expected, gpt2.gpt2(ids, **params, n_head=n_head)[-1], atol=1e-5, rtol=0)
     monkeypatch.setattr(gpt2.threads, "CORES", cores)
-    waves, in_waves = [], gpt2.threads.in_waves
-    monkeypatch.setattr(gpt2.threads, "in_waves", lambda *args: waves.append(args) or in_waves(*args))
-    in_waves_cache = gpt2.new_kv_cache(params, n_head, len(ids))
-    logits = gpt2.prefill(ids, params, n_head, in_waves_cache)
-    # The wave path ran, on chunks of equal length (not 8 * 5 + 3): six of at most 8, or as many as a multiple of the
-    # cores when there are more chunks than cores (8 on 4 cores), never more chunks than that (64 cores: still six)
-    assert len(waves) == 1
-    lengths = [len(chunk) for chunk in waves[0][0]]
-    assert len(lengths) == n_chunks and max(lengths) - min(lengths) <= 1 and sum(lengths) == len(ids)
+    parts, in_turns = [], gpt2.threads.in_turns
+    monkeypatch.setattr(gpt2.threads, "in_turns", lambda fn, n, shared: parts.append(n) or in_turns(fn, n, shared))
+    side_by_side = gpt2.new_kv_cache(params, n_head, len(ids))
+    logits = gpt2.prefill(ids, params, n_head, side_by_side)
+    # One part per core, none shorter than PREFILL_CHUNK / 2 on average: 43 positions make at most 10 (64 cores)
+    assert parts == [n_parts]
     np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
-    for a, b in zip(in_waves_cache, one_at_a_time):
+    for a, b in zip(side_by_side, one_at_a_time):
         assert a.length == b.length == len(ids)
         np.testing.assert_allclose(a.keys, b.keys, atol=1e-5, rtol=0)
         np.testing.assert_allclose(a.values, b.values, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n_positions, n_cores, n_embd, n_parts",
+                         [(1000, 2, 768, 2), (1024, 4, 768, 4), (300, 64, 1600, 2), (1280, 16, 8, 10)])
+def test_a_prompt_is_cut_into_one_part_per_core_of_equal_work(n_positions, n_cores, n_embd, n_parts):
+    """One part per core, but none shorter than PREFILL_CHUNK / 2 on average (300 positions on 64 cores: two).
+    Each part's multiply-adds, summed position by position (12 n_embd^2 a block for the weights, 2 n_embd (p + 1)
+    for attention to the p + 1 positions up to p), differ by at most two of the dearest position's: the cuts are
+    whole positions (each within half a position of its ideal place). The last part is shorter than the first, as
+    its positions cost more."""
+    bounds = gpt2.prompt_parts(n_positions, n_cores, n_embd)
+    assert len(bounds) == n_parts + 1 and bounds[0] == 0 and bounds[-1] == n_positions
+    cost = [12 * n_embd ** 2 + 2 * n_embd * (p + 1) for p in range(n_positions)]
+    work = [sum(cost[a:b]) for a, b in zip(bounds, bounds[1:])]
+    assert max(work) - min(work) <= 2 * cost[-1]
+    assert bounds[1] - bounds[0] > bounds[-1] - bounds[-2]

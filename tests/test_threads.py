@@ -1,5 +1,5 @@
 """The BLAS thread count of decode steps: the decision logic (threads.choose), never timings of this machine; and
-work side by side on threads of its own (threads.side_by_side, threads.in_waves): order, errors, stopping."""
+work side by side on threads of its own (threads.side_by_side, threads.in_turns): order, errors, stopping."""
 import collections
 import contextlib
 import os
@@ -267,47 +267,105 @@ def test_ctrl_c_ends_the_program_cleanly_after_the_items_in_flight():
     assert run.returncode == -signal.SIGINT and run.stderr.rstrip().endswith("KeyboardInterrupt"), run.stderr
 
 
-def test_in_waves_a_caller_that_stops_reading_stops_the_items_in_flight_at_their_next_stage(monkeypatch):
+def within(seconds, fn):
+    """fn() on a thread of its own, failing the test if it has not returned in time (a turn that never comes
+    would otherwise hang the test run); fn's own exception is raised here."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append((fn(), None))
+        except BaseException as e:  # raised below, in the test's thread
+            outcome.append((None, e))
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=seconds)
+    assert outcome, f"still waiting after {seconds} s: an item waits for a turn that never comes"
+    result, error = outcome[0]
+    if error is not None:
+        raise error
+    return result
+
+
+class Appended(list):
+    """Stands in for a block's KV cache: it records who appended, in what order."""
+
+    def append(self, item):
+        super().append(item)
+        return item
+
+
+def test_ctrl_c_ends_the_program_cleanly_while_items_wait_for_their_turns():
+    """A real SIGINT while item 0 runs and item 1 waits for its turn: the program ends with KeyboardInterrupt
+    within the deadline (item 1's wait is woken; item 0 stops at its next turn)."""
+    program = ("import os, signal, threading, time, threads\n"
+               "class Shared:\n"
+               "    def append(self, item): time.sleep(0.2)\n"
+               "threading.Timer(1, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C in a second\n"
+               "list(threads.in_turns(lambda i, turns: [turn.append(i) for turn in turns], 4, [Shared()] * 200))\n")
+    run = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=50)
+    assert run.returncode == -signal.SIGINT and run.stderr.rstrip().endswith("KeyboardInterrupt"), run.stderr
+
+
+def test_in_turns_an_item_appends_only_after_the_one_before_and_waits_for_nothing_else(monkeypatch):
+    """Each shared object takes the items in order; and item 1 appends to the first while item 0, done with it,
+    has not yet appended to the second (waiting for item 0 to be done with more would hang here)."""
     monkeypatch.setattr(threads, "CORES", 2)
-    ran = collections.Counter()
+    shared, second_appended = [Appended(), Appended(), Appended()], threading.Event()
 
-    def stage(x):
-        ran[x] += 1
-        if x == 0:
-            raise ValueError("item 0 failed")
-        time.sleep(0.01)
-        return x
-    with pytest.raises(ValueError, match="item 0 failed"):
-        next(threads.in_waves(list(range(4)), [stage] * 100))
-    assert not side_by_side_threads()
-    assert ran[0] == 1 and ran[1] < 100 and ran[2] < 100  # not all 100 stages: they stopped
-
-
-def test_in_waves_an_item_enters_a_stage_only_once_the_one_before_left_it(monkeypatch):
-    """Stages that append to lists stand in for blocks filling their caches: each item finds the one before it
-    already in the list of every stage it enters, and item 0 waits in stage 1 until item 1 has begun stage 0
-    (so the two run at once)."""
-    monkeypatch.setattr(threads, "CORES", 2)
-    lists, second_began = [[], [], []], threading.Event()
-
-    def stage(s):
-        def run(x):
-            assert x == 0 or x - 1 in lists[s], f"item {x} entered stage {s} before item {x - 1} left it"
-            if (x, s) == (1, 0):
-                second_began.set()
-            if (x, s) == (0, 1):
-                assert second_began.wait(timeout=30), "item 1 did not begin while item 0 was in stage 1"
-            lists[s].append(x)
-            return x
-        return run
-    assert list(threads.in_waves(list(range(5)), [stage(s) for s in range(3)])) == [0, 1, 2, 3, 4]
-    assert lists == [[0, 1, 2, 3, 4]] * 3
+    def fn(i, turns):
+        for j, turn in enumerate(turns):
+            assert turn.append(i) == shared[j][i], f"item {i} appended to {j} out of turn"
+            if (i, j) == (1, 0):
+                second_appended.set()
+            if (i, j) == (0, 0):
+                assert second_appended.wait(timeout=30), "item 1 did not append while item 0 was between turns"
+        return i
+    assert within(60, lambda: list(threads.in_turns(fn, 5, shared))) == [0, 1, 2, 3, 4]
+    assert shared == [[0, 1, 2, 3, 4]] * 3
 
 
-def test_in_waves_an_items_error_is_raised_and_the_items_after_it_do_not_hang(monkeypatch):
-    monkeypatch.setattr(threads, "CORES", 2)
-    results = threads.in_waves(list(range(4)), [failing_at(1), failing_at(1)])
-    assert next(results) == 0
+def test_in_turns_an_items_error_is_raised_and_the_items_after_it_keep_their_turns(monkeypatch):
+    """Item 1 fails before its first append: item 2 goes on (while item 0 still runs), but never appends before
+    item 0 has, and nothing is left waiting."""
+    monkeypatch.setattr(threads, "CORES", 3)
+    shared, third_went_on = [Appended(), Appended()], threading.Event()
+
+    def fn(i, turns):
+        if i == 1:
+            raise ValueError("item 1 failed")
+        for j, turn in enumerate(turns):
+            turn.append(i)
+            if (i, j) == (2, 0):
+                third_went_on.set()
+            if (i, j) == (0, 0):
+                assert third_went_on.wait(timeout=30), "item 2 waited on the failed item 1"
+                time.sleep(0.1)  # item 2 would append to shared[1] now, were item 1's turns given up at once
+        return i
+    results = threads.in_turns(fn, 3, shared)
+    assert within(60, lambda: next(results)) == 0
     with pytest.raises(ValueError, match="item 1 failed"):
-        next(results)
+        within(60, lambda: next(results))
+    within(60, results.close)
     assert not side_by_side_threads()  # none left waiting on item 1
+    assert shared[0] == [0, 2] and shared[1] in ([0], [0, 2])  # item 2 may have stopped before its second turn
+
+
+def test_in_turns_a_caller_that_stops_reading_stops_the_items_in_flight_at_their_next_turn(monkeypatch):
+    """Item 0 fails at once and the caller stops: item 1 stops at its next turn without taking it, and item 2,
+    already waiting for item 1's turn, is woken to stop too (it would wait for ever)."""
+    monkeypatch.setattr(threads, "CORES", 3)
+    shared = [Appended() for _ in range(100)]
+
+    def fn(i, turns):
+        if i == 0:
+            raise ValueError("item 0 failed")
+        for turn in turns:
+            if i == 1:
+                time.sleep(0.2)  # item 2 is waiting for this turn when the caller stops
+            turn.append(i)
+        return i
+    with pytest.raises(ValueError, match="item 0 failed"):
+        within(60, lambda: next(threads.in_turns(fn, 3, shared)))
+    assert not side_by_side_threads()
+    assert sum(map(len, shared)) <= 2  # of 200: they stopped (a turn each only if the caller took 0.2 s to stop)
