@@ -702,6 +702,10 @@ def read_saved_run(run_dir):
     except utils.ModelError as e:
         raise RunError(f"{e}: {DAMAGED_MODEL}") from None
     shapes = {name: array.shape for name, array in flat.items()}
+    for name, array in flat.items():
+        if not np.isfinite(array).all():
+            raise damaged(os.path.basename(utils.checkpoint_prefix(save_dir)),
+                          f"holds weights that are not finite (inf or nan) in {name}", DAMAGED_MODEL)
     params = utils.nest({n: np.ascontiguousarray(a) for n, a in flat.items()}, hparams["n_layer"])
     m, v, adam_t, step, rng = read_state(save_dir, shapes, damaged)
     rows = read_log(os.path.join(save_dir, LOG_FILE), step, damaged)
@@ -731,6 +735,8 @@ def read_state(save_dir, shapes, damaged):
             if array.shape != shapes[name] or array.dtype != np.float32:
                 raise damaged(STATE_FILE, f"holds {kind}/{name} as {array.dtype} {list(array.shape)}, where the "
                                           f"weight is float32 {list(shapes[name])}")
+            if not np.isfinite(array).all():  # train.py never saves them: a damaged file, or a hand-made one
+                raise damaged(STATE_FILE, f"holds numbers that are not finite (inf or nan) in {kind}/{name}")
     if not (step.shape == () and adam_t.shape == () and np.issubdtype(step.dtype, np.integer)
             and np.issubdtype(adam_t.dtype, np.integer) and step >= 1 and adam_t >= 1):
         raise damaged(STATE_FILE, "holds no valid step and update count")
@@ -957,8 +963,15 @@ class Run:
         scheduled = step == config["max_steps"] or (config["save_every"] and step % config["save_every"] == 0)
         return scheduled or (interrupted and not (self.overwrite and self.saved_step is None))
 
+    def check_finite(self, step, params):
+        """A save never replaces a finite one with weights that are not (an update can overflow to inf with a
+        finite loss; the next step's loss would be nan, but this save would have replaced the last good one)."""
+        if not all(np.isfinite(a).all() for a in utils.flatten(params).values()):
+            raise RunError(self.diverged(step, "its weights are not all finite numbers"))
+
     def save(self, step, params, optimizer, rng):
         """Write the save whole, then switch the run's name to it, then remove the previous one."""
+        self.check_finite(step, params)
         name = f"{step:06d}.{secrets.token_hex(3)}"
         partial, final = os.path.join(self.saves, name + ".partial"), os.path.join(self.saves, name)
         try:
@@ -999,6 +1012,7 @@ class Run:
     def save_best(self, step, params):
         """Keep params as <name>-best: written whole into the saves folder as a save is, then the link switched to
         it (at once, or at the run's first save), then the previous best removed."""
+        self.check_finite(step, params)
         name = f"best-{step:06d}.{secrets.token_hex(3)}"
         partial, final = os.path.join(self.saves, name + ".partial"), os.path.join(self.saves, name)
         try:
@@ -1039,10 +1053,15 @@ class Run:
                 shutil.rmtree(os.path.join(self.saves, name), ignore_errors=True)
             raise RunError(f"could not make {self.best_dir} the best model: {write_error(e)}") from None
 
+    def kept(self):
+        return f"{self.run_dir} keeps its last save" if os.path.lexists(self.run_dir) else "nothing of the run is saved"
+
     def failed(self, step, error):
-        kept = (f"{self.run_dir} keeps its last save" if os.path.lexists(self.run_dir)
-                else "nothing of the run is saved")
-        return f"could not save step {step} of {self.run_dir}: {write_error(error)}; {kept}"
+        return f"could not save step {step} of {self.run_dir}: {write_error(error)}; {self.kept()}"
+
+    def diverged(self, step, error):
+        return (f"training diverged at step {step}: {error}; {self.kept()} (a lower --learning_rate keeps a "
+                f"new run finite)")
 
     def write_log(self, f):
         writer = csv.DictWriter(f, LOG_COLUMNS)

@@ -16,6 +16,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 
 import numpy as np
 from tqdm import tqdm
@@ -399,12 +400,13 @@ def learning_rate_at(step, learning_rate, warmup_steps, lr_decay_steps):
 
 def clip_grads(grads, max_norm):
     """Scale all gradients together so that their global L2 norm is at most max_norm (0: no clipping), as
-    torch.nn.utils.clip_grad_norm_ does."""
+    torch.nn.utils.clip_grad_norm_ does. Returns the norm before clipping."""
+    norm = math.sqrt(sum(float(np.vdot(g, g)) for g in flatten(grads).values()))
     if max_norm > 0:
-        norm = math.sqrt(sum(float(np.vdot(g, g)) for g in flatten(grads).values()))
         scale = min(1.0, max_norm / (norm + 1e-6))
         for g in flatten(grads).values():
             g *= scale
+    return norm
 
 
 class AdamW:
@@ -466,9 +468,15 @@ def train_step(params, optimizer, tokens, rng, config, lr):
     if config["grad_accum"] > 1:
         for total in flatten(total_grads).values():
             total *= 1.0 / config["grad_accum"]
-    clip_grads(total_grads, config["grad_clip"])
+    loss, norm = total_loss / config["grad_accum"], clip_grads(total_grads, config["grad_clip"])
+    if not (math.isfinite(loss) and math.isfinite(norm)):  # diverged: this update would make every weight nan
+        raise Diverged(f"the loss is {loss:.4g} and the gradients' norm {norm:.4g}, so the step was not taken")
     optimizer.step(params, total_grads, lr)
-    return total_loss / config["grad_accum"]
+    return loss
+
+
+class Diverged(Exception):
+    """A step whose loss or gradients are not finite numbers (inf or nan): a learning rate too high, say."""
 
 
 class StopRequest:
@@ -500,11 +508,15 @@ def train(params, optimizer, step, rng, tokens, val_tokens, config, run, sample)
     tokens_per_step = config["batch_size"] * config["block_size"] * config["grad_accum"]
     windows = val_windows(val_tokens, config["block_size"])
     with StopRequest() as stop, tqdm(total=max_steps, initial=step, unit="step", file=sys.stderr,
-                                     dynamic_ncols=True) as bar:
+                                     dynamic_ncols=True) as bar, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # overflow or nan, in any thread: Diverged stops the run
         while step < max_steps and not stop.requested:
             lr = learning_rate_at(step, config["learning_rate"], config["warmup_steps"], config["lr_decay_steps"])
             start = time.perf_counter()
-            loss = train_step(params, optimizer, tokens, rng, config, lr)
+            try:
+                loss = train_step(params, optimizer, tokens, rng, config, lr)
+            except Diverged as e:  # the weights are still those of the step before, but saving them would only
+                raise runs.RunError(run.diverged(step + 1, e)) from None  # keep a run that is blowing up
             tokens_per_s = tokens_per_step / (time.perf_counter() - start)
             step += 1
             val_loss = ""

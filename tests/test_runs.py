@@ -385,6 +385,18 @@ def damage_state(run_dir, change):
     np.savez(path, **arrays)
 
 
+def nan_in_weights(run_dir):
+    """The save's checkpoint written again with one weight nan (in place: the save's folder is the run's)."""
+    hparams = utils.load_hparams(run_dir)
+    flat = utils.read_tf_checkpoint(utils.checkpoint_prefix(run_dir), hparams["n_layer"])
+    flat["ln_f/g"][3] = np.nan
+    written = run_dir + ".nan"
+    utils.save_release_model(written, utils.nest(flat, hparams["n_layer"]), hparams, run_dir)
+    for name in os.listdir(written):
+        if name.startswith(("model.ckpt", "checkpoint")):
+            os.replace(os.path.join(written, name), os.path.join(run_dir, name))
+
+
 def truncate(path, size):
     def damage(run_dir):
         data = open(os.path.join(run_dir, path), "rb").read()
@@ -413,6 +425,9 @@ DAMAGES = [  # (what, how, what the one line says)
      "train_state.npz holds no valid state of the batch generator"),
     ("moment of the wrong shape", lambda d: damage_state(d, lambda a: a.update({"m/ln_f/g": np.zeros(1, np.float32)})),
      "train_state.npz holds m/ln_f/g as float32 [1], where the weight is float32 [16]"),
+    ("moment not finite", lambda d: damage_state(d, lambda a: a["v/h0/mlp/c_fc/b"].__setitem__(0, np.inf)),
+     "train_state.npz holds numbers that are not finite (inf or nan) in v/h0/mlp/c_fc/b"),
+    ("weights not finite", nan_in_weights, "model.ckpt holds weights that are not finite (inf or nan) in ln_f/g"),
     ("step garbage", lambda d: damage_state(d, lambda a: a.update(step=np.array("two"))), "no valid step"),
     ("log missing", replace_with("log.csv", None), "log.csv is missing"),
     ("log empty", replace_with("log.csv", b""), "log.csv is empty"),

@@ -23,6 +23,7 @@ PARAGRAPH = ("The lighthouse keeper climbed the spiral stairs every evening at d
              "cloth for the glass. He counted the steps aloud, one hundred and twelve of them, and at the top he lit "
              "the lamp that warned the fishing boats away from the rocks.")
 TINY = ["--init_from", "scratch", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--n_ctx", "64"]
+SCRATCH = {flag[2:]: value if flag == "--init_from" else int(value) for flag, value in zip(TINY[::2], TINY[1::2])}
 
 
 @pytest.fixture
@@ -291,6 +292,52 @@ def test_ctrl_c_saves_a_loadable_run_and_a_second_run_on_it_is_refused(models_di
         assert int(state["step"]) == steps >= 2
     _, hparams, params = utils.load_encoder_hparams_and_params("long", models_dir)
     assert hparams["n_embd"] == 32 and params["wte"].shape == (50257, 32)
+
+
+def test_a_step_whose_loss_is_nan_is_not_taken_and_the_run_keeps_its_last_save(models_dir, paragraph, monkeypatch):
+    """Step 5's loss is nan (a run blowing up): the run stops with one line, and its save of step 4 stays, finite."""
+    losses, real = iter([None] * 4 + [float("nan")]), train.loss_and_grads
+
+    def nan_at_step_5(*args):
+        loss, grads = real(*args)
+        return next(losses, None) or loss, grads
+    monkeypatch.setattr(train, "loss_and_grads", nan_at_step_5)
+    run_dir = os.path.join(models_dir, "run")
+    with pytest.raises(utils.ModelError, match=r"^training diverged at step 5: the loss is nan .* so the step was not "
+                                               rf"taken; {re.escape(run_dir)} keeps its last save"):
+        train.main(paragraph, "run", **SCRATCH, block_size=16, batch_size=2, max_steps=10,
+                   save_every=2, eval_every=0, models_dir=models_dir)
+    saved = runs.read_saved_run(run_dir)
+    assert saved.step == 4 and all(np.isfinite(a).all() for a in flatten(saved.params).values())
+
+
+def test_weights_that_overflow_are_never_saved_over_the_last_save(models_dir, paragraph, monkeypatch):
+    """An update that leaves a weight at inf with a finite loss (the embedding of a position past the blocks of 16):
+    the save due at step 4 is refused and the save of step 2 stays; the best model is not replaced either."""
+    real = train.AdamW.step
+
+    def overflowing_at_update_3(self, params, grads, lr):
+        real(self, params, grads, lr)
+        if self.t == 3:
+            params["wpe"][-1, 0] = np.inf
+    monkeypatch.setattr(train.AdamW, "step", overflowing_at_update_3)
+    run_dir = os.path.join(models_dir, "run")
+    with pytest.raises(utils.ModelError, match=r"^training diverged at step 4: its weights are not all finite"):
+        train.main(paragraph, "run", **SCRATCH, block_size=16, batch_size=2, max_steps=10,
+                   save_every=2, eval_every=2, models_dir=models_dir)
+    assert runs.read_saved_run(run_dir).step == 2
+    best = utils.read_tf_checkpoint(utils.checkpoint_prefix(run_dir + "-best"), 2)
+    assert all(np.isfinite(a).all() for a in best.values())
+
+
+def test_a_diverging_run_on_the_command_line_is_one_error_line_and_exit_1(models_dir, paragraph):
+    process = run_train("--dataset", paragraph, "--out_name", "run", *TINY, "--block_size", "16", "--max_steps", "5",
+                        "--learning_rate", "1e30", "--eval_every", "0", "--models_dir", models_dir)
+    out, err = finish(process)
+    assert process.returncode == 1 and not out
+    assert err.splitlines()[-1].startswith("error: training diverged at step 2: the loss is nan") and \
+        "Warning" not in err, err  # one line: NumPy's warnings of the overflow are not shown
+    assert not os.path.lexists(os.path.join(models_dir, "run"))
 
 
 # ---------------------------------------------------------------------------------------------- bad input
