@@ -1100,11 +1100,11 @@ class Run:
             with contextlib.suppress(OSError):
                 os.rmdir(self.saves)
 
-    def interrupted(self, step):
-        """The line Ctrl-C ends with."""
+    def interrupted(self, step, how="interrupted"):
+        """The line Ctrl-C (or SIGTERM: how="terminated") ends with."""
         if self.saved_step == step:
-            return f"interrupted: saved step {step} in {self.run_dir}; --resume continues it"
-        return (f"interrupted before the new run's first save: {self.run_dir} is as it was, and the new run "
+            return f"{how}: saved step {step} in {self.run_dir}; --resume continues it"
+        return (f"{how} before the new run's first save: {self.run_dir} is as it was, and the new run "
                 f"({step} step{'s' * (step != 1)}) is discarded")
 
     def out_of_patience(self):

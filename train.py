@@ -480,30 +480,38 @@ class Diverged(Exception):
 
 
 class StopRequest:
-    """Ctrl-C during training asks to stop after the current step: an update interrupted halfway would leave
-    the weights matching no step at all, and that is what would be saved."""
+    """Ctrl-C (SIGINT) or SIGTERM (kill, `docker stop`, a cluster taking its machine back) during training asks to
+    stop after the current step: an update interrupted halfway would leave the weights matching no step at all, and
+    that is what would be saved. signum: the first signal that asked, or None."""
+
+    SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
 
     def __init__(self):
-        self.requested = False
+        self.signum = None
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self.request)
+        self.previous = {signum: signal.signal(signum, self.request) for signum in self.SIGNALS}
         return self
 
     def request(self, signum, frame):
-        if not self.requested:
-            tqdm.write("interrupted: stopping after this step", file=sys.stderr)
-        self.requested = True
+        if self.signum is None:
+            tqdm.write(f"{self.SIGNALS[signum]}: stopping after this step", file=sys.stderr)
+            self.signum = signum
+
+    @property
+    def requested(self):
+        return self.signum is not None
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def train(params, optimizer, step, rng, tokens, val_tokens, config, run, sample):
     """Update params in place from `step` up to --max_steps, saving every --save_every steps and at the end, and
     keeping the weights of the lowest validation loss so far as models/<out_name>-best. Prints sample(params), a
-    preview of what the model writes, every --sample_every steps. Returns the step it reached: before --max_steps
-    only if Ctrl-C or --patience stopped it."""
+    preview of what the model writes, every --sample_every steps. Returns the step it reached, before --max_steps
+    only if --patience or a signal stopped it, and that signal (StopRequest's signum) or None."""
     max_steps, n_head = config["max_steps"], config["n_head"]
     tokens_per_step = config["batch_size"] * config["block_size"] * config["grad_accum"]
     windows = val_windows(val_tokens, config["block_size"])
@@ -542,7 +550,7 @@ def train(params, optimizer, step, rng, tokens, val_tokens, config, run, sample)
             preview_due = config["sample_every"] and step % config["sample_every"] == 0
             if preview_due and step < max_steps and not stop.requested:  # main prints the last one
                 tqdm.write(f"step {step} sample:\n{sample(params)}", file=sys.stderr)
-    return step
+    return step, stop.signum
 
 
 D = runs.Default  # a flag left out: a new run takes this value, --resume the run's recorded one
@@ -637,10 +645,10 @@ def main(dataset=D(None), out_name=None, val_dataset=D(None), text_column=D(None
                                 seed=config["seed"])
             return setup.encoder.decode(setup.sample_prompt + ids)
 
-        step = train(params, optimizer, step, rng, setup.train_tokens, setup.val_tokens, config, run, sample)
-    if step < config["max_steps"] and not run.out_of_patience():  # Ctrl-C: say what was kept, and end as an
-        sys.stderr.write(run.interrupted(step) + "\n")            # interrupted program does
-        raise SystemExit(130)
+        step, signum = train(params, optimizer, step, rng, setup.train_tokens, setup.val_tokens, config, run, sample)
+    if signum is not None and step < config["max_steps"] and not run.out_of_patience():  # say what was kept, and
+        sys.stderr.write(run.interrupted(step, StopRequest.SIGNALS[signum]) + "\n")        # end as the signal does
+        raise SystemExit(128 + signum)
     print(sample(params))
     sys.stderr.write(run.summary(step) + "\n")
 

@@ -340,6 +340,23 @@ def test_a_diverging_run_on_the_command_line_is_one_error_line_and_exit_1(models
     assert not os.path.lexists(os.path.join(models_dir, "run"))
 
 
+def test_sigterm_saves_the_step_it_was_on_as_ctrl_c_does(models_dir, paragraph):
+    """kill, `docker stop` and a cluster taking its machine back send SIGTERM: the steps since the last save are
+    saved, not lost, and the exit code is the signal's (143)."""
+    run_dir = os.path.join(models_dir, "long")
+    process = run_train("--dataset", paragraph, "--out_name", "long", *TINY, "--block_size", "16", "--batch_size",
+                        "2", "--max_steps", "100000", "--eval_every", "0", "--save_every", "1000", "--models_dir",
+                        models_dir)
+    live_log = os.path.join(models_dir, ".long.saves", "live-log.csv")
+    wait_for(lambda: os.path.exists(live_log) and len(open(live_log).readlines()) > 3, process, "three steps")
+    process.send_signal(signal.SIGTERM)
+    out, err = finish(process)
+    assert process.returncode == 143 and "terminated: saved step" in err and "Traceback" not in err, err
+    steps = len(read_log(run_dir))
+    with np.load(os.path.join(run_dir, "train_state.npz")) as state:
+        assert int(state["step"]) == steps >= 3  # no save was due: this one is SIGTERM's
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 def write(path, data):
