@@ -17,6 +17,9 @@ import re
 import shlex
 import sys
 
+import numpy.random  # noqa: F401 -- NumPy 2 imports it on first use, and a Ctrl-C that lands inside that import
+# is swallowed (sampling went on to the end and exited 0): every script imports it here, before main runs
+
 import utils
 
 # The flags that take text: fire would turn `--prompt_file 2024` into a number and `--prompt 1,2` into a tuple.
@@ -55,10 +58,12 @@ def check_arguments(n_tokens_to_generate=40, temperature=0.0, top_k=0, top_p=1.0
         check(isinstance(value, bool), f"--{name} must be True or False, got {value!r}")
     check_stops(stop)
     check(is_number(min_p) and 0 <= min_p <= 1, f"--min_p must be a number in [0, 1] (0: off), got {min_p!r}")
-    check(is_number(repetition_penalty) and repetition_penalty > 0,
-          f"--repetition_penalty must be a number > 0 (1: off), got {repetition_penalty!r}")
+    # Logits are float32: a penalty beyond these bounds overflows them (or is inf itself, and inf * 0 is nan).
+    check(is_number(repetition_penalty) and 1e-30 <= repetition_penalty <= 1e30,
+          f"--repetition_penalty must be a number in [1e-30, 1e30] (1: off), got {repetition_penalty!r}")
     for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
-        check(is_number(value), f"--{name} must be a number (0: off), got {value!r}")
+        check(is_number(value) and abs(value) <= 1e30, f"--{name} must be a number in [-1e30, 1e30] (0: off), "
+                                                       f"got {value!r}")
     for name, value in (("no_repeat_ngram_size", no_repeat_ngram_size), ("min_new_tokens", min_new_tokens)):
         check(is_int(value) and value >= 0, f"--{name} must be a whole number >= 0 (0: off), got {value!r}")
 
