@@ -352,6 +352,9 @@ def one_line_errors():
     except BrokenPipeError:  # the reader of stdout has gone (`| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or exiting would flush to it once more
         sys.exit(EXIT_BROKEN_PIPE)
+    except OSError as e:  # one that nothing above names: standard output on a full disk (> /dev/full), say
+        sys.stderr.write(f"error: {': '.join(str(part) for part in (e.filename, e.strerror or e) if part)}\n")
+        sys.exit(1)
 
 
 def show_help(main, short_flags=None):

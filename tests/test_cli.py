@@ -94,6 +94,16 @@ def test_cli_prints_only_the_continuation(tiny_model, script):
     assert result.stdout == expected + "\n" and result.stderr == ""
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+@pytest.mark.parametrize("script", ["gpt2.py", "gpt2_pico.py"])
+def test_a_full_standard_output_is_one_line_and_exit_1(tiny_model, script):
+    with open("/dev/full", "w") as full:  # every write to it fails with ENOSPC, as a full disk does
+        result = subprocess.run([sys.executable, os.path.join(ROOT, script), "Hello", "--n_tokens_to_generate", "3",
+                                 "--model_size", tiny_model.name, "--models_dir", tiny_model.models_dir],
+                                stdout=full, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 1 and result.stderr == "error: No space left on device\n", result.stderr
+
+
 # (scripts, argv, what main gets): the prompt is never a flag's value nor a flag's value the prompt; it stays text
 PROMPTS = [
     (BOTH, ["2024"], dict(prompt="2024")),
