@@ -154,7 +154,7 @@ def open_prompt(prompt, prompt_file=None):
                 stream.close()
             check(max_bytes is None or len(data) <= max_bytes, f"{source} is more than {max_bytes} bytes, more "
                   f"than the model's context can hold: the prompt was not read further")
-            return data.decode("utf-8")
+            return data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark (Notepad's) is no text
         except UnicodeDecodeError as e:
             raise not_utf8(e) from None
         except OSError as e:

@@ -208,7 +208,7 @@ def read_text(path):
         else:
             with open(path, "rb") as f:
                 data = f.read()
-        text = data.decode("utf-8")
+        text = data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark (Notepad's) is no text
     except UnicodeDecodeError as e:
         raise utils.UsageError(f"{source} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
     except OSError as e:

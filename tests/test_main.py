@@ -63,6 +63,12 @@ def test_cli_reads_a_prompt_file(run, cli, tmp_path):
     assert run(prompt_file=str(path), n_tokens_to_generate=5) == run(prompt, n_tokens_to_generate=5)
 
 
+def test_a_prompt_files_byte_order_mark_is_not_part_of_the_prompt(run, tmp_path):
+    path = tmp_path / "prompt.txt"
+    path.write_bytes(b"\xef\xbb\xbfNotepad wrote this")  # UTF-8 with a BOM, as Notepad saves it
+    assert run(prompt_file=str(path), n_tokens_to_generate=5) == run("Notepad wrote this", n_tokens_to_generate=5)
+
+
 def test_empty_prompt_starts_from_endoftext(run, tiny_model):
     from utils import load_encoder_hparams_and_params
 

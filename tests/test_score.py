@@ -59,6 +59,12 @@ def run_main(capsys, model, text, tmp_path, *flags, **kwargs):
     return json.loads(capsys.readouterr().out)
 
 
+def test_a_byte_order_mark_is_not_scored(short_model, capsys, tmp_path):
+    model, *_ = short_model
+    with_bom = run_main(capsys, model, "\ufeff" + TEXT[:300], tmp_path)  # UTF-8 with a BOM, as Notepad saves it
+    assert with_bom == run_main(capsys, model, TEXT[:300], tmp_path)
+
+
 def test_the_text_spans_several_windows(short_model):
     _, encoder, *_ = short_model
     assert len(encoder.encode(TEXT)) > 2 * N_CTX
