@@ -222,6 +222,23 @@ def test_score_and_train_refuse_a_broken_hf_tokenizer(tmp_path, hf_model, script
     assert not os.path.exists(tmp_path / "new")
 
 
+def test_score_names_vocab_json_when_an_hf_config_pads_the_vocabulary(tmp_path, tiny_model):
+    """vocab_size 50304 (padded, as nanoGPT trains) loads, but score.py needs one logit per token: refused, exit 1,
+    naming the file the tokenizer came from (it said encoder.json, which an HF folder has not, with exit 2)."""
+    import hf
+
+    _, hparams, params = utils.load_encoder_hparams_and_params(tiny_model.name, tiny_model.models_dir)
+    params["wte"] = np.concatenate([params["wte"], np.zeros((50304 - 50257, 64), np.float32)])
+    hf.save_hf_model(str(tmp_path / "padded"), params, {**hparams, "n_vocab": 50304}, tiny_model.path)
+    (tmp_path / "text.txt").write_text("Hello there", encoding="utf-8")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "score.py"), "text.txt", "--model_size", "./padded"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "GPT2_MODELS_URL": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1"})
+    assert (result.returncode, result.stdout) == (1, ""), result.stderr
+    assert result.stderr == ("error: the tokenizer in ./padded has 50257 tokens but the model has 50304: vocab.json "
+                             "does not belong to this model\n")
+
+
 def test_index_shapes_are_tensorflows(tiny_model, trained_model):
     """The index is parsed without TensorFlow; what it gives is what TensorFlow's own reader lists."""
     import tensorflow as tf
