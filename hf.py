@@ -18,6 +18,7 @@ import struct
 import numpy as np
 
 import utils
+from encoder import tokenizer_files
 
 CONFIG, WEIGHTS, VOCAB, MERGES = "config.json", "model.safetensors", "vocab.json", "merges.txt"
 SHARD_INDEX = "model.safetensors.index.json"  # a model saved in several files names each tensor's file here
@@ -123,18 +124,19 @@ def tied(model_dir):
 
 def check_tokenizer(model_dir, n_vocab):
     """ModelError naming the tokenizer file that is missing or cannot be GPT-2's BPE tables: vocab.json and
-    merges.txt get the release's checks of encoder.json and vocab.bpe, whose contents they are."""
-    name = label(model_dir)
-    problems = utils.folder_problems(model_dir, (VOCAB, MERGES))
+    merges.txt get the release's checks of encoder.json and vocab.bpe, whose contents they are. A folder that also
+    holds an encoder.json is tokenized by it and vocab.bpe (encoder.tokenizer_files): those two are checked."""
+    name, (vocab, merges) = label(model_dir), tokenizer_files(model_dir)
+    problems = utils.folder_problems(model_dir, (vocab, merges))
     if os.path.exists(os.path.join(model_dir, "tokenizer.json")):
         problems = {file: f"{problem} (a tokenizer.json alone is not read here)" if problem == "missing" else problem
                     for file, problem in problems.items()}
     utils.report_problems(name, problems)
-    problem = utils.merges_problem(model_dir, VOCAB, MERGES)
+    problem = utils.merges_problem(model_dir, vocab, merges)
     if problem:
         raise utils.ModelError(f"model folder {name} cannot be loaded: {problem}")
     if n_vocab < utils.N_VOCAB:
-        raise utils.ModelError(f"{name}: {VOCAB} holds {utils.N_VOCAB} tokens, more than the model's vocab_size "
+        raise utils.ModelError(f"{name}: {vocab} holds {utils.N_VOCAB} tokens, more than the model's vocab_size "
                                f"{n_vocab}: it does not belong to this model")
 
 

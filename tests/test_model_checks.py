@@ -182,6 +182,8 @@ BROKEN_HF_FOLDERS = [
     ("vocab without 'x'", edit_json("vocab.json", lambda v: v.pop("x")), "vocab.json holds 50256 entries, not 50257"),
     ("vocab id twice", edit_json("vocab.json", lambda v: v.update({"!": v['"']})), "vocab.json gives the id 1 to two"),
     ("vocab empty", write("vocab.json", b""), "vocab.json empty"),
+    ("a stray encoder.json, which is what is read", write("encoder.json", b"{}"),
+     "encoder.json holds 0 entries, not 50257; vocab.bpe missing"),
 ]
 
 
