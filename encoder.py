@@ -135,11 +135,17 @@ def get_encoder(model_name, models_dir):
     return load_encoder(os.path.join(models_dir, model_name))
 
 
+def tokenizer_files(model_dir):
+    """The names of a model folder's two tokenizer files: encoder.json and vocab.bpe in OpenAI's release, or the same
+    two tables under Hugging Face's names, vocab.json and merges.txt. The checks of a folder check these two."""
+    if os.path.exists(os.path.join(model_dir, "encoder.json")):
+        return "encoder.json", "vocab.bpe"
+    return "vocab.json", "merges.txt"
+
+
 def load_encoder(model_dir):
-    """The tokenizer of a model folder: encoder.json and vocab.bpe in OpenAI's release, or the same two tables
-    under Hugging Face's names, vocab.json and merges.txt."""
-    vocab, merges = ("encoder.json", "vocab.bpe") if os.path.exists(os.path.join(model_dir, "encoder.json")) \
-        else ("vocab.json", "merges.txt")
+    """The tokenizer of a model folder, from its tokenizer_files."""
+    vocab, merges = tokenizer_files(model_dir)
     with open(os.path.join(model_dir, vocab), encoding="utf-8") as f:
         encoder = json.load(f)
     with open(os.path.join(model_dir, merges), encoding="utf-8") as f:

@@ -18,6 +18,7 @@ import struct
 import numpy as np
 
 import utils
+from encoder import tokenizer_files
 
 CONFIG, WEIGHTS, VOCAB, MERGES = "config.json", "model.safetensors", "vocab.json", "merges.txt"
 SHARD_INDEX = "model.safetensors.index.json"  # a model saved in several files names each tensor's file here
@@ -122,28 +123,21 @@ def tied(model_dir):
 # --- vocab.json and merges.txt ------------------------------------------------------------------------------------
 
 def check_tokenizer(model_dir, n_vocab):
-    """ModelError naming the tokenizer file that is missing or cannot be GPT-2's BPE tables."""
-    name = label(model_dir)
-    try:
-        vocab = utils.read_json(os.path.join(model_dir, VOCAB))
-        with open(os.path.join(model_dir, MERGES), encoding="utf-8") as f:
-            lines = f.read().split("\n")
-    except FileNotFoundError as e:
-        hint = " (a tokenizer.json alone is not read here)" if os.path.exists(os.path.join(model_dir,
-                                                                                          "tokenizer.json")) else ""
-        raise utils.ModelError(f"{name} has no {os.path.basename(e.filename)}{hint}") from None
-    except ValueError as e:  # bad JSON or bad UTF-8
-        raise utils.ModelError(f"{name}: {VOCAB} or {MERGES} cannot be read ({e})") from None
-    except OSError as e:
-        raise utils.ModelError(f"cannot read {e.filename}: {e.strerror}") from None
-    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
-        raise utils.ModelError(f"{name}: {VOCAB} is not a JSON object of token ids")
-    if len(vocab) > n_vocab or max(vocab.values(), default=0) >= n_vocab:
-        raise utils.ModelError(f"{name}: {VOCAB} holds {len(vocab)} tokens, more than the model's vocab_size "
+    """ModelError naming the tokenizer file that is missing or cannot be GPT-2's BPE tables: vocab.json and
+    merges.txt get the release's checks of encoder.json and vocab.bpe, whose contents they are. A folder that also
+    holds an encoder.json is tokenized by it and vocab.bpe (encoder.tokenizer_files): those two are checked."""
+    name, (vocab, merges) = label(model_dir), tokenizer_files(model_dir)
+    problems = utils.folder_problems(model_dir, (vocab, merges))
+    if os.path.exists(os.path.join(model_dir, "tokenizer.json")):
+        problems = {file: f"{problem} (a tokenizer.json alone is not read here)" if problem == "missing" else problem
+                    for file, problem in problems.items()}
+    utils.report_problems(name, problems)
+    problem = utils.merges_problem(model_dir, vocab, merges)
+    if problem:
+        raise utils.ModelError(f"model folder {name} cannot be loaded: {problem}")
+    if n_vocab < utils.N_VOCAB:
+        raise utils.ModelError(f"{name}: {vocab} holds {utils.N_VOCAB} tokens, more than the model's vocab_size "
                                f"{n_vocab}: it does not belong to this model")
-    merges = [line for line in lines if line and not line.startswith("#version")]
-    if not merges or any(len(line.split()) != 2 for line in merges):
-        raise utils.ModelError(f"{name}: {MERGES} is not a list of merges of two symbols")
 
 
 # --- The weights ---------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ is the one implementation of it; train.py's loss is its negative mean.
 """
 import contextlib
 import math
+import os
 import sys
 from json import dumps
 
@@ -253,11 +254,14 @@ def main(path=None, model_size="124M", models_dir="models", stride=None, per_tok
     stride = max(1, n_ctx // 2) if stride is None else stride
     check(1 <= stride <= n_ctx, f"--stride must be between 1 and the model's context of {n_ctx}, got {stride}")
     encoder = load_encoder(model_dir)
-    check(len(encoder.encoder) == n_vocab, f"the tokenizer in {model_dir} has {len(encoder.encoder)} tokens but "
-          f"the model has {n_vocab}: encoder.json does not belong to this model")
+    vocab = os.path.basename(utils.tokenizer_file(model_dir, "encoder.json"))  # or HF's name for it, vocab.json
+    if len(encoder.encoder) != n_vocab:  # a fault of the model, not of the command line: exit 1
+        raise utils.ModelError(f"the tokenizer in {model_dir} has {len(encoder.encoder)} tokens but the model has "
+                               f"{n_vocab}: {vocab} does not belong to this model")
     ids = encoder.encode(text)
-    check(max(ids) < n_vocab, f"the tokenizer gave token id {max(ids)}, but the model has only {n_vocab} tokens: "
-          f"encoder.json does not belong to this model")
+    if max(ids) >= n_vocab:
+        raise utils.ModelError(f"the tokenizer gave token id {max(ids)}, but the model has only {n_vocab} tokens: "
+                               f"{vocab} does not belong to this model")
     params = utils.load_model_params(model_size, models_dir, hparams["n_layer"])
 
     scores = score_ids(ids, params, hparams["n_head"], n_ctx, stride, min(top, n_vocab) if per_token else None,

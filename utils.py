@@ -299,26 +299,28 @@ def vocab_problem(path):
             return f"line {number} is {line!r}, not two symbols separated by one space"
 
 
-def merges_problem(model_dir):
-    """What makes vocab.bpe's merges unusable with encoder.json, or None: each merge joins two symbols of
-    encoder.json into a third, or the tokenizer would meet a symbol it has no id for. Both files are valid
-    alone (file_problem); the release's pair, known by its hashes, needs no parsing."""
-    encoder_path, vocab_path = os.path.join(model_dir, "encoder.json"), os.path.join(model_dir, "vocab.bpe")
+def merges_problem(model_dir, encoder_name="encoder.json", vocab_name="vocab.bpe"):
+    """What makes vocab.bpe's merges unusable with encoder.json (or HF's merges.txt with vocab.json), or None:
+    each merge joins two symbols of encoder.json into a third, or the tokenizer would meet a symbol it has no id
+    for. Both files are valid alone (file_problem); the release's pair, known by its hashes, needs no parsing."""
+    encoder_path, vocab_path = os.path.join(model_dir, encoder_name), os.path.join(model_dir, vocab_name)
     if sha256_of(encoder_path) == VOCAB_SHA256["encoder.json"] and sha256_of(vocab_path) == VOCAB_SHA256["vocab.bpe"]:
         return None
     encoder = read_json(encoder_path)
     for number, line in enumerate(read_merges(vocab_path)[1], 2):
         for symbol in (*line.split(" "), line.replace(" ", "")):
             if symbol not in encoder:
-                return f"vocab.bpe line {number} ({line!r}) needs the symbol {symbol!r}, which encoder.json lacks"
+                return f"{vocab_name} line {number} ({line!r}) needs the symbol {symbol!r}, which {encoder_name} lacks"
 
 
+# HF's layout holds encoder.json and vocab.bpe as vocab.json and merges.txt (hf.py): they are checked alike.
 VALIDATORS = {"checkpoint": checkpoint_problem, "hparams.json": hparams_problem, "encoder.json": encoder_problem,
-              "vocab.bpe": vocab_problem}
+              "vocab.bpe": vocab_problem, "vocab.json": encoder_problem, "merges.txt": vocab_problem}
 
 
 # The small files are parsed whole: one far larger than its kind ever is would only fill memory.
-SIZE_LIMIT = {"checkpoint": 1 << 20, "hparams.json": 1 << 20, "encoder.json": 16 << 20, "vocab.bpe": 16 << 20}
+SIZE_LIMIT = {"checkpoint": 1 << 20, "hparams.json": 1 << 20, "encoder.json": 16 << 20, "vocab.bpe": 16 << 20,
+              "vocab.json": 16 << 20, "merges.txt": 16 << 20}
 
 
 def file_problem(path, name):

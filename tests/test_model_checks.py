@@ -3,6 +3,7 @@ checkpoint's index, the vocabulary files for content, a release size's hparams a
 folder is one `error:` line with exit 1, never other text with exit 0, never a traceback."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,12 +42,12 @@ def edit_text(name, change):
     return damage
 
 
-def merge_line(number, line):  # vocab.bpe's line `number` (1 is the #version header) replaced
+def merge_line(number, line, name="vocab.bpe"):  # line `number` (1 is the #version header) replaced
     def change(text):
         lines = text.split("\n")
         lines[number - 1] = line
         return "\n".join(lines)
-    return edit_text("vocab.bpe", change)
+    return edit_text(name, change)
 
 
 def swap_ids(model_dir):  # "!" takes '"'s id: two symbols with id 1, none with id 0
@@ -152,6 +153,92 @@ def test_score_and_train_refuse_a_folder_whose_hparams_drop_a_layer(models_dir, 
     assert result.stderr == (f"error: model folder {models_dir / 'run1'} cannot be loaded: the checkpoint holds "
                              f"blocks h0..h1, but hparams.json says n_layer 1\n")
     assert not os.path.exists(models_dir / "new") and not os.path.exists(models_dir / "run1" / utils.CONVERTED)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory, tiny_model):
+    """tiny_model in HF's layout (as export.py writes it): its vocab.json and merges.txt are encoder.json and
+    vocab.bpe under HF's names."""
+    import hf
+
+    _, hparams, params = utils.load_encoder_hparams_and_params(tiny_model.name, tiny_model.models_dir)
+    folder = str(tmp_path_factory.mktemp("hf") / "hf1")
+    hf.save_hf_model(folder, params, hparams, tiny_model.path)
+    return folder
+
+
+def truncate(name, n_lines):  # `head -n n_lines name > name`
+    return edit_text(name, lambda text: "\n".join(text.split("\n")[:n_lines]) + "\n")
+
+
+# The release's checks of encoder.json and vocab.bpe, on the same files under HF's names
+BROKEN_HF_FOLDERS = [
+    ("merges cut to 1000 lines", truncate("merges.txt", 1000), "merges.txt holds 999 lines, not 50000 merges"),
+    ("merges without #version", edit_text("merges.txt", lambda t: t.split("\n", 1)[1]),
+     "merges.txt does not start with its #version line"),
+    ("merge result not a token", merge_line(2, "q z", "merges.txt"),
+     "merges.txt line 2 ('q z') needs the symbol 'qz', which vocab.json lacks"),
+    ("vocab {}", write("vocab.json", b"{}"), "vocab.json holds 0 entries, not 50257"),
+    ("vocab without 'x'", edit_json("vocab.json", lambda v: v.pop("x")), "vocab.json holds 50256 entries, not 50257"),
+    ("vocab id twice", edit_json("vocab.json", lambda v: v.update({"!": v['"']})), "vocab.json gives the id 1 to two"),
+    ("vocab empty", write("vocab.json", b""), "vocab.json empty"),
+    ("a stray encoder.json, which is what is read", write("encoder.json", b"{}"),
+     "encoder.json holds 0 entries, not 50257; vocab.bpe missing"),
+]
+
+
+@pytest.mark.parametrize("name, damage, message", BROKEN_HF_FOLDERS, ids=[case[0] for case in BROKEN_HF_FOLDERS])
+def test_broken_hf_tokenizer_is_one_line_exit_1_naming_the_hf_file(tmp_path, hf_model, capsys, monkeypatch, name,
+                                                                   damage, message):
+    import hf
+
+    monkeypatch.setattr(hf, "load_params", lambda *args: pytest.fail("weights were read before the check"))
+    folder = shutil.copytree(hf_model, tmp_path / "hf1")
+    damage(str(folder))
+    code, out, err = run_cli(capsys, "xylophone", "--n_tokens_to_generate", "3", "--model_size", str(folder))
+    assert (code, out) == (1, "")
+    assert err.startswith(f"error: model folder {folder} cannot be loaded: {message}"), err
+    assert err.count("\n") == 1, err
+    with pytest.raises(utils.ModelError, match=re.escape(message)):  # the library says the same
+        utils.load_encoder_hparams_and_params(str(folder), str(tmp_path))
+
+
+@pytest.mark.parametrize("script", ["score.py", "train.py"])
+@pytest.mark.parametrize("damage, message", [(truncate("merges.txt", 1000), "merges.txt holds 999 lines"),
+                                             (write("vocab.json", b"{}"), "vocab.json holds 0 entries")],
+                         ids=["merges cut", "vocab {}"])
+def test_score_and_train_refuse_a_broken_hf_tokenizer(tmp_path, hf_model, script, damage, message):
+    """score.py printed figures for 6302 tokens where the text has 3502 (merges cut); train.py raised KeyError."""
+    folder = shutil.copytree(hf_model, tmp_path / "hf1")
+    damage(str(folder))
+    (tmp_path / "text.txt").write_text("Hello there, general Kenobi. " * 20, encoding="utf-8")
+    args = ["text.txt", "--model_size", "./hf1"] if script == "score.py" else \
+        ["--dataset", "text.txt", "--out_name", "new", "--init_from", "./hf1", "--max_steps", "1", "--warmup_steps",
+         "1", "--block_size", "4"]
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *args, "--models_dir", str(tmp_path)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "GPT2_MODELS_URL": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1 and result.stdout == "", result.stderr
+    assert result.stderr.startswith("error: model folder ./hf1 cannot be loaded: " + message), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert not os.path.exists(tmp_path / "new")
+
+
+def test_score_names_vocab_json_when_an_hf_config_pads_the_vocabulary(tmp_path, tiny_model):
+    """vocab_size 50304 (padded, as nanoGPT trains) loads, but score.py needs one logit per token: refused, exit 1,
+    naming the file the tokenizer came from (it said encoder.json, which an HF folder has not, with exit 2)."""
+    import hf
+
+    _, hparams, params = utils.load_encoder_hparams_and_params(tiny_model.name, tiny_model.models_dir)
+    params["wte"] = np.concatenate([params["wte"], np.zeros((50304 - 50257, 64), np.float32)])
+    hf.save_hf_model(str(tmp_path / "padded"), params, {**hparams, "n_vocab": 50304}, tiny_model.path)
+    (tmp_path / "text.txt").write_text("Hello there", encoding="utf-8")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "score.py"), "text.txt", "--model_size", "./padded"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "GPT2_MODELS_URL": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1"})
+    assert (result.returncode, result.stdout) == (1, ""), result.stderr
+    assert result.stderr == ("error: the tokenizer in ./padded has 50257 tokens but the model has 50304: vocab.json "
+                             "does not belong to this model\n")
 
 
 def test_index_shapes_are_tensorflows(tiny_model, trained_model):
