@@ -183,16 +183,20 @@ def check_fits(n_prompt, n_tokens_to_generate, n_ctx):
           f"the model's context of {n_ctx}")
 
 
+def machine_memory():
+    """This machine's memory in bytes, or None where the system does not tell."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def check_memory(hparams, num_samples, n_positions):
     """Refuse a batch whose key/value caches could never fit in this machine's memory, before loading anything."""
     caches = hparams["n_layer"] * 2 * num_samples * n_positions * hparams["n_embd"] * 4  # float32 keys and values
     sampling = num_samples * hparams["n_vocab"] * 32  # logits and their float64 probabilities and sums, per sample
-    try:
-        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not every system tells
-        return
-    need = caches + sampling
-    if need <= memory:
+    memory, need = machine_memory(), caches + sampling
+    if memory is None or need <= memory:
         return
     one = need / num_samples
     check(one <= memory, f"the model (n_layer {hparams['n_layer']}, n_embd {hparams['n_embd']}, n_vocab "

@@ -38,7 +38,7 @@ import regex
 from tqdm import tqdm
 
 import utils
-from cli import check, check_text, is_int, is_number, warn
+from cli import check, check_text, is_int, is_number, machine_memory, warn
 from encoder import load_encoder
 from gpt2 import ENDOFTEXT
 
@@ -1220,10 +1220,21 @@ def setup(flags):
     if not s.resume:
         s.hparams = model_hparams(options["init_from"], s.models_dir, options)
     options.update({k: s.hparams[k] for k in ("n_layer", "n_head", "n_embd", "n_ctx")})  # the model's real shape
+    check_training_memory(s.hparams)
     s.sample_prompt, options["sample_length"] = sample_prompt(options, flags, s.encoder, s.val_tokens)
     s.config = dict(options, recompute=recompute)
     s.record = {"options": options, "fingerprints": fingerprints}
     return s
+
+
+def check_training_memory(hparams):
+    """Refuse a model that could never train in this machine's memory, before anything is allocated: AdamW needs
+    16 bytes a parameter before any activation (float32 weights, gradients and two moments)."""
+    memory, need = machine_memory(), 16 * n_parameters(hparams)
+    check(memory is None or need <= memory,
+          f"a model of {n_parameters(hparams):,} parameters needs at least {need / 2**30:,.1f} GiB to train (its "
+          f"weights, gradients and AdamW's two moments, 4 bytes each), more than this machine's "
+          f"{memory and memory / 2**30:.1f} GiB of memory")
 
 
 def sample_prompt(options, flags, encoder, val_tokens):

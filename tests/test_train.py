@@ -373,6 +373,9 @@ BAD_INPUT = [  # (flags, what the one line says)
     (dict(block_size=60), "fewer than --block_size + 1"),
     (dict(block_size=65), "longer than --n_ctx"),
     (dict(n_embd=30, n_head=4), "must be divisible by --n_head"),
+    # 806 billion parameters: it filled the machine's memory for minutes before failing; 16 bytes each to train
+    (dict(n_layer=1000, n_embd=8192, n_head=64),
+     "a model of 805,825,110,016 parameters needs at least 12,007.7 GiB to train"),
     (dict(init_from="gpt5"), "unknown --init_from"),
     (dict(init_from="../models/124M"), "no such model folder '../models/124M'"),
     (dict(out_name="runs/mine"), "not a path"),
