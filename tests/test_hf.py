@@ -295,13 +295,28 @@ def test_release_to_hf_to_release_is_bit_identical(tmp_path, exported, tiny_mode
 def test_export_refuses_an_existing_folder_unless_overwrite(tmp_path, tiny_model):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "precious.txt").write_text("mine")
     args = ["export.py", "--model_size", tiny_model.name, "--models_dir", tiny_model.models_dir, "--out", str(out)]
     assert "already exists: --overwrite replaces it" in one_line_error(run(*args), 2)
-    assert (out / "precious.txt").read_text() == "mine"
-    assert run(*args, "--overwrite").returncode == 0
-    assert "precious.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
+    assert run(*args, "--overwrite").returncode == 0  # an empty folder
+    assert run(*args, "--overwrite", "--format", "release").returncode == 0  # a model in HF's layout
+    assert "checkpoint" in os.listdir(out) and "model.safetensors" not in os.listdir(out)
+    assert run(*args, "--overwrite").returncode == 0  # a model in the release layout
+    assert "model.safetensors" in os.listdir(out) and "checkpoint" not in os.listdir(out)
     assert [name for name in os.listdir(tmp_path) if name.startswith(".out.")] == [".out.writer.lock"]
+
+
+def test_export_overwrite_replaces_only_a_model(tmp_path, tiny_model):
+    """--overwrite of a folder that is no model (notes, a folder of folders, a half-made model) would delete the
+    user's files: refused, naming what the folder holds."""
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "config.json").write_text("{}")  # a config.json without weights is no model
+    line = one_line_error(run("export.py", "--model_size", tiny_model.name, "--models_dir", tiny_model.models_dir,
+                              "--out", str(out), "--overwrite"), 2)
+    assert line == f"error: --out {out} is not a model folder (it holds config.json, notes.txt, sub): --overwrite " \
+                   f"replaces only a model"
+    assert sorted(os.listdir(out)) == ["config.json", "notes.txt", "sub"] and (out / "notes.txt").read_text() == "mine"
 
 
 def test_export_never_replaces_the_model_it_reads(tmp_path, tiny_model):
@@ -309,10 +324,11 @@ def test_export_never_replaces_the_model_it_reads(tmp_path, tiny_model):
     line = one_line_error(run("export.py", "--model_size", str(tmp_path / "run"), "--out", str(tmp_path / "run"),
                               "--overwrite"), 2)
     assert "holds the model being exported" in line
-    line = one_line_error(run("export.py", "--model_size", str(tmp_path / "run"), "--out", str(tmp_path),
-                              "--overwrite"), 2)
+    shutil.copytree(tiny_model.path, tmp_path / "run" / "inner")
+    line = one_line_error(run("export.py", "--model_size", str(tmp_path / "run" / "inner"),
+                              "--out", str(tmp_path / "run"), "--overwrite"), 2)
     assert "holds the model being exported" in line
-    assert sorted(os.listdir(tmp_path / "run")) == sorted(os.listdir(tiny_model.path))
+    assert sorted(os.listdir(tmp_path / "run")) == sorted(os.listdir(tiny_model.path) + ["inner"])
 
 
 EXPORT_ERRORS = [
