@@ -12,6 +12,7 @@ import os
 import shutil
 
 import hf
+import runs
 import utils
 from cli import check, run_script
 
@@ -30,11 +31,28 @@ def is_model_folder(folder):
     return has("hparams.json") and has("checkpoint")
 
 
+def enclosing_model(path):
+    """The outermost model folder or training run's saves folder that path lies in, symbolic links followed, or
+    None: either is replaced whole (a run's saves at its next save), taking anything written inside with it."""
+    folder, found = os.path.realpath(path), None
+    while os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+        if is_model_folder(folder) or runs.saves_run(folder):
+            found = folder
+    return found
+
+
 def check_out(out, overwrite):
-    """The folder to write, before any work: refused if it is a file, and if it exists, unless --overwrite and it
-    is a model or empty."""
+    """The folder to write, before any work: refused if it is a file, if it lies inside a model (which would delete
+    it), and if it exists, unless --overwrite and it is a model or empty."""
     check(isinstance(out, str) and out, f"--out must be a folder to write, got {out!r}")
     check(not os.path.isfile(out), f"--out {out} is a file; give a folder to write")
+    inside = enclosing_model(out)
+    if inside:
+        run = runs.saves_run(inside)
+        where = (f"the training run {run}'s folder {inside}: its next save would delete it" if run else
+                 f"the model folder {inside}, which is replaced whole when it is saved again")
+        raise utils.UsageError(f"--out {out} lies inside {where}; write it somewhere else")
     check(overwrite or not os.path.exists(out), f"--out {out} already exists: --overwrite replaces it")
     if os.path.isdir(out) and not is_model_folder(out):
         held = sorted(os.listdir(out))
@@ -90,7 +108,8 @@ def main(model_size, out, format="hf", dtype="float32", models_dir="models", ove
     Args:
         model_size: the model: 124M, 355M, 774M or 1558M (downloaded if missing), a model folder under models_dir,
             a path to a model folder (./x), or a Hugging Face Hub repo id (owner/name[@revision])
-        out: the folder to write; an existing one is refused unless --overwrite
+        out: the folder to write; an existing one is refused unless --overwrite; never inside a model folder or a
+            training run's
         format: hf (config.json, model.safetensors, vocab.json, merges.txt, generation_config.json), or release
             (OpenAI's TensorFlow checkpoint, hparams.json, encoder.json, vocab.bpe; no optimizer state)
         dtype: the weights' type in model.safetensors: float32, float16 or bfloat16 (release: float32 only)

@@ -608,8 +608,14 @@ def best_of(path):
     except OSError:
         return None
     head, name = os.path.split(target)
-    run = head[1:-len(".saves")] if head.startswith(".") and head.endswith(".saves") else None
-    return (run, name) if run and "/" not in run and BEST_NAME.fullmatch(name) else None
+    run = saves_run(head) if "/" not in head else None
+    return (run, name) if run and BEST_NAME.fullmatch(name) else None
+
+
+def saves_run(folder):
+    """The name of the run whose saves folder this is (.../.<name>.saves), or None."""
+    base = os.path.basename(folder)
+    return (base[1:-len(".saves")] or None) if base.startswith(".") and base.endswith(".saves") else None
 
 
 def check_best_dir(run_dir, eval_every, overwrite):

@@ -18,7 +18,7 @@ import torch
 import gpt2
 import hf
 import utils
-from tests.conftest import ROOT
+from tests.conftest import ROOT, scratch_models_dir
 from tests.hf_layout import copy_vocab, hf_logits, write_hf_folder
 from tests.release_layout import real_vocab_file
 
@@ -329,6 +329,49 @@ def test_export_never_replaces_the_model_it_reads(tmp_path, tiny_model):
                               "--out", str(tmp_path / "run"), "--overwrite"), 2)
     assert "holds the model being exported" in line
     assert sorted(os.listdir(tmp_path / "run")) == sorted(os.listdir(tiny_model.path) + ["inner"])
+
+
+@pytest.fixture(scope="module")
+def training_run(tmp_path_factory, tiny_model):
+    """A finished training run, `run`, under its own models folder: the links `run` and `run-best` into
+    .run.saves/, which holds its save and its best; beside it `linked`, a link to .run.saves, and a model."""
+    import train
+
+    models_dir = scratch_models_dir(tmp_path_factory)
+    dataset = models_dir / "text.txt"
+    dataset.write_text(" ".join([PROMPT] * 40), encoding="utf-8")
+    train.main(str(dataset), "run", init_from="scratch", n_layer=2, n_head=2, n_embd=32, n_ctx=64, block_size=32,
+               batch_size=2, warmup_steps=5, sample_every=0, eval_every=10, save_every=10, max_steps=20,
+               models_dir=str(models_dir))
+    assert os.path.islink(models_dir / "run") and os.path.islink(models_dir / "run-best")
+    os.symlink(".run.saves", models_dir / "linked")
+    shutil.copytree(tiny_model.path, models_dir / "124M-copy")
+    return models_dir
+
+
+def run_state(models_dir):
+    """What a run is made of: its names' links and its saves folder's entries."""
+    return ({name: os.readlink(models_dir / name) for name in ("run", "run-best")},
+            sorted(os.listdir(models_dir / ".run.saves")), sorted(os.listdir(models_dir)))
+
+
+def export_to(out, models_dir, *args):
+    return run("export.py", "--model_size", "run", "--models_dir", str(models_dir), "--out", str(out), *args)
+
+
+@pytest.mark.parametrize("inside", ["run/sub", "run-best/sub", ".run.saves/sub", "run/numpy-params/sub",
+                                    "linked/sub", "124M-copy/sub"])
+def test_export_refuses_an_out_inside_a_model_or_a_run(training_run, inside):
+    """A run's next save deletes the folder its name pointed at, and a model folder is replaced whole: an export
+    inside either would be lost. Refused, the path followed through symbolic links, whether it exists or not."""
+    before = run_state(training_run)
+    line = one_line_error(export_to(training_run / inside, training_run, "--overwrite"), 2)
+    assert line.startswith(f"error: --out {training_run / inside} lies inside ")
+    if inside.startswith("124M-copy"):
+        assert f"the model folder {training_run / '124M-copy'}, which is replaced whole" in line
+    else:
+        assert f"the training run run's folder {training_run / '.run.saves'}: its next save would delete it" in line
+    assert run_state(training_run) == before
 
 
 EXPORT_ERRORS = [
