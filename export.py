@@ -43,10 +43,13 @@ def enclosing_model(path):
 
 
 def check_out(out, overwrite):
-    """The folder to write, before any work: refused if it is a file, if it lies inside a model (which would delete
-    it), and if it exists, unless --overwrite and it is a model or empty."""
+    """The folder to write, before any work: refused if it is a file or a training run's name, if it lies inside a
+    model (which would delete it), and if it exists, unless --overwrite and it is a model or empty."""
     check(isinstance(out, str) and out, f"--out must be a folder to write, got {out!r}")
     check(not os.path.isfile(out), f"--out {out} is a file; give a folder to write")
+    run = runs.run_of(out)
+    check(run is None, f"--out {out} belongs to the training run {run}: train.py --out_name {run} --overwrite "
+                       f"starts the run again, or delete the run to free the name")
     inside = enclosing_model(out)
     if inside:
         run = runs.saves_run(inside)
@@ -109,7 +112,7 @@ def main(model_size, out, format="hf", dtype="float32", models_dir="models", ove
         model_size: the model: 124M, 355M, 774M or 1558M (downloaded if missing), a model folder under models_dir,
             a path to a model folder (./x), or a Hugging Face Hub repo id (owner/name[@revision])
         out: the folder to write; an existing one is refused unless --overwrite; never inside a model folder or a
-            training run's
+            training run's, nor a training run's name or its -best
         format: hf (config.json, model.safetensors, vocab.json, merges.txt, generation_config.json), or release
             (OpenAI's TensorFlow checkpoint, hparams.json, encoder.json, vocab.bpe; no optimizer state)
         dtype: the weights' type in model.safetensors: float32, float16 or bfloat16 (release: float32 only)

@@ -618,6 +618,16 @@ def saves_run(folder):
     return (base[1:-len(".saves")] or None) if base.startswith(".") and base.endswith(".saves") else None
 
 
+def run_of(path):
+    """The name of the run that owns the name path, or None: the run's link or its <name>-best (links into
+    .<name>.saves), or a name with its .<name>.saves beside it. Anything else put there would break the run."""
+    path = os.path.abspath(path)
+    linked = saves_run(os.path.dirname(os.path.realpath(path))) if os.path.islink(path) else None
+    names = [path, path[:-len(BEST_SUFFIX)]] if path.endswith(BEST_SUFFIX) else [path]
+    beside = [os.path.basename(run_dir) for run_dir in names if os.path.isdir(saves_dir(run_dir))]
+    return linked or (beside[0] if beside else None)
+
+
 def check_best_dir(run_dir, eval_every, overwrite):
     """models/<out_name>-best must be free or this run's own, before any work: it is replaced at every new best."""
     best, name = best_dir(run_dir), os.path.basename(os.path.normpath(run_dir))

@@ -374,6 +374,19 @@ def test_export_refuses_an_out_inside_a_model_or_a_run(training_run, inside):
     assert run_state(training_run) == before
 
 
+@pytest.mark.parametrize("name", ["run", "run-best", "other", "other-best"])
+def test_export_refuses_a_training_runs_names(training_run, name):
+    """`run` and `run-best` are the run's links into its saves folder: a folder put there would orphan the saves
+    and make the run's next best fail; a name with a .<name>.saves beside it is a run's too (its link missing)."""
+    (training_run / ".other.saves").mkdir(exist_ok=True)
+    before = run_state(training_run)
+    line = one_line_error(export_to(training_run / name, training_run, "--overwrite"), 2)
+    run_name = name.removesuffix("-best")
+    assert line == f"error: --out {training_run / name} belongs to the training run {run_name}: train.py " \
+                   f"--out_name {run_name} --overwrite starts the run again, or delete the run to free the name"
+    assert run_state(training_run) == before
+
+
 EXPORT_ERRORS = [
     (["--format", "gguf"], "--format must be one of hf, release, got 'gguf'"),
     (["--dtype", "int8"], "--dtype must be one of float32, float16, bfloat16, got 'int8'"),
