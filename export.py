@@ -12,6 +12,7 @@ import os
 import shutil
 
 import hf
+import runs
 import utils
 from cli import check, run_script
 
@@ -19,12 +20,50 @@ FORMATS = ("hf", "release")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def check_out(out, model_dir, overwrite):
-    """The folder to write: refused if it exists (unless --overwrite), if it is a file, or if replacing it would
-    delete the model being exported."""
+def is_model_folder(folder):
+    """A model as export writes one: the release layout (hparams.json and a checkpoint) or HF's (config.json and
+    model.safetensors or pytorch_model.bin)."""
+    def has(name):
+        return os.path.isfile(os.path.join(folder, name))
+
+    if utils.is_hf_layout(folder):
+        return has(hf.WEIGHTS) or has(hf.TORCH_WEIGHTS)
+    return has("hparams.json") and has("checkpoint")
+
+
+def enclosing_model(path):
+    """The outermost model folder or training run's saves folder that path lies in, symbolic links followed, or
+    None: either is replaced whole (a run's saves at its next save), taking anything written inside with it."""
+    folder, found = os.path.realpath(path), None
+    while os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+        if is_model_folder(folder) or runs.saves_run(folder):
+            found = folder
+    return found
+
+
+def check_out(out, overwrite):
+    """The folder to write, before any work: refused if it is a file or a training run's name, if it lies inside a
+    model (which would delete it), and if it exists, unless --overwrite and it is a model or empty."""
     check(isinstance(out, str) and out, f"--out must be a folder to write, got {out!r}")
     check(not os.path.isfile(out), f"--out {out} is a file; give a folder to write")
+    run = runs.run_of(out)
+    check(run is None, f"--out {out} belongs to the training run {run}: train.py --out_name {run} --overwrite "
+                       f"starts the run again, or delete the run to free the name")
+    inside = enclosing_model(out)
+    if inside:
+        run = runs.saves_run(inside)
+        where = (f"the training run {run}'s folder {inside}: its next save would delete it" if run else
+                 f"the model folder {inside}, which is replaced whole when it is saved again")
+        raise utils.UsageError(f"--out {out} lies inside {where}; write it somewhere else")
     check(overwrite or not os.path.exists(out), f"--out {out} already exists: --overwrite replaces it")
+    if os.path.isdir(out) and not is_model_folder(out):
+        held = sorted(os.listdir(out))
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        check(not held, f"--out {out} is not a model folder (it holds {shown}): --overwrite replaces only a model")
+
+
+def check_source(out, model_dir):
     source, target = os.path.realpath(model_dir), os.path.realpath(out)
     check(source != target and not source.startswith(target + os.sep),
           f"--out {out} holds the model being exported: write it somewhere else")
@@ -72,21 +111,22 @@ def main(model_size, out, format="hf", dtype="float32", models_dir="models", ove
     Args:
         model_size: the model: 124M, 355M, 774M or 1558M (downloaded if missing), a model folder under models_dir,
             a path to a model folder (./x), or a Hugging Face Hub repo id (owner/name[@revision])
-        out: the folder to write; an existing one is refused unless --overwrite
+        out: the folder to write; an existing one is refused unless --overwrite; never inside a model folder or a
+            training run's, nor a training run's name or its -best
         format: hf (config.json, model.safetensors, vocab.json, merges.txt, generation_config.json), or release
             (OpenAI's TensorFlow checkpoint, hparams.json, encoder.json, vocab.bpe; no optimizer state)
         dtype: the weights' type in model.safetensors: float32, float16 or bfloat16 (release: float32 only)
         models_dir: where model folders live
-        overwrite: replace --out if it exists (the old folder is deleted only once the new one is in place)
+        overwrite: replace --out if it is a model or empty (the old folder is deleted only once the new one is in
+            place)
     """
     check(format in FORMATS, f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     check(dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     check(format == "hf" or dtype == "float32", f"--format release holds float32 weights only, got --dtype {dtype}")
     check(isinstance(overwrite, bool), f"--overwrite must be True or False, got {overwrite!r}")
-    check(isinstance(out, str) and out, f"--out must be a folder to write, got {out!r}")
-    check(overwrite or not os.path.exists(out), f"--out {out} already exists: --overwrite replaces it")
+    check_out(out, overwrite)
     model_dir = utils.prepare_model(model_size, models_dir)
-    check_out(out, model_dir, overwrite)
+    check_source(out, model_dir)
     hparams = utils.load_hparams(model_dir)
     hparams = {key: hparams[key] for key in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")}
     params = utils.load_model_params(model_size, models_dir, hparams["n_layer"])

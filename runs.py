@@ -608,8 +608,24 @@ def best_of(path):
     except OSError:
         return None
     head, name = os.path.split(target)
-    run = head[1:-len(".saves")] if head.startswith(".") and head.endswith(".saves") else None
-    return (run, name) if run and "/" not in run and BEST_NAME.fullmatch(name) else None
+    run = saves_run(head) if "/" not in head else None
+    return (run, name) if run and BEST_NAME.fullmatch(name) else None
+
+
+def saves_run(folder):
+    """The name of the run whose saves folder this is (.../.<name>.saves), or None."""
+    base = os.path.basename(folder)
+    return (base[1:-len(".saves")] or None) if base.startswith(".") and base.endswith(".saves") else None
+
+
+def run_of(path):
+    """The name of the run that owns the name path, or None: the run's link or its <name>-best (links into
+    .<name>.saves), or a name with its .<name>.saves beside it. Anything else put there would break the run."""
+    path = os.path.abspath(path)
+    linked = saves_run(os.path.dirname(os.path.realpath(path))) if os.path.islink(path) else None
+    names = [path, path[:-len(BEST_SUFFIX)]] if path.endswith(BEST_SUFFIX) else [path]
+    beside = [os.path.basename(run_dir) for run_dir in names if os.path.isdir(saves_dir(run_dir))]
+    return linked or (beside[0] if beside else None)
 
 
 def check_best_dir(run_dir, eval_every, overwrite):

@@ -59,6 +59,22 @@ def realistic_model(tmp_path_factory):
     return make_model(tmp_path_factory, "realistic", n_layer=2, n_embd=64, n_head=4, seed=2, logit_scale=120.0)
 
 
+def scratch_models_dir(tmp_path_factory):
+    """A new models folder holding 124M's tokenizer files alone: where a model from scratch takes its vocabulary."""
+    import json
+
+    from tests.release_layout import real_vocab_file
+
+    models_dir = tmp_path_factory.mktemp("models")
+    vocab_dir = models_dir / "124M"
+    vocab_dir.mkdir()
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copyfile(real_vocab_file(name), vocab_dir / name)
+    (vocab_dir / "hparams.json").write_text(json.dumps(
+        {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}))
+    return models_dir
+
+
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory):
     """A model trained during the test run (train.py, from scratch, 2 layers, on a few sentences), so its
@@ -66,16 +82,9 @@ def trained_model(tmp_path_factory):
     import json
 
     import train
-    from tests.release_layout import real_vocab_file
     from utils import load_params
 
-    models_dir = tmp_path_factory.mktemp("models")
-    vocab_dir = models_dir / "124M"  # a model from scratch takes 124M's vocabulary: its tokenizer files alone
-    vocab_dir.mkdir()
-    for name in ("encoder.json", "vocab.bpe"):
-        shutil.copyfile(real_vocab_file(name), vocab_dir / name)
-    (vocab_dir / "hparams.json").write_text(json.dumps(
-        {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}))
+    models_dir = scratch_models_dir(tmp_path_factory)
     dataset = models_dir / "text.txt"
     dataset.write_text("Alan Turing theorized that computers would one day become the most powerful machines on "
                        "the planet, and he was right about that, as it turned out. The lighthouse keeper climbed "

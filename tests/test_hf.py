@@ -18,7 +18,7 @@ import torch
 import gpt2
 import hf
 import utils
-from tests.conftest import ROOT
+from tests.conftest import ROOT, scratch_models_dir
 from tests.hf_layout import copy_vocab, hf_logits, write_hf_folder
 from tests.release_layout import real_vocab_file
 
@@ -295,13 +295,28 @@ def test_release_to_hf_to_release_is_bit_identical(tmp_path, exported, tiny_mode
 def test_export_refuses_an_existing_folder_unless_overwrite(tmp_path, tiny_model):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "precious.txt").write_text("mine")
     args = ["export.py", "--model_size", tiny_model.name, "--models_dir", tiny_model.models_dir, "--out", str(out)]
     assert "already exists: --overwrite replaces it" in one_line_error(run(*args), 2)
-    assert (out / "precious.txt").read_text() == "mine"
-    assert run(*args, "--overwrite").returncode == 0
-    assert "precious.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
+    assert run(*args, "--overwrite").returncode == 0  # an empty folder
+    assert run(*args, "--overwrite", "--format", "release").returncode == 0  # a model in HF's layout
+    assert "checkpoint" in os.listdir(out) and "model.safetensors" not in os.listdir(out)
+    assert run(*args, "--overwrite").returncode == 0  # a model in the release layout
+    assert "model.safetensors" in os.listdir(out) and "checkpoint" not in os.listdir(out)
     assert [name for name in os.listdir(tmp_path) if name.startswith(".out.")] == [".out.writer.lock"]
+
+
+def test_export_overwrite_replaces_only_a_model(tmp_path, tiny_model):
+    """--overwrite of a folder that is no model (notes, a folder of folders, a half-made model) would delete the
+    user's files: refused, naming what the folder holds."""
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "config.json").write_text("{}")  # a config.json without weights is no model
+    line = one_line_error(run("export.py", "--model_size", tiny_model.name, "--models_dir", tiny_model.models_dir,
+                              "--out", str(out), "--overwrite"), 2)
+    assert line == f"error: --out {out} is not a model folder (it holds config.json, notes.txt, sub): --overwrite " \
+                   f"replaces only a model"
+    assert sorted(os.listdir(out)) == ["config.json", "notes.txt", "sub"] and (out / "notes.txt").read_text() == "mine"
 
 
 def test_export_never_replaces_the_model_it_reads(tmp_path, tiny_model):
@@ -309,10 +324,67 @@ def test_export_never_replaces_the_model_it_reads(tmp_path, tiny_model):
     line = one_line_error(run("export.py", "--model_size", str(tmp_path / "run"), "--out", str(tmp_path / "run"),
                               "--overwrite"), 2)
     assert "holds the model being exported" in line
-    line = one_line_error(run("export.py", "--model_size", str(tmp_path / "run"), "--out", str(tmp_path),
-                              "--overwrite"), 2)
+    shutil.copytree(tiny_model.path, tmp_path / "run" / "inner")
+    line = one_line_error(run("export.py", "--model_size", str(tmp_path / "run" / "inner"),
+                              "--out", str(tmp_path / "run"), "--overwrite"), 2)
     assert "holds the model being exported" in line
-    assert sorted(os.listdir(tmp_path / "run")) == sorted(os.listdir(tiny_model.path))
+    assert sorted(os.listdir(tmp_path / "run")) == sorted(os.listdir(tiny_model.path) + ["inner"])
+
+
+@pytest.fixture(scope="module")
+def training_run(tmp_path_factory, tiny_model):
+    """A finished training run, `run`, under its own models folder: the links `run` and `run-best` into
+    .run.saves/, which holds its save and its best; beside it `linked`, a link to .run.saves, and a model."""
+    import train
+
+    models_dir = scratch_models_dir(tmp_path_factory)
+    dataset = models_dir / "text.txt"
+    dataset.write_text(" ".join([PROMPT] * 40), encoding="utf-8")
+    train.main(str(dataset), "run", init_from="scratch", n_layer=2, n_head=2, n_embd=32, n_ctx=64, block_size=32,
+               batch_size=2, warmup_steps=5, sample_every=0, eval_every=10, save_every=10, max_steps=20,
+               models_dir=str(models_dir))
+    assert os.path.islink(models_dir / "run") and os.path.islink(models_dir / "run-best")
+    os.symlink(".run.saves", models_dir / "linked")
+    shutil.copytree(tiny_model.path, models_dir / "124M-copy")
+    return models_dir
+
+
+def run_state(models_dir):
+    """What a run is made of: its names' links and its saves folder's entries."""
+    return ({name: os.readlink(models_dir / name) for name in ("run", "run-best")},
+            sorted(os.listdir(models_dir / ".run.saves")), sorted(os.listdir(models_dir)))
+
+
+def export_to(out, models_dir, *args):
+    return run("export.py", "--model_size", "run", "--models_dir", str(models_dir), "--out", str(out), *args)
+
+
+@pytest.mark.parametrize("inside", ["run/sub", "run-best/sub", ".run.saves/sub", "run/numpy-params/sub",
+                                    "linked/sub", "124M-copy/sub"])
+def test_export_refuses_an_out_inside_a_model_or_a_run(training_run, inside):
+    """A run's next save deletes the folder its name pointed at, and a model folder is replaced whole: an export
+    inside either would be lost. Refused, the path followed through symbolic links, whether it exists or not."""
+    before = run_state(training_run)
+    line = one_line_error(export_to(training_run / inside, training_run, "--overwrite"), 2)
+    assert line.startswith(f"error: --out {training_run / inside} lies inside ")
+    if inside.startswith("124M-copy"):
+        assert f"the model folder {training_run / '124M-copy'}, which is replaced whole" in line
+    else:
+        assert f"the training run run's folder {training_run / '.run.saves'}: its next save would delete it" in line
+    assert run_state(training_run) == before
+
+
+@pytest.mark.parametrize("name", ["run", "run-best", "other", "other-best"])
+def test_export_refuses_a_training_runs_names(training_run, name):
+    """`run` and `run-best` are the run's links into its saves folder: a folder put there would orphan the saves
+    and make the run's next best fail; a name with a .<name>.saves beside it is a run's too (its link missing)."""
+    (training_run / ".other.saves").mkdir(exist_ok=True)
+    before = run_state(training_run)
+    line = one_line_error(export_to(training_run / name, training_run, "--overwrite"), 2)
+    run_name = name.removesuffix("-best")
+    assert line == f"error: --out {training_run / name} belongs to the training run {run_name}: train.py " \
+                   f"--out_name {run_name} --overwrite starts the run again, or delete the run to free the name"
+    assert run_state(training_run) == before
 
 
 EXPORT_ERRORS = [
