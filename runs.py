@@ -590,7 +590,7 @@ def split_tokens(tokens, val_tokens, block_size, eval_every):
 
 def saves_dir(run_dir):
     parent, name = os.path.split(os.path.normpath(run_dir))
-    return os.path.join(parent, f".{name}.saves")
+    return os.path.join(parent or os.curdir, f".{name}.saves")  # --models_dir .: ./.<name>.saves, whose folder is .
 
 
 def best_dir(run_dir):

@@ -254,6 +254,15 @@ def test_resuming_gives_the_same_weights_as_one_uninterrupted_run(models_dir, pa
         np.testing.assert_array_equal(straight[name], halves[name], err_msg=name)
 
 
+def test_a_run_in_the_models_folder_itself_saves_and_resumes(models_dir, paragraph, monkeypatch):
+    """--models_dir . (the run's name alone has no folder part: its saves went to a folder named '')."""
+    monkeypatch.chdir(models_dir)
+    common = dict(**SCRATCH, block_size=16, batch_size=2, warmup_steps=1, eval_every=0, models_dir=".")
+    train.main(paragraph, "here", max_steps=2, **common)
+    train.main(paragraph, "here", max_steps=3, resume=True, **common)
+    assert os.readlink("here").startswith(".here.saves" + os.sep) and runs.read_saved_run("here").step == 3
+
+
 def test_recompute_trains_the_same_weights(models_dir, paragraph):
     """--recompute only trades memory for time: the same losses and, bit for bit, the same saved weights."""
     common = dict(init_from="scratch", n_layer=2, n_head=2, n_embd=32, n_ctx=64, block_size=16, batch_size=2,
