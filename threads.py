@@ -231,8 +231,8 @@ class Stopped(Exception):
 
 def in_turns(fn, n_items, shared):
     """Yields fn(i, turns) for i = 0 .. n_items - 1, in order, the items side by side as in side_by_side, where
-    turns[j] is shared[j] as item i appends to it: its append() waits until item i - 1's has been made (item 0's
-    never waits). A caller that stops reading waits for the appends in progress only.
+    turns[j] is shared[j] as item i appends to it, once: its append() waits until item i - 1's has been made (item
+    0's never waits). A caller that stops reading waits for the appends in progress only.
 
     Why: a prompt's parts go through the blocks side by side, one part per core. Part i's attention in block j
     reads the keys and values of the parts before it, so block j's cache must take the parts in prompt order,
