@@ -343,10 +343,10 @@ def prefill(inputs, params, n_head, kv_cache):  # [n_prompt] -> [n_vocab]
         # One part of the prompt per core, each through every block on its core, side by side; block j's cache
         # takes the parts' keys and values in prompt order, as part i's attention reads those of the parts before
         # it (threads.in_turns). Parts of equal work end together.
-        bounds = prompt_parts(len(inputs), threads.CORES, params["wte"].shape[1])
+        bounds, seen = prompt_parts(len(inputs), threads.CORES, params["wte"].shape[1]), kv_cache[0].length
 
         def read(i, caches):  # part i through every block -> [1, n_embd]: its last position, all the last computes
-            x = embed(inputs[bounds[i]:bounds[i + 1]], params["wte"], params["wpe"], start=bounds[i])
+            x = embed(inputs[bounds[i]:bounds[i + 1]], params["wte"], params["wpe"], start=seen + bounds[i])
             for j, (block, cache) in enumerate(zip(params["blocks"], caches)):
                 x = transformer_block(x, **block, n_head=n_head, cache=cache, last_only=j == len(caches) - 1)
             return x

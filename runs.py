@@ -718,10 +718,10 @@ def read_saved_run(run_dir):
     except utils.ModelError as e:
         raise RunError(f"{e}: {DAMAGED_MODEL}") from None
     shapes = {name: array.shape for name, array in flat.items()}
-    for name, array in flat.items():
+    for tensor, array in flat.items():  # (not `name`: damaged() names the run by it)
         if not np.isfinite(array).all():
             raise damaged(os.path.basename(utils.checkpoint_prefix(save_dir)),
-                          f"holds weights that are not finite (inf or nan) in {name}", DAMAGED_MODEL)
+                          f"holds weights that are not finite (inf or nan) in {tensor}", DAMAGED_MODEL)
     params = utils.nest({n: np.ascontiguousarray(a) for n, a in flat.items()}, hparams["n_layer"])
     m, v, adam_t, step, rng = read_state(save_dir, shapes, damaged)
     rows = read_log(os.path.join(save_dir, LOG_FILE), step, damaged)
@@ -977,7 +977,8 @@ class Run:
         --overwrite, which keeps the old run as it was."""
         config = self.config
         scheduled = step == config["max_steps"] or (config["save_every"] and step % config["save_every"] == 0)
-        return scheduled or (interrupted and not (self.overwrite and self.saved_step is None))
+        replacing = self.overwrite and self.saved_step is None and os.path.lexists(self.run_dir)  # an old run
+        return scheduled or (interrupted and not replacing)
 
     def check_finite(self, step, params):
         """A save never replaces a finite one with weights that are not (an update can overflow to inf with a

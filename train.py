@@ -530,6 +530,8 @@ def train(params, optimizer, step, rng, tokens, val_tokens, config, run, sample)
             val_loss = ""
             if config["eval_every"] and (step % config["eval_every"] == 0 or step == max_steps):
                 val_loss = evaluate(params, windows, n_head, config["batch_size"])
+                if not math.isfinite(val_loss):  # weights that overflow the forward pass: never a best, never saved
+                    raise runs.RunError(run.diverged(step, f"its validation loss is {val_loss:.4g}"))
                 tqdm.write(f"step {step}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}",
                            file=sys.stderr)
             run.log_step(step=step, train_loss=f"{loss:.6f}", val_loss=val_loss and f"{val_loss:.6f}",

@@ -183,6 +183,18 @@ def test_a_prompt_read_in_parts_side_by_side_gives_the_logits_and_cache_of_one_c
         np.testing.assert_allclose(a.values, b.values, atol=1e-5, rtol=0)
 
 
+def test_a_prompt_read_in_parts_after_positions_already_cached_goes_on_from_them(model, monkeypatch):
+    _, hparams, params = model
+    n_head = hparams["n_head"]
+    ids = list(np.random.default_rng(2).integers(0, hparams["n_vocab"], 5 + 8 * 4))
+    monkeypatch.setattr(gpt2, "PREFILL_CHUNK", 8)
+    monkeypatch.setattr(gpt2.threads, "CORES", 2)
+    cache = gpt2.new_kv_cache(params, n_head, len(ids))
+    gpt2.prefill(ids[:5], params, n_head, cache)  # one chunk: the path of one core
+    logits = gpt2.prefill(ids[5:], params, n_head, cache)  # in parts, at positions 5..
+    np.testing.assert_allclose(logits, gpt2.gpt2(ids, **params, n_head=n_head)[-1], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("n_positions, n_cores, n_embd, n_parts",
                          [(1000, 2, 768, 2), (1024, 4, 768, 4), (300, 64, 1600, 2), (1280, 16, 8, 10)])
 def test_a_prompt_is_cut_into_one_part_per_core_of_equal_work(n_positions, n_cores, n_embd, n_parts):

@@ -457,6 +457,8 @@ def test_a_damaged_run_is_one_line_naming_the_file(run_copy, what, damage, messa
         train.main(dataset, "run", resume=True, max_steps=3, models_dir=models_dir)
     assert message in str(refused.value) and "\n" not in str(refused.value)
     assert str(refused.value).startswith(run_dir) or "cannot read the checkpoint" in message
+    if "can still start a new run" in str(refused.value):  # the hint names the run, not a tensor of it
+        assert "(--init_from run --out_name NEW)" in str(refused.value)
     assert "--overwrite" in str(refused.value)
 
 

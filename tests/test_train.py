@@ -339,6 +339,17 @@ def test_weights_that_overflow_are_never_saved_over_the_last_save(models_dir, pa
     assert all(np.isfinite(a).all() for a in best.values())
 
 
+def test_a_validation_loss_that_is_not_finite_stops_the_run_and_is_never_the_best(models_dir, paragraph,
+                                                                                   monkeypatch):
+    losses, real = iter([None, float("nan")]), train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda *args: next(losses, None) or real(*args))
+    run_dir = os.path.join(models_dir, "run")
+    with pytest.raises(utils.ModelError, match=r"^training diverged at step 4: its validation loss is nan"):
+        train.main(paragraph, "run", **SCRATCH, block_size=16, batch_size=2, max_steps=10, save_every=2,
+                   eval_every=2, models_dir=models_dir)
+    assert runs.read_saved_run(run_dir).step == 2 and runs.best_of(run_dir + "-best")[1].startswith("best-000002.")
+
+
 def test_a_diverging_run_on_the_command_line_is_one_error_line_and_exit_1(models_dir, paragraph):
     process = run_train("--dataset", paragraph, "--out_name", "run", *TINY, "--block_size", "16", "--max_steps", "5",
                         "--learning_rate", "1e30", "--eval_every", "0", "--models_dir", models_dir)
@@ -349,13 +360,15 @@ def test_a_diverging_run_on_the_command_line_is_one_error_line_and_exit_1(models
     assert not os.path.lexists(os.path.join(models_dir, "run"))
 
 
-def test_sigterm_saves_the_step_it_was_on_as_ctrl_c_does(models_dir, paragraph):
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["new run", "--overwrite of no run"])
+def test_sigterm_saves_the_step_it_was_on_as_ctrl_c_does(models_dir, paragraph, overwrite):
     """kill, `docker stop` and a cluster taking its machine back send SIGTERM: the steps since the last save are
-    saved, not lost, and the exit code is the signal's (143)."""
+    saved, not lost, and the exit code is the signal's (143). --overwrite with no old run to keep saves too (a job
+    script that always passes it lost its run)."""
     run_dir = os.path.join(models_dir, "long")
     process = run_train("--dataset", paragraph, "--out_name", "long", *TINY, "--block_size", "16", "--batch_size",
                         "2", "--max_steps", "100000", "--eval_every", "0", "--save_every", "1000", "--models_dir",
-                        models_dir)
+                        models_dir, *overwrite)
     live_log = os.path.join(models_dir, ".long.saves", "live-log.csv")
     wait_for(lambda: os.path.exists(live_log) and len(open(live_log).readlines()) > 3, process, "three steps")
     process.send_signal(signal.SIGTERM)
