@@ -7,6 +7,7 @@ HF's layout is what transformers, accelerate and DeepSpeed, vLLM and llama.cpp's
 a model fine-tuned here can go on from there. The release layout without a run's optimizer state is a model to
 hand to someone (train.py's run folder also holds AdamW's moments, twice the model's size).
 """
+import fnmatch
 import glob
 import os
 import shutil
@@ -57,10 +58,22 @@ def check_out(out, overwrite):
                  f"the model folder {inside}, which is replaced whole when it is saved again")
         raise utils.UsageError(f"--out {out} lies inside {where}; write it somewhere else")
     check(overwrite or not os.path.exists(out), f"--out {out} already exists: --overwrite replaces it")
-    if os.path.isdir(out) and not is_model_folder(out):
+    if os.path.isdir(out):
+        def listing(names):
+            return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         held = sorted(os.listdir(out))
-        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
-        check(not held, f"--out {out} is not a model folder (it holds {shown}): --overwrite replaces only a model")
+        check(is_model_folder(out) or not held,
+              f"--out {out} is not a model folder (it holds {listing(held)}): --overwrite replaces only a model")
+        others = [name for name in held if not any(fnmatch.fnmatch(name, kind) for kind in MODEL_FILES)]
+        check(not others, f"--out {out} holds more than a model ({listing(others)}): --overwrite would delete it "
+                          f"with the model; move it out first")
+
+
+# What a model folder holds, as export, train.py, gpt2.py (numpy-params) and HF's save_pretrained write them: all
+# that --overwrite may delete with the folder.
+MODEL_FILES = ("hparams.json", "checkpoint", "model.ckpt*", "encoder.json", "vocab.bpe", "numpy-params",
+               *hf.TOKENIZER_FILES, *hf.SAFETENSORS_FILES, *hf.TORCH_FILES, hf.GENERATION_CONFIG, "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", ".*.lock")
 
 
 def check_source(out, model_dir):

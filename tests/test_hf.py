@@ -319,6 +319,23 @@ def test_export_overwrite_replaces_only_a_model(tmp_path, tiny_model):
     assert sorted(os.listdir(out)) == ["config.json", "notes.txt", "sub"] and (out / "notes.txt").read_text() == "mine"
 
 
+def test_export_overwrite_refuses_a_model_folder_holding_more_than_the_model(tmp_path, tiny_model):
+    """A transformers Trainer's output folder: the model, and checkpoints and notes beside it, which replacing the
+    folder would delete."""
+    out = tmp_path / "trained"
+    args = ("export.py", "--model_size", tiny_model.name, "--models_dir", tiny_model.models_dir, "--out", str(out))
+    assert run(*args).returncode == 0
+    (out / "notes.txt").write_text("mine")
+    (out / "checkpoint-500").mkdir()
+    line = one_line_error(run(*args, "--overwrite"), 2)
+    assert line == f"error: --out {out} holds more than a model (checkpoint-500, notes.txt): --overwrite would " \
+                   f"delete it with the model; move it out first"
+    assert (out / "notes.txt").read_text() == "mine" and (out / "checkpoint-500").is_dir()
+    os.remove(out / "notes.txt")
+    os.rmdir(out / "checkpoint-500")
+    assert run(*args, "--overwrite").returncode == 0  # the model alone is replaced
+
+
 def test_export_never_replaces_the_model_it_reads(tmp_path, tiny_model):
     shutil.copytree(tiny_model.path, tmp_path / "run")
     line = one_line_error(run("export.py", "--model_size", str(tmp_path / "run"), "--out", str(tmp_path / "run"),
@@ -327,7 +344,7 @@ def test_export_never_replaces_the_model_it_reads(tmp_path, tiny_model):
     shutil.copytree(tiny_model.path, tmp_path / "run" / "inner")
     line = one_line_error(run("export.py", "--model_size", str(tmp_path / "run" / "inner"),
                               "--out", str(tmp_path / "run"), "--overwrite"), 2)
-    assert "holds the model being exported" in line
+    assert "holds more than a model (inner)" in line
     assert sorted(os.listdir(tmp_path / "run")) == sorted(os.listdir(tiny_model.path) + ["inner"])
 
 
