@@ -72,6 +72,15 @@ def test_piped_prompts_one_per_line_and_a_too_long_one_is_reported(tiny_model):
     assert result.stderr.splitlines() == ["error: the prompt is more than 1024 tokens, the model's whole context"]
 
 
+def test_a_byte_order_mark_on_piped_prompts_is_not_part_of_the_prompt(tiny_model):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "gpt2.py"), "--interactive",
+                             *flags(tiny_model, n_tokens_to_generate=6)], input=b"\xef\xbb\xbfHello\nHello\n",
+                            capture_output=True, cwd=ROOT, timeout=300)  # a file saved by Notepad, piped in
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.decode("utf-8").splitlines()
+    assert first == second
+
+
 def test_interactive_takes_no_prompt_file(tiny_model):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "gpt2.py"), "-i", "--prompt_file", "x.txt",
                              *flags(tiny_model)],
