@@ -113,8 +113,10 @@ def write_folder(out, write, overwrite):
             finally:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
             shutil.rmtree(old_dir, ignore_errors=True)
-    except OSError as e:  # a read-only or full disk
-        raise utils.ModelError(f"could not write {out}: {e.strerror or e}") from None
+    except Exception as e:  # a read-only or full disk, as the system, TensorFlow or safetensors says it
+        if runs.write_error(e) is None:
+            raise
+        raise utils.ModelError(f"could not write {out}: {runs.write_error(e)}") from None
 
 
 def main(model_size, out, format="hf", dtype="float32", models_dir="models", overwrite=False):

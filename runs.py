@@ -830,9 +830,12 @@ def write_error(error):
     tf = sys.modules.get("tensorflow")
     if tf is not None and isinstance(error, tf.errors.OpError):
         message = error.message.strip().splitlines()[0] if error.message.strip() else type(error).__name__
-        return next((os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
-                     if os.strerror(code) in message), message)
-    return None
+    elif type(error).__name__ == "SafetensorError":  # safetensors' writer, likewise ("... (os error 28)")
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    else:
+        return None
+    return next((os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+                 if os.strerror(code) in message), message)
 
 
 def put_back(run_dir):

@@ -336,6 +336,19 @@ def test_export_overwrite_refuses_a_model_folder_holding_more_than_the_model(tmp
     assert run(*args, "--overwrite").returncode == 0  # the model alone is replaced
 
 
+@pytest.mark.parametrize("format", ["hf", "release"])
+def test_export_to_a_full_disk_is_one_line_and_leaves_no_folder(tmp_path, tiny_model, format):
+    """safetensors' and TensorFlow's writers report a full disk as errors of their own (a traceback before)."""
+    from tests.mounts import small_disk
+    with small_disk(tmp_path / "disk", "512k") as disk:
+        out = os.path.join(disk, "x")
+        result = run("export.py", "--model_size", tiny_model.name, "--models_dir", tiny_model.models_dir, "--out",
+                     out, "--format", format)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.splitlines()[0] == f"error: could not write {out}: No space left on device"
+        assert [name for name in os.listdir(disk) if not name.endswith(".lock")] == []
+
+
 def test_export_never_replaces_the_model_it_reads(tmp_path, tiny_model):
     shutil.copytree(tiny_model.path, tmp_path / "run")
     line = one_line_error(run("export.py", "--model_size", str(tmp_path / "run"), "--out", str(tmp_path / "run"),
