@@ -1074,7 +1074,11 @@ class Run:
             raise RunError(f"could not make {self.best_dir} the best model: {write_error(e)}") from None
 
     def kept(self):
-        return f"{self.run_dir} keeps its last save" if os.path.lexists(self.run_dir) else "nothing of the run is saved"
+        if not os.path.lexists(self.run_dir):
+            return "nothing of the run is saved"
+        if self.overwrite and self.saved_step is None:  # the old run, which --overwrite has not replaced yet
+            return f"{self.run_dir} is as it was, and the new run is discarded"
+        return f"{self.run_dir} keeps its last save"
 
     def failed(self, step, error):
         return f"could not save step {step} of {self.run_dir}: {write_error(error)}; {self.kept()}"

@@ -320,6 +320,19 @@ def test_a_step_whose_loss_is_nan_is_not_taken_and_the_run_keeps_its_last_save(m
     assert saved.step == 4 and all(np.isfinite(a).all() for a in flatten(saved.params).values())
 
 
+def test_an_overwrite_that_diverges_before_its_first_save_says_the_old_run_is_as_it_was(models_dir, paragraph,
+                                                                                         monkeypatch):
+    common = dict(**SCRATCH, block_size=16, batch_size=2, max_steps=4, save_every=2, eval_every=0,
+                  models_dir=models_dir)
+    train.main(paragraph, "run", **common)
+    real = train.loss_and_grads
+    monkeypatch.setattr(train, "loss_and_grads", lambda *args: (float("nan"), real(*args)[1]))
+    run_dir = os.path.join(models_dir, "run")
+    with pytest.raises(utils.ModelError, match=rf"{re.escape(run_dir)} is as it was, and the new run is discarded"):
+        train.main(paragraph, "run", overwrite=True, **common)
+    assert runs.read_saved_run(run_dir).step == 4
+
+
 def test_weights_that_overflow_are_never_saved_over_the_last_save(models_dir, paragraph, monkeypatch):
     """An update that leaves a weight at inf with a finite loss (the embedding of a position past the blocks of 16):
     the save due at step 4 is refused and the save of step 2 stays; the best model is not replaced either."""
