@@ -422,11 +422,9 @@ def write_json(path, value):
 
 def tokenizer_source(model_dir, name):
     """The file of model_dir that plays the part of the release file `name` (encoder.json, vocab.bpe): itself,
-    or HF's name for it (vocab.json, merges.txt)."""
-    path = os.path.join(model_dir, name)
-    if os.path.exists(path):
-        return path
-    return os.path.join(model_dir, {"encoder.json": VOCAB, "vocab.bpe": MERGES}[name])
+    or HF's name for it (vocab.json, merges.txt), by the one rule load_encoder reads them by (tokenizer_files)."""
+    vocab, merges = tokenizer_files(model_dir)
+    return os.path.join(model_dir, {"encoder.json": vocab, "vocab.bpe": merges}[name])
 
 
 def save_hf_model(model_dir, params, hparams, vocab_dir, dtype="float32"):

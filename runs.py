@@ -980,8 +980,11 @@ class Run:
         --overwrite, which keeps the old run as it was."""
         config = self.config
         scheduled = step == config["max_steps"] or (config["save_every"] and step % config["save_every"] == 0)
-        replacing = self.overwrite and self.saved_step is None and os.path.lexists(self.run_dir)  # an old run
-        return scheduled or (interrupted and not replacing)
+        return scheduled or (interrupted and not self.replacing())
+
+    def replacing(self):
+        """An --overwrite that has not replaced the old run yet (there is one, and this run has not saved)."""
+        return self.overwrite and self.saved_step is None and os.path.lexists(self.run_dir)
 
     def check_finite(self, step, params):
         """A save never replaces a finite one with weights that are not (an update can overflow to inf with a
@@ -1074,11 +1077,9 @@ class Run:
             raise RunError(f"could not make {self.best_dir} the best model: {write_error(e)}") from None
 
     def kept(self):
-        if not os.path.lexists(self.run_dir):
-            return "nothing of the run is saved"
-        if self.overwrite and self.saved_step is None:  # the old run, which --overwrite has not replaced yet
+        if self.replacing():
             return f"{self.run_dir} is as it was, and the new run is discarded"
-        return f"{self.run_dir} keeps its last save"
+        return f"{self.run_dir} keeps its last save" if os.path.lexists(self.run_dir) else "nothing of the run is saved"
 
     def failed(self, step, error):
         return f"could not save step {step} of {self.run_dir}: {write_error(error)}; {self.kept()}"
