@@ -133,6 +133,20 @@ def test_config_the_forward_pass_does_not_implement_is_one_line(tmp_path, hf_fol
     assert message in line and str(folder) in line
 
 
+@pytest.mark.parametrize("script, args", [("gpt2.py", ["Hello"]), ("score.py", ["-"]),
+                                          ("export.py", ["--out", "unwritten"])])
+def test_a_config_past_any_gpt2_is_refused_as_hparams_json_is(tmp_path, hf_folders, script, args):
+    """config.json gets hparams.json's bounds, exit 1 like the release layout's: n_layer 10**30 exited 2 in gpt2.py
+    (a memory check, on a model that was never checked) and hung score.py and export.py."""
+    folder = edited_config(tmp_path, hf_folders["float32"][0], n_layer=10**30)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *args, "--model_size", str(folder)],
+                            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **NO_NETWORK},
+                            input="Hello", timeout=60)
+    line = one_line_error(result, 1)
+    assert line == f"error: {folder}: config.json has n_layer {10**30}, not a whole number from 1 to 1024"
+    assert sorted(os.listdir(tmp_path)) == ["edited"]
+
+
 def test_untied_head_is_refused_and_tied_copy_loads(tmp_path):
     untied = write_hf_folder(str(tmp_path / "untied"), tie_word_embeddings=False)
     assert not torch.equal(untied.lm_head.weight, untied.transformer.wte.weight)
