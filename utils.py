@@ -960,6 +960,8 @@ def check_model_name(model_size, models_dir, flag="--model_size", also=()):
     there. `also` names other values the flag takes (train.py's "scratch")."""
     if not isinstance(model_size, str) or not model_size:
         raise UsageError(f"{flag} must be a model name, a folder or a Hub repo id, got {model_size!r}")
+    if not isinstance(models_dir, (str, os.PathLike)) or not os.fspath(models_dir):  # "" is no folder: models
+        raise UsageError(f"--models_dir must name a folder, got {models_dir!r}")  # would land in the current one
     if os.path.exists(models_dir) and not os.path.isdir(models_dir):
         raise ModelError(f"--models_dir {models_dir} is a file, not a folder")
     if model_kind(model_size, models_dir) is None:
