@@ -48,6 +48,11 @@ def check_out(out, overwrite):
     model (which would delete it), and if it exists, unless --overwrite and it is a model or empty."""
     check(isinstance(out, str) and out, f"--out must be a folder to write, got {out!r}")
     check(not os.path.isfile(out), f"--out {out} is a file; give a folder to write")
+    check(not os.path.exists(out) or os.path.isdir(out), f"--out {out} is not a folder; give a folder to write")
+    above = os.path.dirname(os.path.abspath(out))
+    while not os.path.lexists(above):  # the folders to make: the first that exists must be one (/dev/full/x)
+        above = os.path.dirname(above)
+    check(os.path.isdir(above), f"--out {out} cannot be made: {above} is not a folder")
     run = runs.run_of(out)
     check(run is None, f"--out {out} belongs to the training run {run}: train.py --out_name {run} --overwrite "
                        f"starts the run again, or delete the run to free the name")
@@ -61,7 +66,11 @@ def check_out(out, overwrite):
     if os.path.isdir(out):
         def listing(names):
             return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        held = sorted(os.listdir(out))
+        try:
+            held = sorted(os.listdir(out))
+        except OSError as e:  # a folder this user may not read (chmod 000)
+            raise utils.ModelError(f"cannot read --out {out} ({e.strerror}), so --overwrite cannot tell what it "
+                                   f"would delete") from None
         check(is_model_folder(out) or not held,
               f"--out {out} is not a model folder (it holds {listing(held)}): --overwrite replaces only a model")
         others = [name for name in held if not any(fnmatch.fnmatch(name, kind) for kind in MODEL_FILES)]

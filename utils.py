@@ -129,7 +129,12 @@ def exclusive(path):
     lock = file_lock(lock_path(path, kind=".writer"))
     try:
         lock.acquire(blocking=False)
-    except TimeoutError:  # filelock's Timeout
+    except TimeoutError:  # filelock's Timeout, also where no file can be made (/proc): then it is no other process
+        try:
+            os.close(os.open(lock.lock_file, os.O_RDWR | os.O_CREAT, 0o644))
+        except OSError as e:
+            raise OSError(e.errno, f"cannot create files in {os.path.dirname(lock.lock_file) or '.'} "
+                                   f"({e.strerror})") from None
         raise UsageError(f"another process is writing {path}") from None
     try:
         yield

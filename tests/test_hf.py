@@ -363,6 +363,38 @@ def test_export_to_a_full_disk_is_one_line_and_leaves_no_folder(tmp_path, tiny_m
         assert [name for name in os.listdir(disk) if not name.endswith(".lock")] == []
 
 
+@pytest.mark.parametrize("out, overwrite, code, message", [
+    ("/proc/x", True, 1, "could not write /proc/x: cannot create files in /proc (No such file or directory)"),
+    ("/dev/full/x", True, 2, "--out /dev/full/x cannot be made: /dev/full is not a folder"),
+    ("FILE/x", True, 2, "--out FILE/x cannot be made: FILE is not a folder"),
+    ("/dev/full", False, 2, "--out /dev/full is not a folder; give a folder to write"),
+])
+def test_export_where_no_folder_can_be_made_names_the_cause(tmp_path, tiny_model, out, overwrite, code, message):
+    """/proc/x said "another process is writing" (filelock takes a lock file it cannot create for a lock held),
+    /dev/full/x and FILE/x "File exists"."""
+    (tmp_path / "file").write_text("mine")
+    out, message = (text.replace("FILE", str(tmp_path / "file")) for text in (out, message))
+    line = one_line_error(run("export.py", "--model_size", tiny_model.name, "--models_dir", tiny_model.models_dir,
+                              "--out", out, *["--overwrite"] * overwrite), code)
+    assert line == f"error: {message}"
+    assert os.listdir(tmp_path) == ["file"]
+
+
+def test_export_overwrite_of_a_folder_it_cannot_read_is_one_line(tmp_path, monkeypatch):
+    """chmod 000: os.listdir's PermissionError went up from main as it was (a traceback from Python, a line without
+    the cause from the command line). Monkeypatched, since root reads any folder."""
+    import export
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(os, "listdir", unreadable)
+    with pytest.raises(utils.ModelError) as refused:
+        export.check_out(str(tmp_path), overwrite=True)
+    assert str(refused.value) == f"cannot read --out {tmp_path} (Permission denied), so --overwrite cannot tell " \
+                                 f"what it would delete"
+
+
 def test_export_never_replaces_the_model_it_reads(tmp_path, tiny_model):
     shutil.copytree(tiny_model.path, tmp_path / "run")
     line = one_line_error(run("export.py", "--model_size", str(tmp_path / "run"), "--out", str(tmp_path / "run"),
