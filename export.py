@@ -103,21 +103,22 @@ def write_folder(out, write, overwrite):
     """Run write(tmp_dir), then put tmp_dir in place of out. Until the rename a crash leaves out as it was; an
     old out is renamed aside first and deleted only once the new one is in place, so the one copy of a model is
     never deleted (a crash between the two renames leaves the old one as .<name>.old<pid> beside out)."""
-    parent, name = os.path.split(os.path.abspath(out))
+    target = os.path.realpath(out)  # through the user's own symbolic link: the folder it points at is replaced
+    parent, name = os.path.split(target)  # and the link stays (renaming the link aside left it behind)
     tmp_dir = os.path.join(parent, f".{name}.tmp{os.getpid()}")
     old_dir = os.path.join(parent, f".{name}.old{os.getpid()}")
     try:
         os.makedirs(parent, exist_ok=True)
-        with utils.exclusive(out), utils.terminate_as_exit():
+        with utils.exclusive(target), utils.terminate_as_exit():
             check(overwrite or not os.path.exists(out), f"--out {out} already exists: --overwrite replaces it")
             for leftover in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.tmp*")):
                 shutil.rmtree(leftover, ignore_errors=True)  # from an export that was killed: we hold the lock
             try:
                 write(tmp_dir)
                 fsync_tree(tmp_dir)
-                if os.path.exists(out):
-                    os.rename(out, old_dir)  # a folder cannot replace a non-empty one in one rename
-                os.rename(tmp_dir, out)
+                if os.path.exists(target):
+                    os.rename(target, old_dir)  # a folder cannot replace a non-empty one in one rename
+                os.rename(tmp_dir, target)
                 utils.fsync_dir(parent)
             finally:
                 shutil.rmtree(tmp_dir, ignore_errors=True)

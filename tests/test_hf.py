@@ -395,6 +395,18 @@ def test_export_overwrite_of_a_folder_it_cannot_read_is_one_line(tmp_path, monke
                                  f"what it would delete"
 
 
+def test_export_overwrite_through_a_link_replaces_the_model_it_points_at(tmp_path, tiny_model):
+    """--out LINK --overwrite renamed the link aside and left it behind as .LINK.old<pid>; now the folder the link
+    points at is replaced and the link stays, as any write through a link does."""
+    args = ["export.py", "--model_size", tiny_model.name, "--models_dir", tiny_model.models_dir]
+    assert run(*args, "--out", str(tmp_path / "real")).returncode == 0
+    os.symlink("real", tmp_path / "link")
+    result = run(*args, "--out", str(tmp_path / "link"), "--overwrite", "--format", "release")
+    assert result.returncode == 0, result.stderr
+    assert os.readlink(tmp_path / "link") == "real" and "checkpoint" in os.listdir(tmp_path / "real")
+    assert sorted(name for name in os.listdir(tmp_path) if not name.endswith(".lock")) == ["link", "real"]
+
+
 def test_export_never_replaces_the_model_it_reads(tmp_path, tiny_model):
     shutil.copytree(tiny_model.path, tmp_path / "run")
     line = one_line_error(run("export.py", "--model_size", str(tmp_path / "run"), "--out", str(tmp_path / "run"),
