@@ -48,6 +48,11 @@ def check_out(out, overwrite):
     model (which would delete it), and if it exists, unless --overwrite and it is a model or empty."""
     check(isinstance(out, str) and out, f"--out must be a folder to write, got {out!r}")
     check(not os.path.isfile(out), f"--out {out} is a file; give a folder to write")
+    check(not os.path.exists(out) or os.path.isdir(out), f"--out {out} is not a folder; give a folder to write")
+    above = os.path.dirname(os.path.abspath(out))
+    while not os.path.lexists(above):  # the folders to make: the first that exists must be one (/dev/full/x)
+        above = os.path.dirname(above)
+    check(os.path.isdir(above), f"--out {out} cannot be made: {above} is not a folder")
     run = runs.run_of(out)
     check(run is None, f"--out {out} belongs to the training run {run}: train.py --out_name {run} --overwrite "
                        f"starts the run again, or delete the run to free the name")
@@ -61,7 +66,11 @@ def check_out(out, overwrite):
     if os.path.isdir(out):
         def listing(names):
             return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        held = sorted(os.listdir(out))
+        try:
+            held = sorted(os.listdir(out))
+        except OSError as e:  # a folder this user may not read (chmod 000)
+            raise utils.ModelError(f"cannot read --out {out} ({e.strerror}), so --overwrite cannot tell what it "
+                                   f"would delete") from None
         check(is_model_folder(out) or not held,
               f"--out {out} is not a model folder (it holds {listing(held)}): --overwrite replaces only a model")
         others = [name for name in held if not any(fnmatch.fnmatch(name, kind) for kind in MODEL_FILES)]
@@ -94,21 +103,22 @@ def write_folder(out, write, overwrite):
     """Run write(tmp_dir), then put tmp_dir in place of out. Until the rename a crash leaves out as it was; an
     old out is renamed aside first and deleted only once the new one is in place, so the one copy of a model is
     never deleted (a crash between the two renames leaves the old one as .<name>.old<pid> beside out)."""
-    parent, name = os.path.split(os.path.abspath(out))
+    target = os.path.realpath(out)  # through the user's own symbolic link: the folder it points at is replaced
+    parent, name = os.path.split(target)  # and the link stays (renaming the link aside left it behind)
     tmp_dir = os.path.join(parent, f".{name}.tmp{os.getpid()}")
     old_dir = os.path.join(parent, f".{name}.old{os.getpid()}")
     try:
         os.makedirs(parent, exist_ok=True)
-        with utils.exclusive(out), utils.terminate_as_exit():
+        with utils.exclusive(target), utils.terminate_as_exit():
             check(overwrite or not os.path.exists(out), f"--out {out} already exists: --overwrite replaces it")
             for leftover in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.tmp*")):
                 shutil.rmtree(leftover, ignore_errors=True)  # from an export that was killed: we hold the lock
             try:
                 write(tmp_dir)
                 fsync_tree(tmp_dir)
-                if os.path.exists(out):
-                    os.rename(out, old_dir)  # a folder cannot replace a non-empty one in one rename
-                os.rename(tmp_dir, out)
+                if os.path.exists(target):
+                    os.rename(target, old_dir)  # a folder cannot replace a non-empty one in one rename
+                os.rename(tmp_dir, target)
                 utils.fsync_dir(parent)
             finally:
                 shutil.rmtree(tmp_dir, ignore_errors=True)

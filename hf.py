@@ -36,6 +36,7 @@ IMPLEMENTED = {"activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "s
                "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
                "add_cross_attention": False}
 SHAPE_KEYS = ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size")
+HPARAM_NAMES = {"vocab_size": "n_vocab", "n_positions": "n_ctx"}  # the others have hparams.json's names
 # Buffers that old transformers saved with the weights: the causal mask, rebuilt by every forward pass.
 IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}  # bfloat16 has no NumPy dtype: widened by hand
@@ -102,6 +103,10 @@ def check_config(model_dir):
     bad = [key for key in SHAPE_KEYS if type(config.get(key)) is not int or config[key] < 1]
     if bad:
         raise utils.ModelError(f"{name}: {CONFIG} needs {', '.join(bad)} as whole numbers >= 1")
+    for key in SHAPE_KEYS:  # hparams.json's bounds, before anything is counted from them (n_layer 10**30 hung)
+        limit = utils.HPARAMS_LIMIT[HPARAM_NAMES.get(key, key)]
+        if config[key] > limit:
+            raise utils.ModelError(f"{name}: {CONFIG} has {key} {config[key]}, not a whole number from 1 to {limit}")
     for option, value in IMPLEMENTED.items():
         if config.get(option, value) != value:
             raise utils.ModelError(f"{name}: {CONFIG} sets {option} to {config[option]!r}; the forward pass here "

@@ -428,10 +428,22 @@ def jsonl_documents(file, flag, field, dataset):
 def csv_documents(file, flag, column, dataset):
     """One document per row of a CSV file whose first row names the columns: its only column, the column named
     by --text_column, or else one named `text`."""
-    reader = csv.reader(io.StringIO(row_text(file, flag), newline=""))
+    text = row_text(file, flag)
+    lines = io.StringIO(text, newline="")
+    reader = csv.reader(lines)
     csv.field_size_limit(CSV_FIELD_LIMIT)
+
+    def rows():  # the reader's, but a row that runs to the end of the file may be a quote never closed
+        start = 0
+        for row in reader:
+            if lines.tell() == len(text):
+                check_quotes_closed(text, start, f"{flag} {file}")
+            start = lines.tell()
+            yield row
+
+    rows = rows()
     try:
-        header = next((row for row in reader if row), None)  # blank lines before the header are no rows either
+        header = next((row for row in rows if row), None)  # blank lines before the header are no rows either
         if header is None:
             return
         columns = ", ".join(header)
@@ -442,7 +454,7 @@ def csv_documents(file, flag, column, dataset):
             check("text" in header, f"{flag} {file} has {len(header)} columns ({columns}): --text_column NAME "
                                     f"says which one holds the text")
         index = header.index(column or ("text" if len(header) > 1 else header[0]))
-        for row in reader:
+        for row in rows:
             if not row:  # a blank line
                 continue
             check(index < len(row), f"{flag} {file} line {reader.line_num} has {len(row)} field"
@@ -450,6 +462,28 @@ def csv_documents(file, flag, column, dataset):
             add_document(dataset, row[index])
     except csv.Error as e:
         raise utils.UsageError(f"{flag} {file} line {reader.line_num} is not CSV ({e})") from None
+
+
+def check_quotes_closed(text, start, name):
+    """The last row of a CSV file, from start, must close its quotes: Python's csv reads a quoted field that is
+    never closed to the end of the file, every row after it in that one field, without a word. Only its strict
+    reader refuses it ("unexpected end of data")."""
+    try:
+        for _ in csv.reader(io.StringIO(text[start:], newline=""), strict=True):
+            pass
+        return
+    except csv.Error as e:
+        if "unexpected end of data" not in str(e):
+            return
+    # Inside a quoted field every quote is doubled, and the lenient reader ended this one at the end of the file:
+    # its text is all there is after its opening quote.
+    field = list(csv.reader(io.StringIO(text[start:], newline="")))[-1][-1]
+    opening = len(text) - len(field.replace('"', '""')) - 1
+    opening = opening if opening >= start and text[opening] == '"' else start
+    line = len(io.StringIO(text[:opening + 1], newline="").readlines())  # counted as csv counts its lines
+    raise utils.UsageError(f'{name} line {line}: a quote (") opens a field there that the file never closes, so '
+                           f'csv would read the rest of the file as that one field; close it, or double a quote '
+                           f'that is text ("")')
 
 
 def add_document(dataset, text, empty="an empty row"):

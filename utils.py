@@ -129,7 +129,12 @@ def exclusive(path):
     lock = file_lock(lock_path(path, kind=".writer"))
     try:
         lock.acquire(blocking=False)
-    except TimeoutError:  # filelock's Timeout
+    except TimeoutError:  # filelock's Timeout, also where no file can be made (/proc): then it is no other process
+        try:
+            os.close(os.open(lock.lock_file, os.O_RDWR | os.O_CREAT, 0o644))
+        except OSError as e:
+            raise OSError(e.errno, f"cannot create files in {os.path.dirname(lock.lock_file) or '.'} "
+                                   f"({e.strerror})") from None
         raise UsageError(f"another process is writing {path}") from None
     try:
         yield
@@ -960,6 +965,8 @@ def check_model_name(model_size, models_dir, flag="--model_size", also=()):
     there. `also` names other values the flag takes (train.py's "scratch")."""
     if not isinstance(model_size, str) or not model_size:
         raise UsageError(f"{flag} must be a model name, a folder or a Hub repo id, got {model_size!r}")
+    if not isinstance(models_dir, (str, os.PathLike)) or not os.fspath(models_dir):  # "" is no folder: models
+        raise UsageError(f"--models_dir must name a folder, got {models_dir!r}")  # would land in the current one
     if os.path.exists(models_dir) and not os.path.isdir(models_dir):
         raise ModelError(f"--models_dir {models_dir} is a file, not a folder")
     if model_kind(model_size, models_dir) is None:

@@ -76,6 +76,23 @@ def test_argv_mistakes_are_one_line_exit_2_before_loading(unloadable_model, scri
     assert_one_line_error(result, 2, message)
 
 
+EMPTY_MODELS_DIR = {"gpt2.py": ["Hello", "--model_size"], "gpt2_pico.py": ["Hello", "--model_size"],
+                    "score.py": ["-", "--model_size"],
+                    "train.py": ["--dataset", "text.txt", "--out_name", "run", "--init_from"],
+                    "export.py": ["--out", "exported", "--model_size"]}
+
+
+@pytest.mark.parametrize("model", ["124M", "mine"])
+@pytest.mark.parametrize("script", list(EMPTY_MODELS_DIR))
+def test_an_empty_models_dir_is_one_line_exit_2_in_every_script(tmp_path, script, model):
+    """--models_dir "" said "a model folder in  (found: none)", or tried to download 124M into the current folder."""
+    (tmp_path / "text.txt").write_text("Some text to train on.")
+    result = run_cli(script, *EMPTY_MODELS_DIR[script], model, "--models_dir", "", cwd=tmp_path, stdin=b"Hello")
+    assert_one_line_error(result, 2)
+    assert result.stderr.decode() == "error: --models_dir must name a folder, got ''\n"
+    assert os.listdir(tmp_path) == ["text.txt"]
+
+
 @pytest.mark.parametrize("script", ["gpt2.py", "gpt2_pico.py"])
 def test_a_run_too_long_for_the_context_is_one_line_on_both_scripts(tiny_model, script):
     result = run_cli(script, "", "--n_tokens_to_generate", "1025", "--model_size", tiny_model.name, "--models_dir",

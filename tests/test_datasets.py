@@ -211,6 +211,50 @@ def test_a_csv_column_that_is_not_there_is_one_error_listing_the_columns(tmp_pat
     assert str(refused.value) == f"--dataset {short} line 3 has 1 field, no value for column 'body'"
 
 
+UNCLOSED = [  # (the file, the line where its unclosed quote opens)
+    ('text\nhello\n"unterminated\nmore\nlines\n', 3),
+    ('text\n"no newline at the end', 2),
+    ('id,text\n1,"a\nb"\n2,"c ""q"" \nd\n', 4),  # the row's second field, a line after the row begins
+    ('id,text\n1,ok\n"2,oops\n3,x\n', 3),  # the rows after it swallowed into one field, no value for "text"
+    ('text\r\nhello\r\n"x\r\ny\r\n', 3),
+    ('"text\nhello\n', 1),  # the header itself
+]
+
+
+@pytest.mark.parametrize("content, line", UNCLOSED, ids=range(len(UNCLOSED)))
+def test_a_csv_quote_never_closed_is_one_error_naming_its_line(tmp_path, content, line):
+    """Python's csv reads a quoted field that is never closed to the end of the file: every row after it was one
+    document, silently."""
+    path = tmp_path / "data.csv"
+    path.write_bytes(content.encode("utf-8"))
+    with pytest.raises(utils.UsageError) as refused:
+        runs.dataset_texts(str(path), "--dataset")
+    assert str(refused.value) == (f'--dataset {path} line {line}: a quote (") opens a field there that the file '
+                                  f'never closes, so csv would read the rest of the file as that one field; close '
+                                  f'it, or double a quote that is text ("")')
+
+
+def test_csv_quotes_closed_at_the_end_of_the_file_are_read(tmp_path):
+    for content, texts in [('text\n"abc"""\n', ['abc"']), ('text\n"ok"', ["ok"]), ('text\nhello\n"a\nb"\n\n\n',
+                                                                                   ["hello", "a\nb"])]:
+        path = tmp_path / "data.csv"
+        path.write_bytes(content.encode("utf-8"))
+        assert runs.dataset_texts(str(path), "--dataset").texts == texts
+
+
+def test_a_csv_quote_never_closed_stops_train_py_with_one_line(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text('text\nhello\n"unterminated\nmore\n', encoding="utf-8")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dataset", str(path), "--out_name",
+                             "run", "--models_dir", str(tmp_path / "models"), *CLI_OPTIONS], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines() == [f'error: --dataset {path} line 3: a quote (") opens a field there that the '
+                                          f'file never closes, so csv would read the rest of the file as that one '
+                                          f'field; close it, or double a quote that is text ("")']
+    assert not os.path.exists(tmp_path / "models" / "run")
+
+
 def test_rows_are_read_inside_folders(tmp_path):
     root = tmp_path / "mixed"
     write(root / "a.txt", "A whole file.")

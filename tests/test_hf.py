@@ -133,6 +133,20 @@ def test_config_the_forward_pass_does_not_implement_is_one_line(tmp_path, hf_fol
     assert message in line and str(folder) in line
 
 
+@pytest.mark.parametrize("script, args", [("gpt2.py", ["Hello"]), ("score.py", ["-"]),
+                                          ("export.py", ["--out", "unwritten"])])
+def test_a_config_past_any_gpt2_is_refused_as_hparams_json_is(tmp_path, hf_folders, script, args):
+    """config.json gets hparams.json's bounds, exit 1 like the release layout's: n_layer 10**30 exited 2 in gpt2.py
+    (a memory check, on a model that was never checked) and hung score.py and export.py."""
+    folder = edited_config(tmp_path, hf_folders["float32"][0], n_layer=10**30)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *args, "--model_size", str(folder)],
+                            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **NO_NETWORK},
+                            input="Hello", timeout=60)
+    line = one_line_error(result, 1)
+    assert line == f"error: {folder}: config.json has n_layer {10**30}, not a whole number from 1 to 1024"
+    assert sorted(os.listdir(tmp_path)) == ["edited"]
+
+
 def test_untied_head_is_refused_and_tied_copy_loads(tmp_path):
     untied = write_hf_folder(str(tmp_path / "untied"), tie_word_embeddings=False)
     assert not torch.equal(untied.lm_head.weight, untied.transformer.wte.weight)
@@ -347,6 +361,50 @@ def test_export_to_a_full_disk_is_one_line_and_leaves_no_folder(tmp_path, tiny_m
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.splitlines()[0] == f"error: could not write {out}: No space left on device"
         assert [name for name in os.listdir(disk) if not name.endswith(".lock")] == []
+
+
+@pytest.mark.parametrize("out, overwrite, code, message", [
+    ("/proc/x", True, 1, "could not write /proc/x: cannot create files in /proc (No such file or directory)"),
+    ("/dev/full/x", True, 2, "--out /dev/full/x cannot be made: /dev/full is not a folder"),
+    ("FILE/x", True, 2, "--out FILE/x cannot be made: FILE is not a folder"),
+    ("/dev/full", False, 2, "--out /dev/full is not a folder; give a folder to write"),
+])
+def test_export_where_no_folder_can_be_made_names_the_cause(tmp_path, tiny_model, out, overwrite, code, message):
+    """/proc/x said "another process is writing" (filelock takes a lock file it cannot create for a lock held),
+    /dev/full/x and FILE/x "File exists"."""
+    (tmp_path / "file").write_text("mine")
+    out, message = (text.replace("FILE", str(tmp_path / "file")) for text in (out, message))
+    line = one_line_error(run("export.py", "--model_size", tiny_model.name, "--models_dir", tiny_model.models_dir,
+                              "--out", out, *["--overwrite"] * overwrite), code)
+    assert line == f"error: {message}"
+    assert os.listdir(tmp_path) == ["file"]
+
+
+def test_export_overwrite_of_a_folder_it_cannot_read_is_one_line(tmp_path, monkeypatch):
+    """chmod 000: os.listdir's PermissionError went up from main as it was (a traceback from Python, a line without
+    the cause from the command line). Monkeypatched, since root reads any folder."""
+    import export
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(os, "listdir", unreadable)
+    with pytest.raises(utils.ModelError) as refused:
+        export.check_out(str(tmp_path), overwrite=True)
+    assert str(refused.value) == f"cannot read --out {tmp_path} (Permission denied), so --overwrite cannot tell " \
+                                 f"what it would delete"
+
+
+def test_export_overwrite_through_a_link_replaces_the_model_it_points_at(tmp_path, tiny_model):
+    """--out LINK --overwrite renamed the link aside and left it behind as .LINK.old<pid>; now the folder the link
+    points at is replaced and the link stays, as any write through a link does."""
+    args = ["export.py", "--model_size", tiny_model.name, "--models_dir", tiny_model.models_dir]
+    assert run(*args, "--out", str(tmp_path / "real")).returncode == 0
+    os.symlink("real", tmp_path / "link")
+    result = run(*args, "--out", str(tmp_path / "link"), "--overwrite", "--format", "release")
+    assert result.returncode == 0, result.stderr
+    assert os.readlink(tmp_path / "link") == "real" and "checkpoint" in os.listdir(tmp_path / "real")
+    assert sorted(name for name in os.listdir(tmp_path) if not name.endswith(".lock")) == ["link", "real"]
 
 
 def test_export_never_replaces_the_model_it_reads(tmp_path, tiny_model):
