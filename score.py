@@ -18,7 +18,7 @@ from tqdm import tqdm
 import gpt2
 import threads
 import utils
-from cli import check, is_int, run_script
+from cli import check, is_int, run_script, warn
 from encoder import load_encoder
 from gpt2 import ENDOFTEXT
 
@@ -253,6 +253,9 @@ def main(path=None, model_size="124M", models_dir="models", stride=None, per_tok
     n_ctx, n_vocab = hparams["n_ctx"], hparams["n_vocab"]
     stride = max(1, n_ctx // 2) if stride is None else stride
     check(1 <= stride <= n_ctx, f"--stride must be between 1 and the model's context of {n_ctx}, got {stride}")
+    check(top <= n_vocab, f"--top must be at most the model's {n_vocab} tokens, got {top}")
+    if top != 5 and not per_token:  # 5: the default, which says nothing of what the user asked for
+        warn(f"--top {top} changes nothing without --per_token, whose table lists the candidates")
     encoder = load_encoder(model_dir)
     vocab = os.path.basename(utils.tokenizer_file(model_dir, "encoder.json"))  # or HF's name for it, vocab.json
     if len(encoder.encoder) != n_vocab:  # a fault of the model, not of the command line: exit 1
@@ -264,7 +267,7 @@ def main(path=None, model_size="124M", models_dir="models", stride=None, per_tok
                                f"{vocab} does not belong to this model")
     params = utils.load_model_params(model_size, models_dir, hparams["n_layer"])
 
-    scores = score_ids(ids, params, hparams["n_head"], n_ctx, stride, min(top, n_vocab) if per_token else None,
+    scores = score_ids(ids, params, hparams["n_head"], n_ctx, stride, top if per_token else None,
                        progress=True)
     totals = summary(scores["logprobs"], len(text.encode("utf-8")))
     if json:

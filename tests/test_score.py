@@ -357,6 +357,7 @@ BAD_INPUTS = [
     (["text.txt", "--stride", str(N_CTX + 1)], 2, f"context of {N_CTX}, got {N_CTX + 1}"),
     (["text.txt", "--stride", "2.5"], 2, "--stride must be a whole number, got 2.5"),
     (["text.txt", "--top", "-1"], 2, "--top must be a whole number >= 0, got -1"),
+    (["text.txt", "--per_token", "--top", "50258"], 2, "--top must be at most the model's 50257 tokens, got 50258"),
     (["text.txt", "--model_size", "fewer"], 1, "hparams.json says n_vocab 50000, but encoder.json holds 50257 tokens"),
     (["text.txt", "--model_size", "past"], 1, "encoder.json maps '!' to 60000, not an id from 0 to 50256"),
     (["text.txt", "--model_size", "nowhere"], 2, "unknown model 'nowhere'"),
@@ -371,6 +372,15 @@ def test_bad_input_is_one_line_and_an_exit_code(bad_models, args, code, message)
     assert_one_line_error(result, code, message)
     for name in ("short", "fewer", "past"):  # each stopped before loading any weights
         assert not os.path.exists(bad_models / name / "numpy-params")
+
+
+def test_a_top_without_per_token_is_a_warning_and_the_default_none(bad_models):
+    quiet = run_cli("text.txt", "--model_size", "short", "--models_dir", str(bad_models), cwd=bad_models)
+    warned = run_cli("text.txt", "--top", "3", "--model_size", "short", "--models_dir", str(bad_models), cwd=bad_models)
+    assert quiet.returncode == warned.returncode == 0, warned.stderr.decode()
+    assert quiet.stderr == b"" and warned.stdout == quiet.stdout
+    assert warned.stderr.decode().splitlines() == [
+        "warning: --top 3 changes nothing without --per_token, whose table lists the candidates"]
 
 
 def test_help_says_what_the_stride_buys():
