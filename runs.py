@@ -433,7 +433,7 @@ def csv_documents(file, flag, column, dataset):
     reader = csv.reader(lines)
     csv.field_size_limit(CSV_FIELD_LIMIT)
 
-    def rows():  # the reader's, but a row that runs to the end of the file may be a quote never closed
+    def checked_rows():  # the reader's, but a row that runs to the end of the file may be a quote never closed
         start = 0
         for row in reader:
             if lines.tell() == len(text):
@@ -441,7 +441,7 @@ def csv_documents(file, flag, column, dataset):
             start = lines.tell()
             yield row
 
-    rows = rows()
+    rows = checked_rows()
     try:
         header = next((row for row in rows if row), None)  # blank lines before the header are no rows either
         if header is None:

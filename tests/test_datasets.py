@@ -463,7 +463,7 @@ def test_the_issues_example_of_a_long_warmup(capfd):
 
 def test_help_describes_every_flag_with_its_type_and_default():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--help"], capture_output=True,
-                            text=True, timeout=120)
+                            text=True, timeout=300)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     text = result.stdout
     assert "SYNOPSIS\n    train.py <flags>\n" in text and "Optional[" not in text and "POSITIONAL" not in text
