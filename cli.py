@@ -436,7 +436,10 @@ def read_line(tty, max_bytes=None):
             while line and not line.endswith(b"\n"):
                 line = sys.stdin.buffer.readline(1 << 16)
             raise LineTooLong(f"the prompt is more than {max_bytes} bytes, more than the model's context can hold")
-        return line.decode("utf-8").removesuffix("\n").removeprefix("\ufeff") if line else None  # (a BOM: no text)
+        if not line:
+            return None
+        # "\r\n" too: a file saved on Windows ends its lines so, and the "\r" would be a token of the prompt
+        return line.decode("utf-8").removesuffix("\n").removesuffix("\r").removeprefix("\ufeff")  # (a BOM: no text)
     # input() edits the line with readline only when stdin and stdout are terminals, and readline writes the
     # prompt and the echo to stdout. stdout is for the continuations, so it points at stderr for the moment.
     sys.stdout.flush()
