@@ -96,6 +96,14 @@ def warn_unused_flags(temperature=0.0, top_k=0, top_p=1.0, seed=None, num_sample
              f"(greedy): every sample is the same most-likely text; add --temperature 1 to sample")
 
 
+def warn_unreachable_min_new_tokens(n_tokens_to_generate, min_new_tokens):
+    """A --min_new_tokens past --n_tokens_to_generate cannot be honoured: no sample gets that long. A warning, as a
+    --warmup_steps past --max_steps is (and as in HF's generate): the run does what the shorter minimum would."""
+    if min_new_tokens > n_tokens_to_generate:
+        warn(f"--min_new_tokens {min_new_tokens} is more than --n_tokens_to_generate {n_tokens_to_generate}: no sample "
+             f"gets that long; <|endoftext|> is never chosen, as with --min_new_tokens {n_tokens_to_generate}")
+
+
 def warn_literal_escapes(stop):
     """`--stop "\\n"` is a backslash and an n: a user who meant a newline would never see it match."""
     for text in [stop] if isinstance(stop, str) else stop or []:
