@@ -20,6 +20,7 @@ import sys
 import numpy.random  # noqa: F401 -- NumPy 2 imports it on first use, and a Ctrl-C that lands inside that import
 # is swallowed (sampling went on to the end and exited 0): every script imports it here, before main runs
 
+import startup
 import utils
 
 # The flags that take text: fire would turn `--prompt_file 2024` into a number and `--prompt 1,2` into a tuple.
@@ -351,6 +352,7 @@ def utf8_stdout():
 def one_line_errors():
     """What every script does with a failure: one line on stderr and an exit code, never a traceback."""
     try:
+        startup.hand_over()  # from here on, Ctrl-C is the KeyboardInterrupt below
         yield
     except (utils.UsageError, utils.ModelError) as e:  # a bad argument exits with 2, a model that fails with 1
         sys.stderr.write(f"error: {e}\n")

@@ -4,6 +4,7 @@ Every function takes its own weights by the names the checkpoint uses, so `**blo
 model and the params dict is the call tree. Shapes are commented where they change; n_seq is the number of
 positions, and any leading batch axes ride along untouched.
 """
+import startup  # noqa: F401 -- first of all: a Ctrl-C during the slow imports below is one line, not a traceback
 import copy
 import functools
 import math

@@ -4,8 +4,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -322,3 +324,47 @@ def test_help_offers_only_what_the_command_line_accepts(script):
     synopsis = result.stdout.split("SYNOPSIS", 1)[1].split("\n")[1].split()[1:]
     positional = {"gpt2.py": ["PROMPT"], "gpt2_pico.py": ["PROMPT"], "score.py": ["PATH"]}.get(script, [])
     assert synopsis == [*positional, "<flags>"], synopsis
+
+
+# Ctrl-C while a script is still importing. The script runs as the program (runpy, as `python SCRIPT` runs it) with a
+# finder on sys.meta_path that holds the import of NumPy, the first slow one, until the test has sent SIGINT: the
+# signal lands inside an import whatever the machine's speed, with no guessed delay.
+HOLD_NUMPY_IMPORT = """
+import os, runpy, sys, time
+
+class HoldNumpy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":
+            open(os.environ["IN_IMPORT"], "w").close()
+            time.sleep(300)
+
+sys.meta_path.insert(0, HoldNumpy())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script", ["gpt2.py", "train.py", "score.py", "export.py"])
+def test_ctrl_c_while_importing_is_one_line_and_exit_130(script, tmp_path):
+    in_import = tmp_path / "in_import"
+    process = subprocess.Popen([sys.executable, "-c", HOLD_NUMPY_IMPORT, script, "--help"], cwd=ROOT,
+                               env={**os.environ, "IN_IMPORT": str(in_import)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not in_import.exists():  # the script is inside `import numpy`
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and (out, err) == ("", "interrupted\n"), err
+
+
+def test_importing_the_scripts_leaves_ctrl_c_alone():
+    # a Python program (or bench.py) that imports them keeps its own Ctrl-C: a KeyboardInterrupt, as ever
+    result = subprocess.run([sys.executable, "-c", "import signal, gpt2, train, score, export; "
+                             "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0 and result.stdout == "True\n", result.stderr
