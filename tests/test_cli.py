@@ -308,6 +308,20 @@ def test_bench_refuses_zero_new_tokens(tmp_path):
     assert result.stdout == "" and os.listdir(tmp_path) == []
 
 
+# How each script's usage line begins: fire's SYNOPSIS section for the scripts on cli.py, argparse's for bench.py
+USAGE = {"gpt2.py": "SYNOPSIS\n    gpt2.py PROMPT <flags>", "train.py": "SYNOPSIS\n    train.py <flags>",
+         "score.py": "SYNOPSIS\n    score.py PATH <flags>", "export.py": "SYNOPSIS\n    export.py <flags>",
+         "bench.py": "usage: bench.py [-h]"}
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+@pytest.mark.parametrize("script", sorted(USAGE))
+def test_help_prints_usage_on_stdout_and_exits_0(script, flag):
+    result = run_cli(script, flag, text=True)  # bench.py too: its help is read before anything is measured
+    assert result.returncode == 0 and result.stderr == "", result.stderr  # no traceback, no warning
+    assert USAGE[script] in result.stdout, result.stdout
+
+
 @pytest.mark.parametrize("script", ["gpt2.py", "gpt2_pico.py", "score.py", "train.py", "export.py"])
 def test_help_offers_only_what_the_command_line_accepts(script):
     """fire's help would offer a one-letter flag for every flag with a unique first letter (train.py's -o, export.py's
