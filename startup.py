@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.realpath(__file__))
 SCRIPTS = {"gpt2.py", "train.py", "score.py", "export.py"}  # each runs its main under cli.one_line_errors
 
 
@@ -25,8 +25,8 @@ def interrupted_while_starting(signum, frame):
 
 def is_the_program():
     """Whether one of SCRIPTS is the program being run, rather than some program that imports it."""
-    path = getattr(sys.modules.get("__main__"), "__file__", None)
-    return path is not None and os.path.abspath(path) in {os.path.join(HERE, name) for name in SCRIPTS}
+    path = getattr(sys.modules.get("__main__"), "__file__", None)  # real paths: a script run through a link counts
+    return path is not None and os.path.realpath(path) in {os.path.join(HERE, name) for name in SCRIPTS}
 
 
 def hand_over():
