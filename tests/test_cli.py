@@ -358,8 +358,11 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("script", ["gpt2.py", "train.py", "score.py", "export.py"])
+@pytest.mark.parametrize("script", ["gpt2.py", "train.py", "score.py", "export.py", "a link to gpt2.py"])
 def test_ctrl_c_while_importing_is_one_line_and_exit_130(script, tmp_path):
+    if script.startswith("a link"):  # a script put on PATH as a link is the program too
+        os.symlink(os.path.join(ROOT, "gpt2.py"), tmp_path / "gpt2")
+        script = str(tmp_path / "gpt2")
     in_import = tmp_path / "in_import"
     process = subprocess.Popen([sys.executable, "-c", HOLD_NUMPY_IMPORT, script, "--help"], cwd=ROOT,
                                env={**os.environ, "IN_IMPORT": str(in_import)}, stdout=subprocess.PIPE,
