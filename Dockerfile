@@ -28,7 +28,8 @@ COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt \
     && useradd --create-home --uid 10001 gpt2 && mkdir /app/models && chown 10001 /app/models
 # Every module the scripts import (tests/test_docker.py follows their imports and checks this list).
-COPY encoder.py utils.py hf.py cli.py stopping.py threads.py runs.py gpt2.py gpt2_pico.py train.py score.py export.py ./
+COPY encoder.py utils.py hf.py cli.py startup.py stopping.py threads.py runs.py \
+     gpt2.py gpt2_pico.py train.py score.py export.py ./
 USER 10001
 VOLUME /app/models
 ENTRYPOINT ["python", "gpt2.py"]

@@ -20,6 +20,7 @@ import sys
 import numpy.random  # noqa: F401 -- NumPy 2 imports it on first use, and a Ctrl-C that lands inside that import
 # is swallowed (sampling went on to the end and exited 0): every script imports it here, before main runs
 
+import startup
 import utils
 
 # The flags that take text: fire would turn `--prompt_file 2024` into a number and `--prompt 1,2` into a tuple.
@@ -94,6 +95,14 @@ def warn_unused_flags(temperature=0.0, top_k=0, top_p=1.0, seed=None, num_sample
     if unused:
         warn(f"{', '.join(unused)} only matter{'s' * (len(unused) == 1)} when sampling, and --temperature is 0 "
              f"(greedy): every sample is the same most-likely text; add --temperature 1 to sample")
+
+
+def warn_unreachable_min_new_tokens(n_tokens_to_generate, min_new_tokens):
+    """A --min_new_tokens past --n_tokens_to_generate cannot be honoured: no sample gets that long. A warning, as a
+    --warmup_steps past --max_steps is (and as in HF's generate): the run does what the shorter minimum would."""
+    if min_new_tokens > n_tokens_to_generate:
+        warn(f"--min_new_tokens {min_new_tokens} is more than --n_tokens_to_generate {n_tokens_to_generate}: no sample "
+             f"gets that long; <|endoftext|> is never chosen, as with --min_new_tokens {n_tokens_to_generate}")
 
 
 def warn_literal_escapes(stop):
@@ -343,6 +352,7 @@ def utf8_stdout():
 def one_line_errors():
     """What every script does with a failure: one line on stderr and an exit code, never a traceback."""
     try:
+        startup.hand_over()  # from here on, Ctrl-C is the KeyboardInterrupt below
         yield
     except (utils.UsageError, utils.ModelError) as e:  # a bad argument exits with 2, a model that fails with 1
         sys.stderr.write(f"error: {e}\n")
@@ -436,7 +446,10 @@ def read_line(tty, max_bytes=None):
             while line and not line.endswith(b"\n"):
                 line = sys.stdin.buffer.readline(1 << 16)
             raise LineTooLong(f"the prompt is more than {max_bytes} bytes, more than the model's context can hold")
-        return line.decode("utf-8").removesuffix("\n").removeprefix("\ufeff") if line else None  # (a BOM: no text)
+        if not line:
+            return None
+        # "\r\n" too: a file saved on Windows ends its lines so, and the "\r" would be a token of the prompt
+        return line.decode("utf-8").removesuffix("\n").removesuffix("\r").removeprefix("\ufeff")  # (a BOM: no text)
     # input() edits the line with readline only when stdin and stdout are terminals, and readline writes the
     # prompt and the echo to stdout. stdout is for the continuations, so it points at stderr for the moment.
     sys.stdout.flush()

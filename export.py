@@ -7,6 +7,7 @@ HF's layout is what transformers, accelerate and DeepSpeed, vLLM and llama.cpp's
 a model fine-tuned here can go on from there. The release layout without a run's optimizer state is a model to
 hand to someone (train.py's run folder also holds AdamW's moments, twice the model's size).
 """
+import startup  # noqa: F401 -- first of all: a Ctrl-C during the slow imports below is one line, not a traceback
 import fnmatch
 import glob
 import os

@@ -4,6 +4,7 @@ Every function takes its own weights by the names the checkpoint uses, so `**blo
 model and the params dict is the call tree. Shapes are commented where they change; n_seq is the number of
 positions, and any leading batch axes ride along untouched.
 """
+import startup  # noqa: F401 -- first of all: a Ctrl-C during the slow imports below is one line, not a traceback
 import copy
 import functools
 import math
@@ -447,7 +448,7 @@ def generate(inputs, params, n_head, n_tokens_to_generate, temperature=0.0, top_
 # The command line: the model above needs none of this, so `import gpt2` for the model alone stays light.
 import utils
 from cli import (check, check_arguments, check_fits, check_memory, check_text, open_prompt, prompt_bytes_limit,
-                 prompt_loop, run, warn_literal_escapes, warn_unused_flags)
+                 prompt_loop, run, warn_literal_escapes, warn_unreachable_min_new_tokens, warn_unused_flags)
 from encoder import load_encoder
 from stopping import SampleText
 
@@ -491,6 +492,7 @@ def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="mode
                     frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                     min_new_tokens=min_new_tokens)
     warn_literal_escapes(stop)
+    warn_unreachable_min_new_tokens(n_tokens_to_generate, min_new_tokens)  # once, in -i too: no prompt changes it
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     controls = dict(repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                     frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size,

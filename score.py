@@ -6,6 +6,7 @@ A model's log-probability of each token given the tokens before it is how langua
 (perplexity), and a direct view of what surprised the model and what it expected instead. `target_logprobs`
 is the one implementation of it; train.py's loss is its negative mean.
 """
+import startup  # noqa: F401 -- first of all: a Ctrl-C during the slow imports below is one line, not a traceback
 import contextlib
 import math
 import os

@@ -12,6 +12,7 @@ embedding, the whole model) return grads alone, since ids have no gradient. Put 
 tree with exactly the keys and shapes of the params tree. Shapes are for a batch of token ids [batch, seq]; n_embd
 is written C where it keeps lines short.
 """
+import startup  # noqa: F401 -- first of all: a Ctrl-C during the slow imports below is one line, not a traceback
 import math
 import signal
 import sys

@@ -4,8 +4,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -306,6 +308,20 @@ def test_bench_refuses_zero_new_tokens(tmp_path):
     assert result.stdout == "" and os.listdir(tmp_path) == []
 
 
+# How each script's usage line begins: fire's SYNOPSIS section for the scripts on cli.py, argparse's for bench.py
+USAGE = {"gpt2.py": "SYNOPSIS\n    gpt2.py PROMPT <flags>", "train.py": "SYNOPSIS\n    train.py <flags>",
+         "score.py": "SYNOPSIS\n    score.py PATH <flags>", "export.py": "SYNOPSIS\n    export.py <flags>",
+         "bench.py": "usage: bench.py [-h]"}
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+@pytest.mark.parametrize("script", sorted(USAGE))
+def test_help_prints_usage_on_stdout_and_exits_0(script, flag):
+    result = run_cli(script, flag, text=True)  # bench.py too: its help is read before anything is measured
+    assert result.returncode == 0 and result.stderr == "", result.stderr  # no traceback, no warning
+    assert USAGE[script] in result.stdout, result.stdout
+
+
 @pytest.mark.parametrize("script", ["gpt2.py", "gpt2_pico.py", "score.py", "train.py", "export.py"])
 def test_help_offers_only_what_the_command_line_accepts(script):
     """fire's help would offer a one-letter flag for every flag with a unique first letter (train.py's -o, export.py's
@@ -322,3 +338,50 @@ def test_help_offers_only_what_the_command_line_accepts(script):
     synopsis = result.stdout.split("SYNOPSIS", 1)[1].split("\n")[1].split()[1:]
     positional = {"gpt2.py": ["PROMPT"], "gpt2_pico.py": ["PROMPT"], "score.py": ["PATH"]}.get(script, [])
     assert synopsis == [*positional, "<flags>"], synopsis
+
+
+# Ctrl-C while a script is still importing. The script runs as the program (runpy, as `python SCRIPT` runs it) with a
+# finder on sys.meta_path that holds the import of NumPy, the first slow one, until the test has sent SIGINT: the
+# signal lands inside an import whatever the machine's speed, with no guessed delay.
+HOLD_NUMPY_IMPORT = """
+import os, runpy, sys, time
+
+class HoldNumpy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":
+            open(os.environ["IN_IMPORT"], "w").close()
+            time.sleep(300)
+
+sys.meta_path.insert(0, HoldNumpy())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script", ["gpt2.py", "train.py", "score.py", "export.py", "a link to gpt2.py"])
+def test_ctrl_c_while_importing_is_one_line_and_exit_130(script, tmp_path):
+    if script.startswith("a link"):  # a script put on PATH as a link is the program too
+        os.symlink(os.path.join(ROOT, "gpt2.py"), tmp_path / "gpt2")
+        script = str(tmp_path / "gpt2")
+    in_import = tmp_path / "in_import"
+    process = subprocess.Popen([sys.executable, "-c", HOLD_NUMPY_IMPORT, script, "--help"], cwd=ROOT,
+                               env={**os.environ, "IN_IMPORT": str(in_import)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not in_import.exists():  # the script is inside `import numpy`
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and (out, err) == ("", "interrupted\n"), err
+
+
+def test_importing_the_scripts_leaves_ctrl_c_alone():
+    # a Python program (or bench.py) that imports them keeps its own Ctrl-C: a KeyboardInterrupt, as ever
+    result = subprocess.run([sys.executable, "-c", "import signal, gpt2, train, score, export; "
+                             "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0 and result.stdout == "True\n", result.stderr

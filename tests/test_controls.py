@@ -269,6 +269,23 @@ def test_min_p_at_temperature_0_warns(tiny_model):
                              "sample is the same most-likely text; add --temperature 1 to sample\n")
 
 
+MIN_NEW_TOKENS_WARNING = ("warning: --min_new_tokens 10 is more than --n_tokens_to_generate 3: no sample gets that "
+                          "long; <|endoftext|> is never chosen, as with --min_new_tokens 3\n")
+
+
+@pytest.mark.parametrize("interactive", [False, True], ids=["one prompt", "interactive"])
+def test_min_new_tokens_past_n_tokens_to_generate_warns_once(tiny_model, interactive):
+    model = ["--n_tokens_to_generate", "3", "--model_size", tiny_model.name, "--models_dir", tiny_model.models_dir]
+    args, stdin = (["-i"], "Hello\nHello\n") if interactive else (["Hello"], None)  # two prompts: still one line
+    result = run_gpt2(*args, "--min_new_tokens", "10", *model, input=stdin)
+    assert result.returncode == 0 and result.stderr == MIN_NEW_TOKENS_WARNING, result.stderr
+    expected = gpt2.main("Hello", min_new_tokens=3, n_tokens_to_generate=3, model_size=tiny_model.name,
+                         models_dir=tiny_model.models_dir) + "\n"
+    assert result.stdout == (2 if interactive else 1) * expected
+    reachable = run_gpt2(*args, "--min_new_tokens", "3", *model, input=stdin)  # as many as are generated: fine
+    assert reachable.returncode == 0 and reachable.stderr == "" and reachable.stdout == result.stdout
+
+
 @pytest.mark.filterwarnings("error")
 def test_huge_penalties_push_tokens_out_without_a_warning():
     logits = np.array([[100.0, -100.0, 1.0, 0.5]], dtype=np.float32)

@@ -81,6 +81,17 @@ def test_a_byte_order_mark_on_piped_prompts_is_not_part_of_the_prompt(tiny_model
     assert first == second
 
 
+def test_windows_line_endings_on_piped_prompts_are_not_part_of_the_prompt(tiny_model):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "gpt2.py"), "--interactive",
+                             *flags(tiny_model, n_tokens_to_generate=6)], input=b"hello\r\nhello\r\n\r\n",
+                            capture_output=True, cwd=ROOT, timeout=300)  # a file saved on Windows, piped in
+    assert result.returncode == 0 and result.stderr == b"", result.stderr
+    expected = gpt2.main("hello", n_tokens_to_generate=6, model_size=tiny_model.name, models_dir=tiny_model.models_dir)
+    assert expected != gpt2.main("hello\r", n_tokens_to_generate=6, model_size=tiny_model.name,
+                                 models_dir=tiny_model.models_dir)  # the "\r" would change the text
+    assert result.stdout.decode("utf-8") == 2 * (expected + "\n")  # and the blank "\r\n" line asks again
+
+
 def test_interactive_takes_no_prompt_file(tiny_model):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "gpt2.py"), "-i", "--prompt_file", "x.txt",
                              *flags(tiny_model)],
