@@ -44,7 +44,8 @@ def rows_within_budget(n_logits, n_positions, params, n_head):
     n_positions x n_positions) and its keys and values; the largest of them sets the size, so a small stride
     (few new positions, a long context) is limited by attention rather than logits."""
     n_vocab, n_embd = params["wte"].shape
-    largest = max(n_logits * n_vocab, n_head * n_positions * n_positions, len(params["blocks"]) * 2 * n_positions * n_embd)
+    kv_cache = len(params["blocks"]) * 2 * n_positions * n_embd
+    largest = max(n_logits * n_vocab, n_head * n_positions * n_positions, kv_cache)
     return max(1, LOGITS_BUDGET // (largest * params["wte"].itemsize))
 
 
