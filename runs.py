@@ -338,12 +338,14 @@ def walk_folder(root, relative, flag, dataset, files, seen):
             continue
         try:
             info = os.stat(file)
-        except FileNotFoundError:
+        except OSError as e:
+            # A link to nothing, to a link that loops, or through a file (x.txt/y) leads to no file: broken alike.
+            # Anything else (no permission to look) is a file the run may have needed: one error naming it.
+            if e.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                raise utils.UsageError(f"{flag} {file}: {e.strerror}") from None
             warn(f"{flag} {root}: skipping {entry}, a broken link")
             dataset.skip("a broken link")
             continue
-        except OSError as e:
-            raise utils.UsageError(f"{flag} {file}: {e.strerror}") from None
         if stat.S_ISDIR(info.st_mode):  # a folder named notes.txt too: walked, never opened as a file
             key = (info.st_dev, info.st_ino)
             if key in seen:  # through a link: a folder on the way here (a loop), or one read already
