@@ -1,5 +1,6 @@
 """train.py's fine-tuning workflow: previews while it trains, the best model kept as models/<out_name>-best,
 --patience, and the summary it ends with. None of them may change the weights a run trains."""
+import csv
 import json
 import os
 import subprocess
@@ -299,3 +300,64 @@ def test_a_best_left_unlinked_by_a_death_after_the_first_save_takes_its_name_on_
     assert os.path.lexists(best)
     if step <= 2:
         assert_same(weights(best), kept)
+
+
+KILL_AT_SAVE = """
+import os, signal, sys
+import runs, train
+die_at = int(sys.argv.pop(1))
+real = runs.Run.save
+def save(self, step, *args):
+    if step == die_at:  # kill -9 as the run's save of this step begins: after the best saved just before it
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, step, *args)
+runs.Run.save = save
+train.cli()
+"""
+
+
+def test_a_best_saved_just_before_a_kill_is_kept_and_evaluated_again_on_resume(texts, models_dir, capsys):
+    """Saves at 3 and 6, an evaluation at 5: a kill -9 at the save of step 6 leaves the run at step 3 and
+    <name>-best at step 5, which the resumed log does not know. A --resume with another --eval_every (2: never 5)
+    kept its log's best (step 4) as the name, removing step 5's weights, and said step 4 was the best: the name and
+    the log disagreed. Now the name keeps step 5 until the run evaluates step 5 again, which it does whatever
+    --eval_every, and says so; from there on the name follows the log."""
+    options = {**OPTIONS, "eval_every": 5, "save_every": 3, "max_steps": 8, "val_dataset": texts[1]}
+    args = [arg for name, value in options.items() for arg in (f"--{name}", str(value))]
+    killed = subprocess.Popen([sys.executable, "-c", KILL_AT_SAVE, "6", "--dataset", texts[0], "--out_name", "run",
+                               *args, "--models_dir", models_dir], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    out, err = finish(killed, timeout=300)
+    assert killed.returncode == -9, err
+    run_dir, best = os.path.join(models_dir, "run"), os.path.join(models_dir, "run-best")
+    assert runs.read_saved_run(run_dir).step == 3 and runs.best_step(os.path.basename(os.readlink(best))) == 5
+    orphan = weights(best)
+    with open(os.path.join(models_dir, ".run.saves", runs.LIVE_LOG), newline="", encoding="utf-8") as f:
+        lost_loss = [row for row in csv.DictReader(f) if row["step"] == "5"][0]["val_loss"]
+
+    capsys.readouterr()
+    run(texts, models_dir, resume=True, max_steps=4, eval_every=2)  # ends before step 5
+    err = capsys.readouterr().err
+    ahead = (f"{best} holds the best of step 5, from past the save this run resumed from (it stopped before saving "
+             f"again), whose validation loss the log lost: a run that reaches step 5 evaluates it again")
+    assert f"warning: {ahead}\n" in err and err.rstrip().splitlines()[-2] == ahead
+    assert [r["val_loss"] != "" for r in read_log(run_dir)] == [False, False, False, True]
+    assert runs.best_step(os.path.basename(os.readlink(best))) == 5
+    assert_same(weights(best), orphan)  # kept: the only copy of that best
+    pending = [e for e in os.listdir(os.path.join(models_dir, ".run.saves")) if e.startswith("best-000004.")]
+    assert len(pending) == 1  # step 4's best waits for step 5's loss
+    step_4 = weights(os.path.join(models_dir, ".run.saves", pending[0]))
+
+    run(texts, models_dir, resume=True, max_steps=8, eval_every=2)
+    rows = read_log(run_dir)
+    assert rows[4]["val_loss"] == lost_loss  # step 5 evaluated again: the same weights as the ones kept
+    step, _ = logged_best(run_dir)
+    assert runs.best_step(os.path.basename(os.readlink(best))) == step  # the name and the log agree again
+    if step == 5:
+        assert_same(weights(best), orphan)
+    elif step == 4:
+        assert_same(weights(best), step_4)
+    elif step == 8:
+        assert_same(weights(best), weights(run_dir))
+    assert sorted(e for e in os.listdir(os.path.join(models_dir, ".run.saves")) if e.startswith("best-")) == \
+        [os.path.basename(os.readlink(best))]  # no other best left behind
