@@ -642,6 +642,57 @@ def test_a_validation_split_too_short_to_score_is_one_line(models_dir, tmp_path)
         train.main(str(short), "run", max_steps=1, models_dir=models_dir, **{**OPTIONS, "eval_every": 1})
 
 
+AT_THE_LOCK = """
+import os, sys, time
+import runs, train
+ready, go = sys.argv.pop(1), sys.argv.pop(1)
+real = runs.Run.__enter__
+def enter(self):  # setup done (the name was free), the run's lock not taken yet: wait there for the test
+    open(ready, "w").close()
+    deadline = time.monotonic() + 300
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return real(self)
+runs.Run.__enter__ = enter
+train.cli()
+"""
+
+
+@pytest.mark.parametrize("order", ["together", "one after the other"])
+def test_two_new_runs_on_one_name_at_once_one_wins_and_the_other_is_one_line(models_dir, paragraph, tmp_path,
+                                                                              order):
+    """Both found the name free and are past every check; then both take the run's lock at once (together), or
+    the second only once the first has finished (its check that the name is free is then stale). One trains; the
+    other is one line, exit 2, and leaves the winner's run whole and resumable."""
+    run_dir = os.path.join(models_dir, "run")
+    flags = [f"{tmp_path}/{which}" for n in (0, 1) for which in (f"ready{n}", f"go{n}")]
+    racers = [subprocess.Popen([sys.executable, "-c", AT_THE_LOCK, *flags[2 * n:2 * n + 2], "--dataset", paragraph,
+                                "--out_name", "run", *CLI_OPTIONS, "--max_steps", "3", "--models_dir", models_dir],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+    for n, racer in enumerate(racers):
+        wait_for(lambda: os.path.exists(flags[2 * n]), racer, f"racer {n} at the lock", timeout=300)
+    if order == "together":
+        for n in (0, 1):
+            open(flags[2 * n + 1], "w").close()
+        results = [finish(racer, timeout=300) for racer in racers]
+    else:
+        open(flags[1], "w").close()
+        results = [finish(racers[0], timeout=300)]
+        open(flags[3], "w").close()
+        results.append(finish(racers[1], timeout=300))
+    codes = [racer.returncode for racer in racers]
+    assert sorted(codes) == [0, 2], results
+    out, err = results[codes.index(2)]
+    refusals = (f"error: another process is writing {run_dir}\n",
+                f"error: {run_dir} already exists: --resume continues it, --overwrite starts it again\n")
+    assert out == "" and err in (refusals if order == "together" else refusals[1:]), err
+    saved = runs.read_saved_run(run_dir)
+    assert saved.step == 3 and [int(r["step"]) for r in saved.rows] == [1, 2, 3]
+    assert os.listdir(os.path.join(models_dir, ".run.saves")) == [os.path.basename(os.readlink(run_dir))]
+    train.main(paragraph, "run", resume=True, max_steps=4, models_dir=models_dir)
+    assert runs.read_saved_run(run_dir).step == 4
+
+
 # ---------------------------------------------------------------------------------------------- readers
 
 def test_loading_a_run_while_it_saves_never_warns(run_copy, capfd):
