@@ -1100,7 +1100,7 @@ class Run:
             shutil.rmtree(partial, ignore_errors=True)
             if write_error(e):
                 raise RunError(f"could not save the best model of step {step} as {self.best_dir}: "
-                               f"{write_error(e)}") from None
+                               f"{write_error(e)}; {self.kept()}") from None
             raise
         if self.pending_best is not None:  # an earlier best that never took the name: superseded
             remove(os.path.join(self.saves, self.pending_best))
@@ -1127,7 +1127,7 @@ class Run:
         except OSError as e:
             if self.current_best() != name:
                 shutil.rmtree(os.path.join(self.saves, name), ignore_errors=True)
-            raise RunError(f"could not make {self.best_dir} the best model: {write_error(e)}") from None
+            raise RunError(f"could not make {self.best_dir} the best model: {write_error(e)}; {self.kept()}") from None
 
     def kept(self):
         if self.replacing():

@@ -361,3 +361,25 @@ def test_a_best_saved_just_before_a_kill_is_kept_and_evaluated_again_on_resume(t
         assert_same(weights(best), weights(run_dir))
     assert sorted(e for e in os.listdir(os.path.join(models_dir, ".run.saves")) if e.startswith("best-")) == \
         [os.path.basename(os.readlink(best))]  # no other best left behind
+
+
+def test_a_full_disk_at_a_new_best_is_one_line_and_keeps_the_old_best_and_the_run(tmp_path, texts):
+    """20 MB: the vocabulary (1.5 MB), a save of step 1 (11 MB) and its best (4.7 MB) fit; step 2's best does not.
+    The run stops with one line saying what is kept, and the name keeps step 1's best, whole."""
+    from tests.mounts import small_disk
+
+    with small_disk(tmp_path / "disk", "20m") as disk:
+        models_dir = vocabulary_only(os.path.join(disk, "models"))
+        run(texts, models_dir, max_steps=1, save_every=1)
+        run_dir, best = os.path.join(models_dir, "run"), os.path.join(models_dir, "run-best")
+        kept, kept_best = os.readlink(run_dir), os.readlink(best)
+        full = run_train("--out_name", "run", "--resume", "--max_steps", "3", "--models_dir", models_dir)
+        out, err = finish(full, timeout=300)
+        assert full.returncode == 1 and not out and "Traceback" not in err, err
+        assert err.splitlines()[-1] == (f"error: could not save the best model of step 2 as {best}: No space left "
+                                        f"on device; {run_dir} keeps its last save"), err
+        assert (os.readlink(run_dir), os.readlink(best)) == (kept, kept_best)
+        assert sorted(os.listdir(os.path.join(models_dir, ".run.saves"))) == sorted(
+            os.path.basename(link) for link in (kept, kept_best))  # no partial save, no live log
+        _, _, params = utils.load_encoder_hparams_and_params("run-best", models_dir)
+        assert runs.read_saved_run(run_dir).step == 1
