@@ -995,7 +995,8 @@ class Run:
     def remove_leftovers(self):
         """Only names this module makes, in the run's own folder, and never the current save nor the current best.
         A best save of the log's best step that never took the name (the process died between the run's first save
-        and the switch; the name is free, or holds the best of the run that --overwrite replaced) takes it now."""
+        and the switch; the name is free, or holds the best of the run that --overwrite replaced) takes it now,
+        unless the name holds a best of a step past the save resumed from (best_ahead): then it waits as pending."""
         current, best = self.current(), self.current_best()
         self.best_ahead = self.step_ahead(best)
         if self.best.step is not None and (best is not None or not os.path.lexists(self.best_dir)):
@@ -1006,11 +1007,11 @@ class Run:
                 if self.best_ahead is None:  # else it waits until the best ahead is evaluated again
                     best = found[0]
                     self.link_best()
+        keep = (current, best, self.pending_best)
         for entry in os.listdir(self.saves):
-            if entry not in (current, best, self.pending_best) and (SAVE_NAME.fullmatch(entry)
-                                                                    or PARTIAL_NAME.fullmatch(entry)
-                                                 or BEST_NAME.fullmatch(entry) or BEST_PARTIAL_NAME.fullmatch(entry)
-                                                 or entry in (NEW_LINK, NEW_BEST_LINK, REPLACED, LIVE_LOG)):
+            if entry not in keep and (SAVE_NAME.fullmatch(entry) or PARTIAL_NAME.fullmatch(entry)
+                                      or BEST_NAME.fullmatch(entry) or BEST_PARTIAL_NAME.fullmatch(entry)
+                                      or entry in (NEW_LINK, NEW_BEST_LINK, REPLACED, LIVE_LOG)):
                 remove(os.path.join(self.saves, entry))
 
     def step_ahead(self, best):
@@ -1187,8 +1188,8 @@ class Run:
 
     def ahead_line(self):
         return (f"{self.best_dir} holds the best of step {self.best_ahead}, from past the save this run resumed "
-                f"from (it stopped before saving again), whose validation loss the log lost: a run that reaches "
-                f"step {self.best_ahead} evaluates it again")
+                f"from (it stopped before saving again), whose validation loss the log lost: a run that evaluates "
+                f"(--eval_every N) evaluates step {self.best_ahead} again")
 
     def out_of_patience(self):
         return self.best.out_of_patience(self.config["patience"])

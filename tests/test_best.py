@@ -339,7 +339,8 @@ def test_a_best_saved_just_before_a_kill_is_kept_and_evaluated_again_on_resume(t
     run(texts, models_dir, resume=True, max_steps=4, eval_every=2)  # ends before step 5
     err = capsys.readouterr().err
     ahead = (f"{best} holds the best of step 5, from past the save this run resumed from (it stopped before saving "
-             f"again), whose validation loss the log lost: a run that reaches step 5 evaluates it again")
+             f"again), whose validation loss the log lost: a run that evaluates (--eval_every N) evaluates step 5 "
+             f"again")
     assert f"warning: {ahead}\n" in err and err.rstrip().splitlines()[-2] == ahead
     assert [r["val_loss"] != "" for r in read_log(run_dir)] == [False, False, False, True]
     assert runs.best_step(os.path.basename(os.readlink(best))) == 5
