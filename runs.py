@@ -338,12 +338,14 @@ def walk_folder(root, relative, flag, dataset, files, seen):
             continue
         try:
             info = os.stat(file)
-        except FileNotFoundError:
+        except OSError as e:
+            # A link to nothing, to a link that loops, or through a file (x.txt/y) leads to no file: broken alike.
+            # Anything else (no permission to look) is a file the run may have needed: one error naming it.
+            if e.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                raise utils.UsageError(f"{flag} {file}: {e.strerror}") from None
             warn(f"{flag} {root}: skipping {entry}, a broken link")
             dataset.skip("a broken link")
             continue
-        except OSError as e:
-            raise utils.UsageError(f"{flag} {file}: {e.strerror}") from None
         if stat.S_ISDIR(info.st_mode):  # a folder named notes.txt too: walked, never opened as a file
             key = (info.st_dev, info.st_ino)
             if key in seen:  # through a link: a folder on the way here (a loop), or one read already
@@ -916,6 +918,11 @@ class Run:
         # waits for the run's first save, so that the name never holds the best of a run with nothing saved.
         self.run_exists = bool(self.rows)
         self.pending_best = None  # the name of a best save written but not linked yet
+        # The step of the best that <name>-best holds when that step is past the save --resume continues from: the
+        # process died between a new best and its next save, and the log it resumes from lost that step's
+        # validation loss. The resumed run evaluates that step again (its weights are the same then, bit for
+        # bit); until then the name keeps that best, and a new best waits as pending_best.
+        self.best_ahead = None
 
     def __enter__(self):
         try:
@@ -988,19 +995,28 @@ class Run:
     def remove_leftovers(self):
         """Only names this module makes, in the run's own folder, and never the current save nor the current best.
         A best save of the log's best step that never took the name (the process died between the run's first save
-        and the switch; the name is free, or holds the best of the run that --overwrite replaced) takes it now."""
+        and the switch; the name is free, or holds the best of the run that --overwrite replaced) takes it now,
+        unless the name holds a best of a step past the save resumed from (best_ahead): then it waits as pending."""
         current, best = self.current(), self.current_best()
+        self.best_ahead = self.step_ahead(best)
         if self.best.step is not None and (best is not None or not os.path.lexists(self.best_dir)):
             found = [entry for entry in os.listdir(self.saves) if entry != best and BEST_NAME.fullmatch(entry)
                      and best_step(entry) == self.best.step]
             if found:
-                self.pending_best = best = found[0]
-                self.link_best()
+                self.pending_best = found[0]
+                if self.best_ahead is None:  # else it waits until the best ahead is evaluated again
+                    best = found[0]
+                    self.link_best()
+        keep = (current, best, self.pending_best)
         for entry in os.listdir(self.saves):
-            if entry not in (current, best) and (SAVE_NAME.fullmatch(entry) or PARTIAL_NAME.fullmatch(entry)
-                                                 or BEST_NAME.fullmatch(entry) or BEST_PARTIAL_NAME.fullmatch(entry)
-                                                 or entry in (NEW_LINK, NEW_BEST_LINK, REPLACED, LIVE_LOG)):
+            if entry not in keep and (SAVE_NAME.fullmatch(entry) or PARTIAL_NAME.fullmatch(entry)
+                                      or BEST_NAME.fullmatch(entry) or BEST_PARTIAL_NAME.fullmatch(entry)
+                                      or entry in (NEW_LINK, NEW_BEST_LINK, REPLACED, LIVE_LOG)):
                 remove(os.path.join(self.saves, entry))
+
+    def step_ahead(self, best):
+        """The step of the best save `best` if it is past the save a --resume continues from, else None."""
+        return best_step(best) if best is not None and self.run_exists and best_step(best) > len(self.rows) else None
 
     def log_step(self, **row):
         row["session"] = self.session
@@ -1008,6 +1024,10 @@ class Run:
         self.best.add(row)
         self.writer.writerow(row)
         self.log.flush()
+        if self.best_ahead is not None and int(row["step"]) >= self.best_ahead and row.get("val_loss"):
+            self.best_ahead = None  # the log knows that step's loss again: the name follows the log from now on
+            if self.pending_best is not None and self.best.step != int(row["step"]):
+                self.link_best()  # a best found before it is better; were it this step, save_best replaces it
 
     def save_due(self, step, interrupted):
         """A save every --save_every steps and at the end; on Ctrl-C too, except before the first save of an
@@ -1063,7 +1083,7 @@ class Run:
         self.saved_step = step
         self.vocab_dir = final  # the previous save, whose vocabulary the next save would copy, is gone
         self.run_exists = True
-        if self.pending_best is not None:
+        if self.pending_best is not None and self.best_ahead is None:
             self.link_best()
 
     def save_best(self, step, params):
@@ -1081,12 +1101,12 @@ class Run:
             shutil.rmtree(partial, ignore_errors=True)
             if write_error(e):
                 raise RunError(f"could not save the best model of step {step} as {self.best_dir}: "
-                               f"{write_error(e)}") from None
+                               f"{write_error(e)}; {self.kept()}") from None
             raise
         if self.pending_best is not None:  # an earlier best that never took the name: superseded
             remove(os.path.join(self.saves, self.pending_best))
         self.pending_best = name
-        if self.run_exists:
+        if self.run_exists and self.best_ahead is None:
             self.link_best()
 
     def link_best(self):
@@ -1108,7 +1128,7 @@ class Run:
         except OSError as e:
             if self.current_best() != name:
                 shutil.rmtree(os.path.join(self.saves, name), ignore_errors=True)
-            raise RunError(f"could not make {self.best_dir} the best model: {write_error(e)}") from None
+            raise RunError(f"could not make {self.best_dir} the best model: {write_error(e)}; {self.kept()}") from None
 
     def kept(self):
         if self.replacing():
@@ -1152,8 +1172,8 @@ class Run:
         self.log.close()
         self.log = None
         remove(os.path.join(self.saves, LIVE_LOG))
-        if self.pending_best is not None:  # the best of a run that was never saved: discarded with it
-            remove(os.path.join(self.saves, self.pending_best))
+        if self.pending_best is not None and self.best_ahead is None:  # the best of a run never saved: discarded
+            remove(os.path.join(self.saves, self.pending_best))                # with it
             self.pending_best = None
         if self.current() is None:  # nothing saved (an --overwrite stopped before its first save): no empty folder
             with contextlib.suppress(OSError):
@@ -1166,6 +1186,11 @@ class Run:
         return (f"{how} before the new run's first save: {self.run_dir} is as it was, and the new run "
                 f"({step} step{'s' * (step != 1)}) is discarded")
 
+    def ahead_line(self):
+        return (f"{self.best_dir} holds the best of step {self.best_ahead}, from past the save this run resumed "
+                f"from (it stopped before saving again), whose validation loss the log lost: a run that evaluates "
+                f"(--eval_every N) evaluates step {self.best_ahead} again")
+
     def out_of_patience(self):
         return self.best.out_of_patience(self.config["patience"])
 
@@ -1175,7 +1200,9 @@ class Run:
         lines = [f"saved step {step} in {self.run_dir}" + (f": validation loss {float(last['val_loss']):.4f}, "
                                                            f"perplexity {math.exp(float(last['val_loss'])):.2f}"
                                                            if last.get("val_loss") else "")]
-        if self.best.step is not None and self.current_best() is not None:
+        if self.best_ahead is not None and self.current_best() is not None:
+            lines.append(self.ahead_line())
+        elif self.best.step is not None and self.current_best() is not None:
             if self.best.step == step:
                 lines.append(f"it is the best so far, also kept as {self.best_dir}")
             else:
@@ -1331,9 +1358,11 @@ def open_run(s):
         run.start_log()
         if s.resume:
             best = (f"; its best, step {run.best.step} (validation loss {run.best.loss:.4f}), is {run.best_dir}"
-                    if run.best.step is not None and run.current_best() else "")
+                    if run.best.step is not None and run.current_best() and run.best_ahead is None else "")
             print(f"resuming {s.run_dir} at step {s.saved.step} (session {run.session}), to step "
                   f"{s.config['max_steps']}{best}", file=sys.stderr)
+        if s.resume and run.best_ahead is not None and run.current_best():
+            warn(run.ahead_line())
         print("\n".join(start_summary(s)), file=sys.stderr, flush=True)
         yield run
 

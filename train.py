@@ -529,7 +529,8 @@ def train(params, optimizer, step, rng, tokens, val_tokens, config, run, sample)
             tokens_per_s = tokens_per_step / (time.perf_counter() - start)
             step += 1
             val_loss = ""
-            if config["eval_every"] and (step % config["eval_every"] == 0 or step == max_steps):
+            # Also at the step of a best model saved just before a death, which a resumed run's log has lost
+            if config["eval_every"] and (step % config["eval_every"] == 0 or step in (max_steps, run.best_ahead)):
                 val_loss = evaluate(params, windows, n_head, config["batch_size"])
                 if not math.isfinite(val_loss):  # weights that overflow the forward pass: never a best, never saved
                     raise runs.RunError(run.diverged(step, f"its validation loss is {val_loss:.4g}"))

@@ -1,5 +1,6 @@
 """train.py's fine-tuning workflow: previews while it trains, the best model kept as models/<out_name>-best,
 --patience, and the summary it ends with. None of them may change the weights a run trains."""
+import csv
 import json
 import os
 import subprocess
@@ -299,3 +300,87 @@ def test_a_best_left_unlinked_by_a_death_after_the_first_save_takes_its_name_on_
     assert os.path.lexists(best)
     if step <= 2:
         assert_same(weights(best), kept)
+
+
+KILL_AT_SAVE = """
+import os, signal, sys
+import runs, train
+die_at = int(sys.argv.pop(1))
+real = runs.Run.save
+def save(self, step, *args):
+    if step == die_at:  # kill -9 as the run's save of this step begins: after the best saved just before it
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, step, *args)
+runs.Run.save = save
+train.cli()
+"""
+
+
+def test_a_best_saved_just_before_a_kill_is_kept_and_evaluated_again_on_resume(texts, models_dir, capsys):
+    """Saves at 3 and 6, an evaluation at 5: a kill -9 at the save of step 6 leaves the run at step 3 and
+    <name>-best at step 5, which the resumed log does not know. A --resume with another --eval_every (2: never 5)
+    kept its log's best (step 4) as the name, removing step 5's weights, and said step 4 was the best: the name and
+    the log disagreed. Now the name keeps step 5 until the run evaluates step 5 again, which it does whatever
+    --eval_every, and says so; from there on the name follows the log."""
+    options = {**OPTIONS, "eval_every": 5, "save_every": 3, "max_steps": 8, "val_dataset": texts[1]}
+    args = [arg for name, value in options.items() for arg in (f"--{name}", str(value))]
+    killed = subprocess.Popen([sys.executable, "-c", KILL_AT_SAVE, "6", "--dataset", texts[0], "--out_name", "run",
+                               *args, "--models_dir", models_dir], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    out, err = finish(killed, timeout=300)
+    assert killed.returncode == -9, err
+    run_dir, best = os.path.join(models_dir, "run"), os.path.join(models_dir, "run-best")
+    assert runs.read_saved_run(run_dir).step == 3 and runs.best_step(os.path.basename(os.readlink(best))) == 5
+    orphan = weights(best)
+    with open(os.path.join(models_dir, ".run.saves", runs.LIVE_LOG), newline="", encoding="utf-8") as f:
+        lost_loss = [row for row in csv.DictReader(f) if row["step"] == "5"][0]["val_loss"]
+
+    capsys.readouterr()
+    run(texts, models_dir, resume=True, max_steps=4, eval_every=2)  # ends before step 5
+    err = capsys.readouterr().err
+    ahead = (f"{best} holds the best of step 5, from past the save this run resumed from (it stopped before saving "
+             f"again), whose validation loss the log lost: a run that evaluates (--eval_every N) evaluates step 5 "
+             f"again")
+    assert f"warning: {ahead}\n" in err and err.rstrip().splitlines()[-2] == ahead
+    assert [r["val_loss"] != "" for r in read_log(run_dir)] == [False, False, False, True]
+    assert runs.best_step(os.path.basename(os.readlink(best))) == 5
+    assert_same(weights(best), orphan)  # kept: the only copy of that best
+    pending = [e for e in os.listdir(os.path.join(models_dir, ".run.saves")) if e.startswith("best-000004.")]
+    assert len(pending) == 1  # step 4's best waits for step 5's loss
+    step_4 = weights(os.path.join(models_dir, ".run.saves", pending[0]))
+
+    run(texts, models_dir, resume=True, max_steps=8, eval_every=2)
+    rows = read_log(run_dir)
+    assert rows[4]["val_loss"] == lost_loss  # step 5 evaluated again: the same weights as the ones kept
+    step, _ = logged_best(run_dir)
+    assert runs.best_step(os.path.basename(os.readlink(best))) == step  # the name and the log agree again
+    if step == 5:
+        assert_same(weights(best), orphan)
+    elif step == 4:
+        assert_same(weights(best), step_4)
+    elif step == 8:
+        assert_same(weights(best), weights(run_dir))
+    assert sorted(e for e in os.listdir(os.path.join(models_dir, ".run.saves")) if e.startswith("best-")) == \
+        [os.path.basename(os.readlink(best))]  # no other best left behind
+
+
+def test_a_full_disk_at_a_new_best_is_one_line_and_keeps_the_old_best_and_the_run(tmp_path, texts):
+    """20 MB: the vocabulary (1.5 MB), a save of step 1 (11 MB) and its best (4.7 MB) fit; step 2's best does not.
+    The run stops with one line saying what is kept, and the name keeps step 1's best, whole."""
+    from tests.mounts import small_disk
+
+    with small_disk(tmp_path / "disk", "20m") as disk:
+        models_dir = vocabulary_only(os.path.join(disk, "models"))
+        run(texts, models_dir, max_steps=1, save_every=1)
+        run_dir, best = os.path.join(models_dir, "run"), os.path.join(models_dir, "run-best")
+        kept, kept_best = os.readlink(run_dir), os.readlink(best)
+        full = run_train("--out_name", "run", "--resume", "--max_steps", "3", "--models_dir", models_dir)
+        out, err = finish(full, timeout=300)
+        assert full.returncode == 1 and not out and "Traceback" not in err, err
+        assert err.splitlines()[-1] == (f"error: could not save the best model of step 2 as {best}: No space left "
+                                        f"on device; {run_dir} keeps its last save"), err
+        assert (os.readlink(run_dir), os.readlink(best)) == (kept, kept_best)
+        assert sorted(os.listdir(os.path.join(models_dir, ".run.saves"))) == sorted(
+            os.path.basename(link) for link in (kept, kept_best))  # no partial save, no live log
+        _, _, params = utils.load_encoder_hparams_and_params("run-best", models_dir)
+        assert runs.read_saved_run(run_dir).step == 1

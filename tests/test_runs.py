@@ -560,11 +560,137 @@ def test_odd_files_in_a_dataset_folder_are_skipped_and_named(models_dir, tmp_pat
         f"warning: --dataset {folder}: skipping e.txt, a socket"]
 
 
+def test_a_link_that_loops_or_runs_through_a_file_is_skipped_as_a_broken_link(models_dir, tmp_path, capfd):
+    """os.stat of such a link fails with ELOOP or ENOTDIR, not FileNotFoundError: it was one error ending the run,
+    where a link to nothing is skipped."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text(PARAGRAPH, encoding="utf-8")
+    os.symlink("b.txt", folder / "b.txt")  # itself
+    os.symlink("a.txt/x", folder / "c.txt")  # through a file
+    assert runs.dataset_texts(str(folder), "--val_dataset").texts == [PARAGRAPH]
+    assert capfd.readouterr().err.splitlines() == [
+        f"warning: --val_dataset {folder}: skipping {name}, a broken link" for name in ("b.txt", "c.txt")]
+
+
+def unreadable(path, monkeypatch):
+    """chmod 000, and where that does not stop reads (root), os.open refusing path as chmod 000 would."""
+    os.chmod(path, 0)
+    if os.geteuid() == 0:
+        real = os.open
+
+        def refuse(file, *args, **kwargs):
+            if os.path.abspath(file) == str(path):
+                raise PermissionError(13, "Permission denied", file)
+            return real(file, *args, **kwargs)
+        monkeypatch.setattr(os, "open", refuse)
+
+
+@pytest.mark.parametrize("flag", ["dataset", "val_dataset"])
+def test_an_unreadable_text_file_in_a_dataset_folder_is_one_error_naming_it(models_dir, tmp_path, monkeypatch,
+                                                                            flag):
+    """Unlike a FIFO or a broken link, which can hold no text, an unreadable .txt is text the run was asked to
+    learn from: skipping it would train on less than was given, without a word but a warning. Reported as an
+    undecodable file is: one line naming it (UsageError: exit 2), before any work."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text(PARAGRAPH, encoding="utf-8")
+    (folder / "b.txt").write_text(PARAGRAPH, encoding="utf-8")
+    unreadable(folder / "b.txt", monkeypatch)
+    paths = {"dataset": str(folder), "val_dataset": str(folder)}
+    if flag == "val_dataset":
+        paths["dataset"] = str(tmp_path / "train.txt")
+        (tmp_path / "train.txt").write_text(PARAGRAPH, encoding="utf-8")
+    with pytest.raises(utils.UsageError, match=f"^--{flag} {folder / 'b.txt'}: Permission denied$"):
+        train.main(paths["dataset"], "run", val_dataset=paths["val_dataset"], max_steps=1, models_dir=models_dir,
+                   **OPTIONS)
+    assert not os.path.lexists(os.path.join(models_dir, "run"))
+
+
+def test_odd_files_in_a_validation_folder_never_hang_train_py(models_dir, paragraph, tmp_path):
+    """The command line, end to end: a FIFO, a socket and broken links in --val_dataset are skipped with a line
+    each and the run trains; a FIFO given as --val_dataset itself is one line, exit 2."""
+    folder = tmp_path / "val"
+    folder.mkdir()
+    (folder / "a.txt").write_text(PARAGRAPH, encoding="utf-8")
+    os.mkfifo(folder / "b.txt")
+    os.symlink(str(folder / "gone"), folder / "c.txt")
+    os.symlink("d.txt", folder / "d.txt")
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind(str(folder / "e.txt"))
+    try:
+        trained = run_train("--dataset", paragraph, "--val_dataset", str(folder), "--out_name", "run", *CLI_OPTIONS,
+                            "--max_steps", "1", "--models_dir", models_dir)
+        out, err = finish(trained, timeout=300)
+    finally:
+        listening.close()
+    assert trained.returncode == 0 and "Traceback" not in err, err
+    for name, why in (("b.txt", "a FIFO"), ("c.txt", "a broken link"), ("d.txt", "a broken link"),
+                      ("e.txt", "a socket")):
+        assert f"warning: --val_dataset {folder}: skipping {name}, {why}\n" in err
+    refused = run_train("--dataset", paragraph, "--val_dataset", str(folder / "b.txt"), "--out_name", "other",
+                        *CLI_OPTIONS, "--max_steps", "1", "--models_dir", models_dir)
+    out, err = finish(refused, timeout=300)
+    assert (refused.returncode, out, err) == (2, "", f"error: --val_dataset {folder / 'b.txt'} is a FIFO, not a file "
+                                                     f"or folder\n")
+
+
 def test_a_validation_split_too_short_to_score_is_one_line(models_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("one two three four five six seven eight nine", encoding="utf-8")  # 9 tokens + <|endoftext|>
     with pytest.raises(utils.UsageError, match="the validation text is 1 token: a validation loss needs at least 2"):
         train.main(str(short), "run", max_steps=1, models_dir=models_dir, **{**OPTIONS, "eval_every": 1})
+
+
+AT_THE_LOCK = """
+import os, sys, time
+import runs, train
+ready, go = sys.argv.pop(1), sys.argv.pop(1)
+real = runs.Run.__enter__
+def enter(self):  # setup done (the name was free), the run's lock not taken yet: wait there for the test
+    open(ready, "w").close()
+    deadline = time.monotonic() + 300
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return real(self)
+runs.Run.__enter__ = enter
+train.cli()
+"""
+
+
+@pytest.mark.parametrize("order", ["together", "one after the other"])
+def test_two_new_runs_on_one_name_at_once_one_wins_and_the_other_is_one_line(models_dir, paragraph, tmp_path,
+                                                                              order):
+    """Both found the name free and are past every check; then both take the run's lock at once (together), or
+    the second only once the first has finished (its check that the name is free is then stale). One trains; the
+    other is one line, exit 2, and leaves the winner's run whole and resumable."""
+    run_dir = os.path.join(models_dir, "run")
+    flags = [f"{tmp_path}/{which}" for n in (0, 1) for which in (f"ready{n}", f"go{n}")]
+    racers = [subprocess.Popen([sys.executable, "-c", AT_THE_LOCK, *flags[2 * n:2 * n + 2], "--dataset", paragraph,
+                                "--out_name", "run", *CLI_OPTIONS, "--max_steps", "3", "--models_dir", models_dir],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+    for n, racer in enumerate(racers):
+        wait_for(lambda: os.path.exists(flags[2 * n]), racer, f"racer {n} at the lock", timeout=300)
+    if order == "together":
+        for n in (0, 1):
+            open(flags[2 * n + 1], "w").close()
+        results = [finish(racer, timeout=300) for racer in racers]
+    else:
+        open(flags[1], "w").close()
+        results = [finish(racers[0], timeout=300)]
+        open(flags[3], "w").close()
+        results.append(finish(racers[1], timeout=300))
+    codes = [racer.returncode for racer in racers]
+    assert sorted(codes) == [0, 2], results
+    out, err = results[codes.index(2)]
+    refusals = (f"error: another process is writing {run_dir}\n",
+                f"error: {run_dir} already exists: --resume continues it, --overwrite starts it again\n")
+    assert out == "" and err in (refusals if order == "together" else refusals[1:]), err
+    saved = runs.read_saved_run(run_dir)
+    assert saved.step == 3 and [int(r["step"]) for r in saved.rows] == [1, 2, 3]
+    assert os.listdir(os.path.join(models_dir, ".run.saves")) == [os.path.basename(os.readlink(run_dir))]
+    train.main(paragraph, "run", resume=True, max_steps=4, models_dir=models_dir)
+    assert runs.read_saved_run(run_dir).step == 4
 
 
 # ---------------------------------------------------------------------------------------------- readers
