@@ -361,7 +361,9 @@ def one_line_errors():
         sys.stderr.write("interrupted\n")
         sys.exit(130)
     except MemoryError as e:  # a shape or batch too large for this machine
-        sys.stderr.write(f"error: not enough memory: {e}\n")
+        # NumPy names the array it could not allocate; Python's own MemoryError (a list, a string) is empty
+        cause = str(e) or "the input or the model is too large for this machine"
+        sys.stderr.write(f"error: not enough memory: {cause}\n")
         sys.exit(1)
     except BrokenPipeError:  # the reader of stdout has gone (`| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or exiting would flush to it once more

@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import sys
+import warnings
 from json import dumps
 
 import numpy as np
@@ -170,10 +171,22 @@ def score_ids(ids, params, n_head, n_ctx, stride, top=None, progress=False):
 
 
 def summary(logprobs, n_bytes):
-    """Mean negative log-likelihood per token (nats), perplexity, and bits per byte of UTF-8 text."""
+    """Mean negative log-likelihood per token (nats), perplexity, and bits per byte of UTF-8 text. The perplexity
+    of a mean NLL past 709 nats (a model that all but rules the text out) is past float64's range: inf."""
     total = -float(np.sum(logprobs, dtype=np.float64))
     mean_nll = total / len(logprobs)
-    return {"mean_nll": mean_nll, "perplexity": math.exp(mean_nll), "bits_per_byte": total / math.log(2) / n_bytes}
+    perplexity = math.exp(mean_nll) if mean_nll < math.log(sys.float_info.max) else math.inf
+    return {"mean_nll": mean_nll, "perplexity": perplexity, "bits_per_byte": total / math.log(2) / n_bytes}
+
+
+def check_finite(logprobs):
+    """A log-probability that is NaN or infinite comes from weights whose forward pass overflows, never from a
+    text: scores made of it would be printed as if they meant something."""
+    bad = np.flatnonzero(~np.isfinite(logprobs))
+    if len(bad):
+        raise utils.ModelError(f"the model's log-probability of token {bad[0] + 1} is {logprobs[bad[0]]}: its forward "
+                               f"pass overflows float32 ({len(bad)} of {len(logprobs)} tokens), so nothing it "
+                               f"scores would mean anything")
 
 
 def escape(token_bytes):
@@ -241,7 +254,8 @@ def main(path=None, model_size="124M", models_dir="models", stride=None, per_tok
             among all tokens (1 is the model's most likely) and the model's --top most likely candidates
         top: how many candidates --per_token shows
         json: print one JSON object instead, with n_tokens, mean_nll, logprobs (natural log, one per token),
-            perplexity, bits_per_byte, and with --per_token the tokens, ranks and candidates
+            perplexity (null past float64's range, a mean NLL over 709 nats), bits_per_byte, and with
+            --per_token the tokens, ranks and candidates
     """
     check(path is not None, "give the file to score, or - to read standard input")
     check(stride is None or is_int(stride), f"--stride must be a whole number, got {stride!r}")
@@ -269,11 +283,17 @@ def main(path=None, model_size="124M", models_dir="models", stride=None, per_tok
                                f"{vocab} does not belong to this model")
     params = utils.load_model_params(model_size, models_dir, hparams["n_layer"])
 
-    scores = score_ids(ids, params, hparams["n_head"], n_ctx, stride, top if per_token else None,
-                       progress=True)
+    with warnings.catch_warnings():  # (the filter is the process's, so score_ids' threads heed it too)
+        # An overflow in the forward pass is told in one line by check_finite, not in NumPy's warnings
+        warnings.filterwarnings("ignore", "(overflow|invalid value) encountered", RuntimeWarning)
+        scores = score_ids(ids, params, hparams["n_head"], n_ctx, stride, top if per_token else None,
+                           progress=True)
+    check_finite(scores["logprobs"])
     totals = summary(scores["logprobs"], len(text.encode("utf-8")))
     if json:
+        # JSON has no infinity: a perplexity past float64's range is null there
         report = {"n_tokens": len(ids), **totals, "logprobs": scores["logprobs"].tolist()}
+        report["perplexity"] = report["perplexity"] if math.isfinite(report["perplexity"]) else None
         if per_token:
             def token(i):
                 return encoder.decode_bytes([i]).decode("utf-8", errors="backslashreplace")

@@ -385,3 +385,17 @@ def test_importing_the_scripts_leaves_ctrl_c_alone():
                              "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"],
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0 and result.stdout == "True\n", result.stderr
+
+
+@pytest.mark.parametrize("error, line", [
+    (MemoryError(), "error: not enough memory: the input or the model is too large for this machine"),  # Python's
+    (MemoryError("Unable to allocate 9.3 GiB"), "error: not enough memory: Unable to allocate 9.3 GiB"),  # NumPy's
+])
+def test_not_enough_memory_always_says_what(capsys, error, line):
+    import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        with cli.one_line_errors():
+            raise error
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [line]

@@ -436,3 +436,35 @@ def test_ctrl_c_in_the_middle_of_scoring_windows_side_by_side(short_model, tmp_p
     err = (tmp_path / "stderr").read_bytes()
     assert process.returncode == 130 and out == b"", err
     assert err.endswith(b"interrupted\n") and b"Traceback" not in err, err
+
+
+@pytest.fixture(scope="module")
+def extreme_models(tmp_path_factory):
+    """Two models whose logits are far past real GPT-2's: one so sure of itself that a text's mean NLL passes 709
+    nats (its perplexity past float64's range), and one whose forward pass overflows float32 (finite weights)."""
+    sure = make_model(tmp_path_factory, "sure", n_layer=2, n_embd=64, n_head=4, seed=2, logit_scale=2000.0)
+    overflowing = make_model(tmp_path_factory, "overflowing", n_layer=2, n_embd=64, n_head=4, seed=2, logit_scale=1e38)
+    return sure, overflowing
+
+
+def test_a_perplexity_past_float64_is_inf_and_null_in_json(extreme_models, tmp_path):
+    sure, _ = extreme_models
+    (tmp_path / "t.txt").write_text(TEXT, encoding="utf-8")
+    args = (str(tmp_path / "t.txt"), "--models_dir", sure.models_dir, "--model_size", sure.name)
+    table, as_json = run_cli(*args), run_cli(*args, "--json")
+    for result in (table, as_json):
+        assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr.decode()
+    report = json.loads(as_json.stdout)  # strict JSON: Python's json would take Infinity, so look for null
+    assert report["mean_nll"] > math.log(sys.float_info.max) and report["perplexity"] is None
+    assert b"Infinity" not in as_json.stdout and np.isfinite(report["logprobs"]).all()
+    assert -np.mean(report["logprobs"]) == pytest.approx(report["mean_nll"], rel=1e-6)
+    assert re.search(r"^perplexity +inf$", table.stdout.decode(), re.M), table.stdout.decode()
+
+
+def test_a_forward_pass_that_overflows_is_one_line_not_nan_scores(extreme_models, tmp_path):
+    _, overflowing = extreme_models
+    (tmp_path / "t.txt").write_text(TEXT, encoding="utf-8")
+    for extra in ((), ("--json",), ("--per_token",)):
+        result = run_cli(str(tmp_path / "t.txt"), "--models_dir", overflowing.models_dir, "--model_size",
+                         overflowing.name, *extra)
+        assert_one_line_error(result, 1, "overflows float32", "log-probability of token ")
