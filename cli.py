@@ -50,23 +50,33 @@ def check_arguments(n_tokens_to_generate=40, temperature=0.0, top_k=0, top_p=1.0
     """Raise UsageError for the first value that cannot work."""
     check(is_int(n_tokens_to_generate) and n_tokens_to_generate >= 1,
           f"--n_tokens_to_generate must be a whole number >= 1, got {n_tokens_to_generate!r}")
-    check(is_number(temperature) and temperature >= 0, f"--temperature must be a number >= 0, got {temperature!r}")
-    check(is_int(top_k) and top_k >= 0, f"--top_k must be a whole number >= 0 (0: off), got {top_k!r}")
-    check(is_number(top_p) and 0 < top_p <= 1, f"--top_p must be a number in (0, 1] (1: off), got {top_p!r}")
-    check(seed is None or (is_int(seed) and seed >= 0), f"--seed must be a whole number >= 0, got {seed!r}")
     check(is_int(num_samples) and num_samples >= 1, f"--num_samples must be a whole number >= 1, got {num_samples!r}")
     for name, value in (("stop_at_endoftext", stop_at_endoftext), ("interactive", interactive)):
         check(isinstance(value, bool), f"--{name} must be True or False, got {value!r}")
     check_stops(stop)
-    check(is_number(min_p) and 0 <= min_p <= 1, f"--min_p must be a number in [0, 1] (0: off), got {min_p!r}")
+    check_sampling(temperature, top_k, top_p, seed, min_p, repetition_penalty, presence_penalty, frequency_penalty,
+                   no_repeat_ngram_size, min_new_tokens)
+
+
+def check_sampling(temperature=0.0, top_k=0, top_p=1.0, seed=None, min_p=0.0, repetition_penalty=1.0,
+                   presence_penalty=0.0, frequency_penalty=0.0, no_repeat_ngram_size=0, min_new_tokens=0, dashes="--"):
+    """Raise UsageError (a ValueError) for the first value that steers sampling and cannot work. One set of rules
+    for the command line (`--top_k`) and for gpt2.generate (`top_k`, dashes=""): a nan or a negative temperature
+    given from Python would otherwise sample silently wrong tokens."""
+    check(is_number(temperature) and temperature >= 0,
+          f"{dashes}temperature must be a number >= 0, got {temperature!r}")
+    check(is_int(top_k) and top_k >= 0, f"{dashes}top_k must be a whole number >= 0 (0: off), got {top_k!r}")
+    check(is_number(top_p) and 0 < top_p <= 1, f"{dashes}top_p must be a number in (0, 1] (1: off), got {top_p!r}")
+    check(seed is None or (is_int(seed) and seed >= 0), f"{dashes}seed must be a whole number >= 0, got {seed!r}")
+    check(is_number(min_p) and 0 <= min_p <= 1, f"{dashes}min_p must be a number in [0, 1] (0: off), got {min_p!r}")
     # Logits are float32: a penalty beyond these bounds overflows them (or is inf itself, and inf * 0 is nan).
     check(is_number(repetition_penalty) and 1e-30 <= repetition_penalty <= 1e30,
-          f"--repetition_penalty must be a number in [1e-30, 1e30] (1: off), got {repetition_penalty!r}")
+          f"{dashes}repetition_penalty must be a number in [1e-30, 1e30] (1: off), got {repetition_penalty!r}")
     for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
-        check(is_number(value) and abs(value) <= 1e30, f"--{name} must be a number in [-1e30, 1e30] (0: off), "
-                                                       f"got {value!r}")
+        check(is_number(value) and abs(value) <= 1e30,
+              f"{dashes}{name} must be a number in [-1e30, 1e30] (0: off), got {value!r}")
     for name, value in (("no_repeat_ngram_size", no_repeat_ngram_size), ("min_new_tokens", min_new_tokens)):
-        check(is_int(value) and value >= 0, f"--{name} must be a whole number >= 0 (0: off), got {value!r}")
+        check(is_int(value) and value >= 0, f"{dashes}{name} must be a whole number >= 0 (0: off), got {value!r}")
 
 
 def check_stops(stop):

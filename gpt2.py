@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 import threads
+from cli import check_sampling  # the rules for every sampling value, the command line's too
 
 
 def gelu(x):  # x: a float array, left as it is
@@ -386,6 +387,7 @@ def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperatu
     The samples run as one batch: the prompt is read once, then every step is a single forward pass for all
     of them, which reads the weights from memory once instead of once per sample.
     """
+    check_sampling(temperature, top_k, top_p, min_p=min_p, **controls, dashes="")  # a nan would sample wrong tokens
     n_ctx = params["wpe"].shape[0]
     inputs = check_token_ids(inputs, params["wte"].shape[0])
     if len(inputs) == 0:
@@ -435,6 +437,7 @@ def generate(inputs, params, n_head, n_tokens_to_generate, temperature=0.0, top_
     Stop strings are text, not ids: `main(stop=...)` has them."""
     if num_samples is not None and num_samples < 1:
         raise ValueError(f"num_samples must be at least 1 (or None), got {num_samples}")
+    check_sampling(seed=seed, dashes="")
     rngs = sampling_rngs(seed, num_samples or 1)
     controls = dict(repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                     frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size,

@@ -16,7 +16,7 @@ import gpt2
 from tests.conftest import ROOT
 from tests.release_layout import hf_model
 from tests.test_sampling import LOGITS_6, adversarial_logits, assert_frequencies, draws_from, kept, softmax64
-from utils import load_encoder_hparams_and_params
+from utils import UsageError, load_encoder_hparams_and_params
 
 ROWS = adversarial_logits()
 ROWS["all negative"] = -np.abs(ROWS["normal * 3"]) - 1.0
@@ -293,3 +293,45 @@ def test_huge_penalties_push_tokens_out_without_a_warning():
     out = gpt2.process_logits(logits, np.array([[0, 1]]), counts, 4, repetition_penalty=1e38, frequency_penalty=1e38)
     assert out[0, 1] == -np.inf and out[0, 2] == -np.inf  # overflowed: out of the running
     assert 0 < out[0, 0] < 1e-30 and out[0, 3] == 0.5 and gpt2.sample(out, gpt2.sampling_rngs(0, 1)).tolist() == [3]
+
+
+# gpt2.generate from Python: the command line's rules, not silently wrong tokens
+
+BAD_VALUES = [  # what a reviewer found generate took (nan: [0, 0, 0, 0]; -1: the reversed distribution), and more
+    dict(temperature=float("nan")), dict(temperature=-1.0), dict(temperature=float("inf")), dict(temperature="hot"),
+    dict(temperature=1.0, min_p=2.0), dict(temperature=1.0, min_p=-0.1), dict(min_p=float("nan")),
+    dict(presence_penalty=float("inf")), dict(frequency_penalty=1e39), dict(presence_penalty=float("nan")),
+    dict(repetition_penalty=float("nan")), dict(repetition_penalty=0.0), dict(repetition_penalty=1e-50),
+    dict(top_p=0.0), dict(top_p=float("nan")), dict(top_p=1.5),
+    dict(no_repeat_ngram_size=-1), dict(no_repeat_ngram_size=2.5), dict(min_new_tokens=-3),
+    dict(top_k=2.5), dict(top_k=-1), dict(top_k=True), dict(seed=-3), dict(seed=1.5),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    _, hparams, params = load_encoder_hparams_and_params(tiny_model.name, tiny_model.models_dir)
+    return params, hparams["n_head"]
+
+
+def cli_error(tmp_path, **values):
+    """The line the command line ends with for these values (checked before any model is looked for)."""
+    with pytest.raises(UsageError) as error:
+        gpt2.main("Hello", models_dir=str(tmp_path / "no models"), **values)
+    return str(error.value)
+
+
+@pytest.mark.parametrize("values", BAD_VALUES, ids=lambda values: ",".join(f"{k}={v}" for k, v in values.items()))
+def test_generate_refuses_what_the_command_line_refuses_in_its_words(tiny, tmp_path, values):
+    params, n_head = tiny
+    expected = cli_error(tmp_path, **values)
+    assert expected.startswith("--")
+    with pytest.raises(ValueError) as error:
+        gpt2.generate([464, 3290], params, n_head, 4, **values)
+    assert str(error.value) == expected[len("--"):]  # the same line, named as the keyword argument is
+
+
+def test_generate_steps_refuses_a_bad_value_too(tiny):
+    params, n_head = tiny
+    with pytest.raises(ValueError, match=r"^temperature must be a number >= 0, got nan$"):
+        next(gpt2.generate_steps([464], params, n_head, 4, gpt2.sampling_rngs(0, 1), temperature=float("nan")))
