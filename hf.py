@@ -275,6 +275,9 @@ def read_tensors(model_dir, names):
                     flat[ours] = bfloat16_tensor(path, key)
                 else:
                     flat[ours] = f.get_tensor(key).astype(np.float32, copy=False)
+    for ours, key in [*names.items(), ("lm_head", "lm_head.weight")]:  # before lm_head is compared with wte
+        if ours in flat:
+            utils.refuse_nonfinite(label(model_dir), key, flat[ours])
     return flat
 
 
