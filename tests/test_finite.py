@@ -127,3 +127,18 @@ def test_a_converted_copy_is_marked_finite_and_a_clean_model_still_loads(tmp_pat
         params = utils.load_encoder_hparams_and_params("tiny", str(tmp_path))[2]
         np.testing.assert_array_equal(params["ln_f"]["g"], tiny_model.tensors["model/ln_f/g"])
     assert utils.read_json(str(tmp_path / "tiny" / utils.CONVERTED / "manifest.json"))["finite"] is True
+
+
+def test_float16_export_refuses_a_weight_past_its_range(tmp_path, tiny_model):
+    flat = utils.read_tf_checkpoint(utils.checkpoint_prefix(tiny_model.path), N_LAYER)
+    flat = {name: np.array(a) for name, a in flat.items()}
+    flat["wte"][5, 3] = 1e5  # float16's largest number is 65504: this would be written as inf
+    models_dir = tmp_path / "models"
+    write_layout(str(models_dir / "big"), "safetensors", utils.nest(flat, N_LAYER), tiny_model)
+    out = tmp_path / "out"
+    result = run_script("export.py", "--model_size", "big", "--models_dir", str(models_dir), "--out", str(out),
+                        "--dtype", "float16")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "tensor transformer.wte.weight holds 100000" in lines[0] and "--dtype bfloat16" in lines[0]
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if ".tmp" in p]
