@@ -275,6 +275,9 @@ def read_tensors(model_dir, names):
                     flat[ours] = bfloat16_tensor(path, key)
                 else:
                     flat[ours] = f.get_tensor(key).astype(np.float32, copy=False)
+    for ours, key in [*names.items(), ("lm_head", "lm_head.weight")]:  # before lm_head is compared with wte
+        if ours in flat:
+            utils.refuse_nonfinite(label(model_dir), key, flat[ours])
     return flat
 
 
@@ -381,6 +384,16 @@ def to_bfloat16_bits(array):
     return rounded.astype(np.uint16)
 
 
+def check_float16_range(tensors):
+    """ModelError naming the first tensor with a number float16 cannot hold (it would be written as inf)."""
+    largest = float(np.finfo(np.float16).max)
+    for key, array in tensors.items():
+        peak = float(np.max(np.abs(array))) if array.size else 0.0
+        if peak > largest:
+            raise utils.ModelError(f"tensor {key} holds {peak:g}, past float16's largest number {largest:g} "
+                                   f"(it would become inf): export with --dtype bfloat16 or float32")
+
+
 def save_safetensors(path, tensors, dtype):
     """Write {HF name: float32 array} as a safetensors file of float32, float16 or bfloat16, with the metadata
     {"format": "pt"} that transformers asks of a file it loads. safetensors' NumPy API writes float32 and
@@ -441,6 +454,8 @@ def save_hf_model(model_dir, params, hparams, vocab_dir, dtype="float32"):
 
     os.makedirs(model_dir, exist_ok=True)
     tensors = {f"transformer.{hf_name(name)}": array for name, array in utils.flatten(params).items()}
+    if dtype == "float16":
+        check_float16_range(tensors)
     save_safetensors(os.path.join(model_dir, WEIGHTS), tensors, dtype)
     umask = os.umask(0)
     os.umask(umask)

@@ -750,14 +750,15 @@ def read_saved_run(run_dir):
     for file, problem in utils.checkpoint_problems(save_dir).items():
         raise damaged(file, f"is {problem}" if problem in ("missing", "empty") else problem, DAMAGED_MODEL)
     try:
-        flat = utils.read_tf_checkpoint(utils.checkpoint_prefix(save_dir), hparams["n_layer"])
+        flat = utils.read_tf_checkpoint(utils.checkpoint_prefix(save_dir), hparams["n_layer"], finite=False)
     except utils.ModelError as e:
         raise RunError(f"{e}: {DAMAGED_MODEL}") from None
     shapes = {name: array.shape for name, array in flat.items()}
     for tensor, array in flat.items():  # (not `name`: damaged() names the run by it)
-        if not np.isfinite(array).all():
+        found = utils.nonfinite(array)  # checked here, not by read_tf_checkpoint: the message names the run
+        if found:
             raise damaged(os.path.basename(utils.checkpoint_prefix(save_dir)),
-                          f"holds weights that are not finite (inf or nan) in {tensor}", DAMAGED_MODEL)
+                          f"holds weights that are not finite ({found}) in {tensor}", DAMAGED_MODEL)
     params = utils.nest({n: np.ascontiguousarray(a) for n, a in flat.items()}, hparams["n_layer"])
     m, v, adam_t, step, rng = read_state(save_dir, shapes, damaged)
     rows = read_log(os.path.join(save_dir, LOG_FILE), step, damaged)

@@ -703,14 +703,14 @@ def silenced_stderr():
         os.close(saved)
 
 
-def read_tf_checkpoint(prefix, n_layer):
+def read_tf_checkpoint(prefix, n_layer, finite=True):
     """{name: float32 array} for every model tensor, the [1, in, out] conv weights squeezed to [in, out].
 
     The weights are laid out as decode_order says: generating one token multiplies a single vector by each of
     them, and how fast NumPy's BLAS streams that product depends on the layout. Results are the same either way.
 
     Raises CheckpointDamaged only when TensorFlow reads the files and finds them wrong; any other failure is a
-    ModelError that says what it is.
+    ModelError that says what it is, as is a tensor holding NaN or inf (unless finite is False: the caller checks).
     """
     for path in [prefix + ".index", *glob.glob(glob.escape(prefix) + ".data-*")]:
         try:  # a file we may not read is not a damaged one
@@ -729,12 +729,37 @@ def read_tf_checkpoint(prefix, n_layer):
             for name in tensor_names(n_layer):
                 array = reader.get_tensor(f"model/{name}").astype(np.float32)
                 flat[name] = array[0] if array.ndim == 3 else array
+                if finite:
+                    refuse_nonfinite(f"the checkpoint {prefix}", f"model/{name}", flat[name])
     except MemoryError:
         raise ModelError(f"not enough memory to read the checkpoint {prefix}") from None
     except (tf.errors.OpError, IndexError, ValueError) as e:  # TF's words for a bad checksum, table or length
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointDamaged(f"cannot read the checkpoint {prefix}: {reason}") from None
     return in_decode_order(flat)
+
+
+def nonfinite(array, chunk=1 << 20):
+    """"NaN", "inf", "NaN and inf", or None when every number of the array is finite. The sum is one pass
+    without a temporary array (NaN and inf survive any sum; a finite sum means every term is finite); only when
+    it is not finite (or overflows) are the numbers looked at, in chunks, so peak memory does not double."""
+    numbers = array.ravel(order="K")  # a view, in memory order
+    with np.errstate(over="ignore"):  # an overflowing sum is no error: the chunks below tell
+        total = numbers.sum()
+    if np.isfinite(total):
+        return None
+    nan = inf = False
+    for start in range(0, numbers.size, chunk):
+        part = numbers[start:start + chunk]
+        nan, inf = nan or bool(np.isnan(part).any()), inf or bool(np.isinf(part).any())
+    return " and ".join(kind for kind, found in (("NaN", nan), ("inf", inf)) if found) or None
+
+
+def refuse_nonfinite(where, name, array):
+    """ModelError naming the tensor if it holds NaN or inf: such weights make every logit NaN or garbage."""
+    found = nonfinite(array)
+    if found:
+        raise ModelError(f"{where}: tensor {name} holds {found}; the model is damaged (or its training diverged)")
 
 
 def decode_order(name, shape):
@@ -827,7 +852,10 @@ def load_converted(converted_dir, fingerprint, shapes):
     tells)."""
     try:
         manifest = read_json(os.path.join(converted_dir, "manifest.json"))
-        if manifest["checkpoint"] != fingerprint or sorted(manifest["tensors"]) != sorted(shapes):
+        # "finite": written by a version that refuses NaN and inf, so the checksums vouch for finite numbers; an
+        # earlier copy is converted again from the checkpoint, which is checked (no pass here on every warm load)
+        if (manifest["checkpoint"] != fingerprint or sorted(manifest["tensors"]) != sorted(shapes)
+                or manifest.get("finite") is not True):
             return None
         flat = {}
         for name, expected in manifest["tensors"].items():
@@ -862,7 +890,7 @@ def save_converted(converted_dir, fingerprint, flat):
                 fsync_file(f)
             tensors[name] = {"shape": list(array.shape), "checksum": checksum(array)}
         with open(os.path.join(tmp_dir, "manifest.json"), "w", encoding="utf-8") as f:
-            json.dump({"checkpoint": fingerprint, "tensors": tensors}, f, indent=1)
+            json.dump({"checkpoint": fingerprint, "finite": True, "tensors": tensors}, f, indent=1)
             fsync_file(f)
         fsync_dir(tmp_dir)
         shutil.rmtree(converted_dir, ignore_errors=True)

@@ -427,7 +427,7 @@ DAMAGES = [  # (what, how, what the one line says)
      "train_state.npz holds m/ln_f/g as float32 [1], where the weight is float32 [16]"),
     ("moment not finite", lambda d: damage_state(d, lambda a: a["v/h0/mlp/c_fc/b"].__setitem__(0, np.inf)),
      "train_state.npz holds numbers that are not finite (inf or nan) in v/h0/mlp/c_fc/b"),
-    ("weights not finite", nan_in_weights, "model.ckpt holds weights that are not finite (inf or nan) in ln_f/g"),
+    ("weights not finite", nan_in_weights, "model.ckpt holds weights that are not finite (NaN) in ln_f/g"),
     ("step garbage", lambda d: damage_state(d, lambda a: a.update(step=np.array("two"))), "no valid step"),
     ("log missing", replace_with("log.csv", None), "log.csv is missing"),
     ("log empty", replace_with("log.csv", b""), "log.csv is empty"),
