@@ -16,7 +16,9 @@ import os
 import re
 import shlex
 import sys
+import warnings
 
+import numpy as np
 import numpy.random  # noqa: F401 -- NumPy 2 imports it on first use, and a Ctrl-C that lands inside that import
 # is swallowed (sampling went on to the end and exited 0): every script imports it here, before main runs
 
@@ -77,6 +79,14 @@ def check_sampling(temperature=0.0, top_k=0, top_p=1.0, seed=None, min_p=0.0, re
               f"{dashes}{name} must be a number in [-1e30, 1e30] (0: off), got {value!r}")
     for name, value in (("no_repeat_ngram_size", no_repeat_ngram_size), ("min_new_tokens", min_new_tokens)):
         check(is_int(value) and value >= 0, f"{dashes}{name} must be a whole number >= 0 (0: off), got {value!r}")
+
+
+def check_logits(logits):
+    """Logits that are NaN or inf come from a forward pass that overflows float32 (weights far past any trained
+    GPT-2's), never from a prompt: sampled, they give token 0 over and over (argmax takes NaN as the largest)."""
+    if not np.isfinite(logits).all():
+        raise utils.ModelError("the model's logits are NaN or inf: its forward pass overflows float32, so nothing "
+                               "it generates would mean anything")
 
 
 def check_stops(stop):
@@ -363,7 +373,12 @@ def one_line_errors():
     """What every script does with a failure: one line on stderr and an exit code, never a traceback."""
     try:
         startup.hand_over()  # from here on, Ctrl-C is the KeyboardInterrupt below
-        yield
+        with warnings.catch_warnings():
+            # NumPy warns of a float32 overflow in lines of its own; the scripts tell what came of one in their
+            # line (logits or log-probabilities not finite, a training run diverged). The filter is the process's:
+            # it holds in score.py's and the prefill's threads too.
+            warnings.filterwarnings("ignore", "(overflow|invalid value) encountered", RuntimeWarning)
+            yield
     except (utils.UsageError, utils.ModelError) as e:  # a bad argument exits with 2, a model that fails with 1
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2 if isinstance(e, utils.UsageError) else 1)

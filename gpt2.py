@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 import threads
-from cli import check_sampling  # the rules for every sampling value, the command line's too
+from cli import check_logits, check_sampling  # the rules for every sampling value, the command line's too
 
 
 def gelu(x):  # x: a float array, left as it is
@@ -415,6 +415,7 @@ def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperatu
     counts = np.zeros(logits.shape, dtype=np.float32) if counting else None  # [n_samples, n_vocab]
     for step in range(n_tokens_to_generate):
         n_seen = len(inputs) + step
+        check_logits(logits)  # a model whose forward pass overflowed would sample token 0 for ever
         logits = process_logits(logits, ids[:, :n_seen], counts, step, **controls)
         next_ids = sample(logits, rngs, temperature, top_k, top_p, min_p)
         ids[:, n_seen] = next_ids

@@ -11,7 +11,6 @@ import contextlib
 import math
 import os
 import sys
-import warnings
 from json import dumps
 
 import numpy as np
@@ -283,12 +282,9 @@ def main(path=None, model_size="124M", models_dir="models", stride=None, per_tok
                                f"{vocab} does not belong to this model")
     params = utils.load_model_params(model_size, models_dir, hparams["n_layer"])
 
-    with warnings.catch_warnings():  # (the filter is the process's, so score_ids' threads heed it too)
-        # An overflow in the forward pass is told in one line by check_finite, not in NumPy's warnings
-        warnings.filterwarnings("ignore", "(overflow|invalid value) encountered", RuntimeWarning)
-        scores = score_ids(ids, params, hparams["n_head"], n_ctx, stride, top if per_token else None,
-                           progress=True)
-    check_finite(scores["logprobs"])
+    scores = score_ids(ids, params, hparams["n_head"], n_ctx, stride, top if per_token else None,
+                       progress=True)
+    check_finite(scores["logprobs"])  # (NumPy's warnings of the overflow are silenced: cli.one_line_errors)
     totals = summary(scores["logprobs"], len(text.encode("utf-8")))
     if json:
         # JSON has no infinity: a perplexity past float64's range is null there

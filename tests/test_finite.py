@@ -142,3 +142,27 @@ def test_float16_export_refuses_a_weight_past_its_range(tmp_path, tiny_model):
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert "tensor transformer.wte.weight holds 100000" in lines[0] and "--dtype bfloat16" in lines[0]
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_logits_that_overflow_from_finite_weights_are_one_line_not_token_0_for_ever(tmp_path_factory):
+    """Finite weights far past a trained GPT-2's (the final layer norm's gain at 1e38) load, but their forward pass
+    overflows float32 at some positions: logits of NaN, from which greedy decoding took token 0 over and over."""
+    import gpt2
+    from tests.conftest import make_model
+
+    model = make_model(tmp_path_factory, "overflowing", n_layer=N_LAYER, n_embd=64, n_head=4, seed=2,
+                       logit_scale=1e38)
+    encoder, hparams, params = utils.load_encoder_hparams_and_params(model.name, model.models_dir)
+    ids = encoder.encode("Alan Turing theorized that computers would one day become")
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(gpt2.gpt2(np.array(ids), **params, n_head=4)).all(axis=-1)
+    assert finite.any() and not finite.all()  # the model itself is fine to load and run; some positions overflow
+    prompt = encoder.decode(ids[:int(np.argmin(finite)) + 1])  # a prompt whose last logits are NaN
+    with pytest.raises(utils.ModelError, match="logits are NaN or inf"), np.errstate(all="ignore"):
+        gpt2.generate(encoder.encode(prompt), params, 4, 5)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "gpt2.py"), prompt, "--models_dir", model.models_dir,
+                             "--model_size", model.name, "--n_tokens_to_generate", "5"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 1 and result.stdout == "", result.stderr
+    assert result.stderr.splitlines() == ["error: the model's logits are NaN or inf: its forward pass overflows "
+                                          "float32, so nothing it generates would mean anything"]
