@@ -449,7 +449,7 @@ def generate(inputs, params, n_head, n_tokens_to_generate, temperature=0.0, top_
     return samples if num_samples else samples[0]
 
 
-# The command line: the model above needs none of this, so `import gpt2` for the model alone stays light.
+# The command line: the model above needs none of this but cli's checks of its arguments and logits.
 import utils
 from cli import (check, check_arguments, check_fits, check_memory, check_text, open_prompt, prompt_bytes_limit,
                  prompt_loop, run, warn_literal_escapes, warn_unreachable_min_new_tokens, warn_unused_flags)
