@@ -4,10 +4,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
+import gpt2
 import utils
 from tests.conftest import ROOT
 from tests.release_layout import write_model_dir
@@ -128,6 +130,56 @@ def test_weights_are_laid_out_as_decode_streams_them_fastest(model_copy):
         assert block["attn"]["c_proj"]["w"].flags.f_contiguous and block["mlp"]["c_proj"]["w"].flags.f_contiguous
         assert not block["attn"]["c_attn"]["w"].flags.f_contiguous
         assert not block["mlp"]["c_proj"]["w"].flags.c_contiguous
+
+
+@pytest.mark.parametrize("order", ["F", "C"])
+def test_wte_is_stored_in_the_order_lm_head_order_chose_and_kept_in_it(model_copy, tiny_model, monkeypatch, order):
+    """The converted copy holds wte in the order the LM head was timed fastest in; a later process that would
+    choose the other order still maps the copy as it is (not converted again), and the logits are the same."""
+    def load():
+        return utils.load_encoder_hparams_and_params("tiny", str(model_copy))[2]
+
+    monkeypatch.setattr(utils, "lm_head_order", lambda n_vocab, n_embd: order)
+    params = load()
+    other_order = "CF".replace(order, "")
+    assert params["wte"].flags[order + "_CONTIGUOUS"] and not params["wte"].flags[other_order + "_CONTIGUOUS"]
+    np.testing.assert_array_equal(params["wte"], tiny_model.tensors["model/wte"])
+    wte_file = model_copy / "tiny" / CONVERTED / "wte.npy"
+    written = wte_file.stat().st_mtime_ns
+    monkeypatch.setattr(utils, "lm_head_order", lambda n_vocab, n_embd: other_order)
+    mapped = load()
+    assert mapped["wte"].flags[order + "_CONTIGUOUS"] and wte_file.stat().st_mtime_ns == written
+    ids = [464, 2068, 7586, 21831]
+    other = {**mapped, "wte": np.asarray(mapped["wte"], order=other_order)}
+    np.testing.assert_allclose(gpt2.gpt2(ids, **mapped, n_head=4), gpt2.gpt2(ids, **other, n_head=4),
+                               rtol=1e-5, atol=1e-5)
+
+
+class SlowProduct(np.ndarray):
+    """A matrix whose products take 20 ms longer: the order lm_head_order must not choose."""
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        time.sleep(0.02)
+        return getattr(ufunc, method)(*(np.asarray(a) for a in inputs), **kwargs)
+
+
+@pytest.mark.parametrize("slow", ["C", "F"])
+def test_lm_head_order_chooses_the_order_whose_product_is_faster(monkeypatch, slow):
+    real_ones = np.ones
+
+    def ones(shape, dtype=None, order="C"):
+        array = real_ones(shape, dtype=dtype, order=order)
+        return array.view(SlowProduct) if order == slow and shape[0] > 1 else array  # not x, the vector
+    monkeypatch.setattr(utils, "HEAD_TIMED_BYTES", 1 << 16)
+    monkeypatch.setattr(utils.np, "ones", ones)
+    assert utils.lm_head_order.__wrapped__(1000, 64) == "CF".replace(slow, "")
+
+
+def test_a_head_that_fits_the_caches_is_not_timed(monkeypatch):
+    def ones(*args, **kwargs):
+        raise AssertionError("timed")
+    monkeypatch.setattr(utils.np, "ones", ones)
+    assert utils.lm_head_order.__wrapped__(50257, 64) == "C"  # 12.9 MB, as the tests' models
 
 
 def test_a_copy_converted_in_the_earlier_layout_is_converted_again(model_copy, tiny_model):
