@@ -283,13 +283,14 @@ def read_tensors(model_dir, names):
 
 def load_params(model_dir, hparams):
     """The flat {name: float32 array} of an HF folder, the linear weights laid out as read_tf_checkpoint lays
-    them out (utils.decode_order). lm_head.weight, when a file has one, must equal wte: the forward pass ties them."""
+    them out (utils.decode_order), wte as the file has it (read on every run: utils.in_decode_order says why).
+    lm_head.weight, when a file has one, must equal wte: the forward pass ties them."""
     flat = read_tensors(model_dir, check_weights(model_dir, hparams))
     head = flat.pop("lm_head", None)
     if head is not None and not np.array_equal(head, flat["wte"]):
         raise utils.ModelError(f"{label(model_dir)}: lm_head.weight differs from wte.weight (untied embeddings); "
                                f"the forward pass here uses wte as the head")
-    return utils.in_decode_order(flat)
+    return utils.in_decode_order(flat, time_head=False)
 
 
 # --- The Hub --------------------------------------------------------------------------------------------------------

@@ -92,6 +92,17 @@ def test_pytorch_model_bin_loads_with_torch(tmp_path, hf_folders):
     assert_close(logits, hf_logits(model, ids))
 
 
+def test_an_hf_folder_keeps_its_files_order_of_wte_untimed(hf_folders, monkeypatch):
+    """An HF folder is read on every run: timing the LM head's two orders (utils.lm_head_order) each time would
+    cost more than decode gains, so wte stays row-major as in the file; the linear weights are laid out as ever."""
+    def timed(n_vocab, n_embd):
+        raise AssertionError("the head was timed")
+    monkeypatch.setattr(utils, "lm_head_order", timed)
+    params = utils.load_encoder_hparams_and_params(hf_folders["float32"][0], "unused-models-dir")[2]
+    assert params["wte"].flags.c_contiguous
+    assert params["blocks"][0]["mlp"]["c_proj"]["w"].flags.f_contiguous
+
+
 def test_pytorch_model_bin_without_torch_says_how_to_convert(tmp_path, hf_folders):
     folder, model = hf_folders["float32"]
     shutil.copytree(folder, tmp_path / "bin", ignore=shutil.ignore_patterns("model.safetensors"))
