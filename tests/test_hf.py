@@ -213,6 +213,21 @@ def test_a_missing_path_is_one_line_exit_2(tmp_path):
     assert "no such model folder 'x/y/z'" in line
 
 
+@pytest.mark.parametrize("script, args", [
+    ("gpt2.py", ["Hello", "--model_size"]), ("score.py", ["x.txt", "--model_size"]),
+    ("export.py", ["--out", "unwritten", "--model_size"]),
+    ("train.py", ["--dataset", "x.txt", "--out_name", "t", "--init_from"])])
+def test_a_path_to_a_file_is_one_line_saying_it_is_no_folder(tmp_path, script, args):
+    """It said "no such model folder" of a file that is there, or took owner/name for a Hub repo id."""
+    (tmp_path / "x.txt").write_text("some text")
+    (tmp_path / "owner").mkdir()
+    (tmp_path / "owner" / "name").write_text("some text")
+    for name in ("./x.txt", str(tmp_path / "x.txt"), "owner/name"):
+        line = one_line_error(run(script, *args, name, "--models_dir", str(tmp_path / "models"), cwd=tmp_path), 2)
+        assert line == f"error: {args[-1]} {name!r} is a file, not a model folder"
+    assert sorted(os.listdir(tmp_path)) == ["owner", "x.txt"]
+
+
 def test_a_bare_name_of_a_folder_here_says_to_write_dot_slash(tmp_path, hf_folders):
     shutil.copytree(hf_folders["float32"][0], tmp_path / "here")
     line = one_line_error(run("gpt2.py", "Hello", "--model_size", "here", "--models_dir", str(tmp_path / "m"),
