@@ -92,6 +92,21 @@ def test_pytorch_model_bin_loads_with_torch(tmp_path, hf_folders):
     assert_close(logits, hf_logits(model, ids))
 
 
+@pytest.mark.parametrize("keep", [lambda size: 40_000, lambda size: size // 2, lambda size: size - 100,
+                                  lambda size: 0], ids=["40 KB", "half", "all but its end", "empty"])
+def test_a_truncated_pytorch_model_bin_is_one_line_naming_it(tmp_path, hf_folders, keep):
+    """Cut short, the file was reported as torch's reader saw it: "[Errno 22] Invalid argument" (its first 40 KB),
+    a miniz error, or "EOFError"."""
+    folder, model = hf_folders["float32"]
+    shutil.copytree(folder, tmp_path / "bin", ignore=shutil.ignore_patterns("model.safetensors"))
+    path = tmp_path / "bin" / "pytorch_model.bin"
+    torch.save(model.state_dict(), path)
+    os.truncate(path, keep(os.path.getsize(path)))
+    line = one_line_error(run("gpt2.py", "Hello", "--model_size", str(tmp_path / "bin")), 1)
+    assert line == (f"error: {path} is truncated or damaged: it stops before the end of its zip archive (a download "
+                    f"or a copy cut short?); fetch or copy it again")
+
+
 def test_pytorch_model_bin_without_torch_says_how_to_convert(tmp_path, hf_folders):
     folder, model = hf_folders["float32"]
     shutil.copytree(folder, tmp_path / "bin", ignore=shutil.ignore_patterns("model.safetensors"))
