@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 import threads
-from cli import check_logits, check_sampling  # the rules for every sampling value, the command line's too
+from cli import check_logits, check_sampling, is_int  # the rules for every sampling value, the command line's too
 
 
 def gelu(x):  # x: a float array, left as it is
@@ -394,8 +394,8 @@ def generate_steps(inputs, params, n_head, n_tokens_to_generate, rngs, temperatu
         raise ValueError("inputs must hold at least one token; unconditional generation starts from [ENDOFTEXT]")
     if len(rngs) < 1:
         raise ValueError(f"num_samples must be at least 1, got {len(rngs)}")
-    if n_tokens_to_generate < 0:
-        raise ValueError(f"n_tokens_to_generate must be at least 0, got {n_tokens_to_generate}")
+    if not (is_int(n_tokens_to_generate) and n_tokens_to_generate >= 0):  # 2.5 or "3" failed deep in NumPy
+        raise ValueError(f"n_tokens_to_generate must be a whole number >= 0, got {n_tokens_to_generate!r}")
     # The last new token is returned, never fed back: a run needs len(inputs) + n_tokens_to_generate - 1 positions.
     capacity = len(inputs) + n_tokens_to_generate - 1
     if capacity > n_ctx:
@@ -436,8 +436,8 @@ def generate(inputs, params, n_head, n_tokens_to_generate, temperature=0.0, top_
     prompt and the new tokens), presence_penalty and frequency_penalty (OpenAI's, over the new tokens),
     no_repeat_ngram_size (HF's, prompt included), min_new_tokens (no <|endoftext|> among the first N new tokens).
     Stop strings are text, not ids: `main(stop=...)` has them."""
-    if num_samples is not None and num_samples < 1:
-        raise ValueError(f"num_samples must be at least 1 (or None), got {num_samples}")
+    if num_samples is not None and not (is_int(num_samples) and num_samples >= 1):  # True is no count of samples
+        raise ValueError(f"num_samples must be a whole number >= 1 (or None), got {num_samples!r}")
     check_sampling(seed=seed, dashes="")
     rngs = sampling_rngs(seed, num_samples or 1)
     controls = dict(repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import struct
+import zipfile
 
 import numpy as np
 
@@ -195,9 +196,23 @@ def torch_state(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # an unpickling error, a file cut short, a pickle that is more than tensors
+        if cut_short(path):  # torch says "[Errno 22] Invalid argument" of most cuts
+            raise utils.ModelError(f"{path} is truncated or damaged: it stops before the end of its zip archive (a "
+                                   f"download or a copy cut short?); fetch or copy it again") from None
         raise utils.ModelError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
             from None
     return {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
+
+
+def cut_short(path):
+    """Whether a PyTorch file is empty or a zip archive (its format since torch 1.6) without its end: the central
+    directory, written last."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            return head == b"" or (head == b"PK\x03\x04" and not zipfile.is_zipfile(f))
+    except OSError:
+        return False
 
 
 def tensor_index(model_dir):

@@ -27,6 +27,9 @@ from gpt2 import ENDOFTEXT
 # together until their logits would pass this size, so memory stays bounded however many rows there are.
 LOGITS_BUDGET = 512 * 2**20
 PROGRESS_MIN_WINDOWS = 4  # a bar for more windows than this; a few finish before a bar would tell anything
+# The text, its tokens and their scores are all held in memory: 10 to 13 bytes per byte of text (prose to code). A
+# GiB of text (enwik9 passes) is over 10 GiB and days of scoring on a CPU; an endless input (/dev/zero) stops here.
+TEXT_BYTES_LIMIT = 1 << 30
 
 
 def log_softmax_at(logits, ids):  # [..., n_vocab], [..., k] -> [..., k]
@@ -219,10 +222,13 @@ def read_text(path):
     try:
         if path == "-":
             check(sys.stdin is not None, "standard input is closed, so there is no text to read from it (`-`)")
-            data = sys.stdin.buffer.read()
+            data = sys.stdin.buffer.read(TEXT_BYTES_LIMIT + 1)
         else:
             with open(path, "rb") as f:
-                data = f.read()
+                data = f.read(TEXT_BYTES_LIMIT + 1)
+        check(len(data) <= TEXT_BYTES_LIMIT, f"{source} is more than {TEXT_BYTES_LIMIT / 2**30:g} GiB "
+                                             f"({TEXT_BYTES_LIMIT} bytes), the most score.py reads: it was not read "
+                                             f"further; score it in parts")
         text = data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark (Notepad's) is no text
     except UnicodeDecodeError as e:
         raise utils.UsageError(f"{source} is not UTF-8 text (byte {e.start} cannot be decoded)") from None

@@ -1031,6 +1031,9 @@ def check_model_name(model_size, models_dir, flag="--model_size", also=()):
         raise UsageError(f"--models_dir must name a folder, got {models_dir!r}")  # would land in the current one
     if os.path.exists(models_dir) and not os.path.isdir(models_dir):
         raise ModelError(f"--models_dir {models_dir} is a file, not a folder")
+    path = os.path.expanduser(model_size)  # a file there is a path the user meant, never a Hub repo id (owner/name)
+    if not is_bare_name(model_size) and os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {model_size!r} is a file, not a model folder")
     if model_kind(model_size, models_dir) is None:
         found = ", ".join(local_models(models_dir)) or "none"
         here = f"; for the folder {model_size} here, write ./{model_size}" if is_bare_name(model_size) and \

@@ -103,6 +103,21 @@ def test_an_hf_folder_keeps_its_files_order_of_wte_untimed(hf_folders, monkeypat
     assert params["blocks"][0]["mlp"]["c_proj"]["w"].flags.f_contiguous
 
 
+@pytest.mark.parametrize("keep", [lambda size: 40_000, lambda size: size // 2, lambda size: size - 100,
+                                  lambda size: 0], ids=["40 KB", "half", "all but its end", "empty"])
+def test_a_truncated_pytorch_model_bin_is_one_line_naming_it(tmp_path, hf_folders, keep):
+    """Cut short, the file was reported as torch's reader saw it: "[Errno 22] Invalid argument" (its first 40 KB),
+    a miniz error, or "EOFError"."""
+    folder, model = hf_folders["float32"]
+    shutil.copytree(folder, tmp_path / "bin", ignore=shutil.ignore_patterns("model.safetensors"))
+    path = tmp_path / "bin" / "pytorch_model.bin"
+    torch.save(model.state_dict(), path)
+    os.truncate(path, keep(os.path.getsize(path)))
+    line = one_line_error(run("gpt2.py", "Hello", "--model_size", str(tmp_path / "bin")), 1)
+    assert line == (f"error: {path} is truncated or damaged: it stops before the end of its zip archive (a download "
+                    f"or a copy cut short?); fetch or copy it again")
+
+
 def test_pytorch_model_bin_without_torch_says_how_to_convert(tmp_path, hf_folders):
     folder, model = hf_folders["float32"]
     shutil.copytree(folder, tmp_path / "bin", ignore=shutil.ignore_patterns("model.safetensors"))
@@ -222,6 +237,21 @@ def test_a_missing_path_is_one_line_exit_2(tmp_path):
     (tmp_path / "x.txt").write_text("some text")
     line = one_line_error(run("score.py", "x.txt", "--model_size", "x/y/z", cwd=tmp_path), 2)
     assert "no such model folder 'x/y/z'" in line
+
+
+@pytest.mark.parametrize("script, args", [
+    ("gpt2.py", ["Hello", "--model_size"]), ("score.py", ["x.txt", "--model_size"]),
+    ("export.py", ["--out", "unwritten", "--model_size"]),
+    ("train.py", ["--dataset", "x.txt", "--out_name", "t", "--init_from"])])
+def test_a_path_to_a_file_is_one_line_saying_it_is_no_folder(tmp_path, script, args):
+    """It said "no such model folder" of a file that is there, or took owner/name for a Hub repo id."""
+    (tmp_path / "x.txt").write_text("some text")
+    (tmp_path / "owner").mkdir()
+    (tmp_path / "owner" / "name").write_text("some text")
+    for name in ("./x.txt", str(tmp_path / "x.txt"), "owner/name"):
+        line = one_line_error(run(script, *args, name, "--models_dir", str(tmp_path / "models"), cwd=tmp_path), 2)
+        assert line == f"error: {args[-1]} {name!r} is a file, not a model folder"
+    assert sorted(os.listdir(tmp_path)) == ["owner", "x.txt"]
 
 
 def test_a_bare_name_of_a_folder_here_says_to_write_dot_slash(tmp_path, hf_folders):

@@ -85,6 +85,20 @@ def test_a_huge_prompt_on_stdin_is_refused_after_reading_its_bound(tiny_model, h
                                "model's context can hold: the prompt was not read further")
 
 
+@pytest.mark.parametrize("command, source", [("{python} score.py /dev/zero {model}", "/dev/zero"),
+                                             ("yes | {python} score.py - {model}", "standard input")],
+                         ids=["/dev/zero", "endless pipe"])
+def test_an_endless_text_to_score_is_refused_after_reading_its_bound(tiny_model, command, source):
+    """score.py read all of its input before anything else: an endless one grew until MemoryError (here, under the
+    address-space limit) or the kernel's OOM killer. It reads at most score.TEXT_BYTES_LIMIT (1 GiB) and one more."""
+    model = f"--model_size {tiny_model.name} --models_dir {tiny_model.models_dir}"
+    code, stderr, peak_mb = run_measured(["bash", "-c", command.format(python=sys.executable, model=model)])
+    assert "Traceback" not in stderr
+    assert (code, stderr) == (2, f"error: {source} is more than 1 GiB (1073741824 bytes), the most score.py reads: "
+                                 f"it was not read further; score it in parts\n")
+    assert peak_mb < 1700, f"peak RSS {peak_mb:.0f} MB"
+
+
 def test_a_prompt_at_the_bound_is_read_and_measured_in_tokens(tiny_model, tmp_path):
     (tmp_path / "long.txt").write_bytes(b" the" * (1024 * 128 // 4))  # exactly the bound: 32768 tokens
     result = run([sys.executable, "gpt2.py", "--prompt_file", str(tmp_path / "long.txt"), "--model_size",

@@ -112,9 +112,15 @@ def test_generate_fills_exactly_the_context_and_refuses_one_more(tiny_model):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda p: gpt2.generate([1, 2], p, 4, 3, num_samples=0), "num_samples must be at least 1"),
+    (lambda p: gpt2.generate([1, 2], p, 4, 3, num_samples=0), "num_samples must be a whole number >= 1"),
     (lambda p: next(gpt2.generate_steps([1, 2], p, 4, 3, rngs=[])), "num_samples must be at least 1, got 0"),
-    (lambda p: gpt2.generate([1, 2], p, 4, -1), "n_tokens_to_generate must be at least 0, got -1"),
+    (lambda p: gpt2.generate([1, 2], p, 4, -1), "n_tokens_to_generate must be a whole number >= 0, got -1"),
+    (lambda p: gpt2.generate([1, 2], p, 4, 2.5), "n_tokens_to_generate must be a whole number >= 0, got 2.5"),
+    (lambda p: gpt2.generate([1, 2], p, 4, "3"), "n_tokens_to_generate must be a whole number >= 0, got '3'"),
+    (lambda p: gpt2.generate([1, 2], p, 4, True), "n_tokens_to_generate must be a whole number >= 0, got True"),
+    (lambda p: gpt2.generate([1, 2], p, 4, 3, num_samples=2.5), r"num_samples must be a whole number >= 1 .*got 2.5"),
+    (lambda p: gpt2.generate([1, 2], p, 4, 3, num_samples="3"), r"num_samples must be a whole number >= 1 .*got '3'"),
+    (lambda p: gpt2.generate([1, 2], p, 4, 3, num_samples=True), r"num_samples must be a whole number >= 1 .*got True"),
     (lambda p: gpt2.generate([1, -1], p, 4, 3), r"token ids lie in 0\.\.\d+; inputs hold \[-1\]"),
     (lambda p: gpt2.generate(np.array([5, 10**6]), p, 4, 3), r"inputs hold \[1000000\]"),
     (lambda p: gpt2.generate([1, 2**70], p, 4, 3), r"inputs hold \[1180591620717411303424\]"),

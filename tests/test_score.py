@@ -65,6 +65,15 @@ def test_a_byte_order_mark_is_not_scored(short_model, capsys, tmp_path):
     assert with_bom == run_main(capsys, model, TEXT[:300], tmp_path)
 
 
+def test_a_text_of_the_bound_is_read_and_one_byte_more_is_refused_unread(tmp_path, monkeypatch):
+    monkeypatch.setattr(score, "TEXT_BYTES_LIMIT", 10)
+    (tmp_path / "ten.txt").write_bytes(b"0123456789")
+    (tmp_path / "more.txt").write_bytes(b"0123456789x\xff")  # not UTF-8 past the bound: never read
+    assert score.read_text(str(tmp_path / "ten.txt")) == "0123456789"
+    with pytest.raises(ValueError, match=r"more.txt is more than .* GiB \(10 bytes\), the most score.py reads"):
+        score.read_text(str(tmp_path / "more.txt"))
+
+
 def test_the_text_spans_several_windows(short_model):
     _, encoder, *_ = short_model
     assert len(encoder.encode(TEXT)) > 2 * N_CTX
