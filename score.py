@@ -300,7 +300,8 @@ def main(path=None, model_size="124M", models_dir="models", stride=None, per_tok
             def token(i):
                 return encoder.decode_bytes([i]).decode("utf-8", errors="backslashreplace")
 
-            report.update(tokens=[token(i) for i in ids], ranks=scores["ranks"].tolist(), candidates=[
+            # ids too: a token ending inside a character reads "\xf0\x9f" in tokens, as that text itself would
+            report.update(ids=ids, tokens=[token(i) for i in ids], ranks=scores["ranks"].tolist(), candidates=[
                 [{"token": token(c), "id": int(c), "prob": math.exp(lp)} for c, lp in zip(top_ids, top_lps)]
                 for top_ids, top_lps in zip(scores["top_ids"].tolist(), scores["top_logprobs"].tolist())])
         print(dumps(report, ensure_ascii=False))

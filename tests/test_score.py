@@ -133,6 +133,8 @@ def test_per_token_ranks_and_candidates_against_argsort(short_model, capsys, tmp
     # A token that ends inside a character (東京 is split) shows its bytes as \\xNN, not as a replacement character.
     assert result["tokens"] == [encoder.decode_bytes([i]).decode("utf-8", errors="backslashreplace") for i in ids]
     assert "".join(result["tokens"][:20]) == TEXT[:len("".join(result["tokens"][:20]))]
+    # ...which a text holding "\xe6" would read as too: the ids give the exact bytes
+    assert result["ids"] == ids and b"".join(encoder.decode_bytes([i]) for i in result["ids"]) == TEXT.encode("utf-8")
 
 
 def test_per_token_table(short_model, capsys, tmp_path):
