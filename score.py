@@ -90,6 +90,20 @@ def windows(n_positions, n_ctx, stride):
         start, scored = start + stride, end
 
 
+def window_parts(n_positions, first, params, n_cores):  # -> [0, ..., n_positions]: where each part begins, and the end
+    """How a window is cut to score it one part per core, side by side (as gpt2.prefill reads a prompt): parts of
+    equal work, as many as gpt2.prompt_parts would make. In each block a position p costs 12 n_embd^2
+    multiply-adds with the weights and 2 n_embd (p + 1) in attention, and a new position (p >= first) another
+    n_embd n_vocab in the LM head; a part ends where the sum of its positions' costs reaches its share."""
+    n_parts = max(1, min(n_cores, n_positions // (gpt2.PREFILL_CHUNK // 2)))
+    n_vocab, n_embd = params["wte"].shape
+    p = np.arange(n_positions)
+    cost = len(params["blocks"]) * (12 * n_embd ** 2 + 2 * n_embd * (p + 1)) + (p >= first) * n_embd * n_vocab
+    work = np.cumsum(cost)  # of the positions up to each
+    ends = np.searchsorted(work, work[-1] * np.arange(1, n_parts) / n_parts)
+    return [0, *ends.tolist(), n_positions]
+
+
 def window_batches(spans, params, n_head):
     """The windows in batches, as many as LOGITS_BUDGET allows, each batch of one shape: windows are n_ctx long
     but perhaps the last, and all but the first begin with the same number of positions already scored."""
@@ -127,7 +141,7 @@ def score_ids(ids, params, n_head, n_ctx, stride, top=None, progress=False):
         raise ValueError(f"top must be a whole number in 0..{n_vocab} (or None), got {top!r}")
     sequence = np.concatenate([[ENDOFTEXT], gpt2.check_token_ids(ids, n_vocab)])
     spans = list(windows(len(sequence), n_ctx, stride))
-    n = len(sequence) - 1
+    n, d_head = len(sequence) - 1, params["wte"].shape[1] // n_head
     result = {"logprobs": np.empty(n, dtype=params["wte"].dtype)}
     if top is not None:
         result.update(ranks=np.empty(n, dtype=np.int64), top_ids=np.empty((n, top), dtype=np.int64),
@@ -149,15 +163,45 @@ def score_ids(ids, params, n_head, n_ctx, stride, top=None, progress=False):
                 scores = scores_of(batch)  # with as many BLAS threads as measured fastest
             yield scores
 
-    # A window per core, side by side (threads.side_by_side says why), when there are as many and their arrays
-    # all fit in LOGITS_BUDGET at once; else batches of windows, one at a time, with every core in BLAS.
+    def cuts(span):  # where its window is cut to read it a part per core
+        return window_parts(span[1] - span[0], span[2] - span[0], params, threads.CORES)
+
+    def in_parts(span):  # one window, a part per core side by side -> [(logprobs, ranks, top_ids, top_logprobs)]
+        start, end, scored = span
+        inputs, first, bounds, last = sequence[start:end], scored - start, cuts(span), len(params["blocks"]) - 1
+        caches = [gpt2.KVCache((n_head, end - start, d_head)) for _ in params["blocks"]]
+
+        def read(i, turns):  # part i through every block -> the scores of its new positions, or None: it has none
+            a, b = bounds[i], bounds[i + 1]
+            x = gpt2.embed(inputs[a:b], params["wte"], params["wpe"], start=a)
+            for j, (block, turn) in enumerate(zip(params["blocks"], turns)):  # turn: block j's cache, parts in order
+                x = gpt2.transformer_block(x, **block, n_head=n_head, cache=turn, last_only=b <= first and j == last)
+            if b <= first:  # context only: its keys and values are all the parts after it need of it
+                return None
+            logits = gpt2.lm_head(x[max(first - a, 0):], params["wte"], params["ln_f"])  # -> [new ones, n_vocab]
+            return window_scores(logits, sequence[start + max(a, first) + 1:start + b + 1], top)
+        with contextlib.closing(threads.in_turns(read, len(bounds) - 1, caches)) as read_parts:  # closing: as below
+            parts = [part for part in read_parts if part is not None]
+        return [tuple(None if values[0] is None else np.concatenate(values) for values in zip(*parts))]
+
+    # A window per core, side by side (threads.side_by_side says why), while as many are left and their arrays all
+    # fit in LOGITS_BUDGET at once. The windows left (fewer than the cores: the last of a text, or a text's only one)
+    # are read one at a time, a part per core (as gpt2.prefill reads a prompt), so no core waits idle for the last
+    # window; windows too short to cut, and every window on one core, go in batches with every core in BLAS.
     most_new, longest = max(end - scored for _, end, scored in spans), max(end - start for start, end, _ in spans)
-    if len(spans) >= threads.CORES > 1 and rows_within_budget(most_new, longest, params, n_head) >= threads.CORES:
-        batches = [[span] for span in spans]
-        batch_scores = threads.side_by_side(scores_of, batches)
-    else:
-        batches = list(window_batches(spans, params, n_head))
-        batch_scores = one_at_a_time(batches)
+    wide = threads.CORES > 1 and rows_within_budget(most_new, longest, params, n_head) >= threads.CORES
+    whole = len(spans) - len(spans) % threads.CORES if wide else 0
+    parted = [[span] for span in spans[whole:] if len(cuts(span)) > 2]
+    rest = list(window_batches([span for span in spans[whole:] if [span] not in parted], params, n_head))
+    batches = [[span] for span in spans[:whole]] + parted + rest
+
+    def all_scores():  # each batch's windows' scores, in the order of batches
+        if whole:
+            yield from threads.side_by_side(scores_of, batches[:whole])
+        for batch in parted:
+            yield in_parts(batch[0])
+        yield from one_at_a_time(rest)
+    batch_scores = all_scores()
     with tqdm(total=len(spans), desc="scoring", unit="window", leave=False,
               disable=not progress or len(spans) <= PROGRESS_MIN_WINDOWS) as bar, contextlib.closing(batch_scores):
         # closing: an exception here, between two windows (Ctrl-C landing in this loop rather than in side_by_side's

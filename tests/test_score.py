@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -178,24 +179,57 @@ def test_default_output(short_model, capsys, tmp_path):
     assert value("bits per byte") == pytest.approx(as_json["bits_per_byte"], abs=1e-4)
 
 
-@pytest.mark.parametrize("cores, budget_rows, side_by_side", [
-    (1, 1, False), (1, 3, False), (2, 2, True), (3, 3, True), (3, 2, False)],
-    ids=["one core, one window per batch", "one core, three windows per batch", "two cores, a window on each",
-         "three cores, a window on each", "three cores but the budget holds two windows: batches"])
-def test_windows_side_by_side_or_in_batches_give_the_same_scores(short_model, monkeypatch, cores, budget_rows,
-                                                                  side_by_side):
+@pytest.mark.parametrize("top", [None, 3])
+@pytest.mark.parametrize("cores, budget_rows, chunk, whole, parts", [
+    (1, 1, 8, 0, []), (1, 3, 8, 0, []), (2, 2, 8, 8, [2]), (3, 3, 8, 9, []), (3, 2, 8, 0, [3] * 9),
+    (2, 2, 256, 8, []), (4, 4, 8, 8, [4])],
+    ids=["one core, one window per batch", "one core, three windows per batch",
+         "two cores, a window on each, the odd one in two parts", "three cores, a window on each, none left",
+         "three cores but the budget holds two windows: every window in parts",
+         "two cores, the odd window too short to cut: in a batch", "four cores, the one left in four parts"])
+def test_windows_side_by_side_in_parts_or_in_batches_give_the_same_scores(short_model, monkeypatch, top, cores,
+                                                                           budget_rows, chunk, whole, parts):
+    """9 windows: as many as can be a window per core side by side, and the rest each read a part per core (a
+    window of 32 positions is cut when gpt2.PREFILL_CHUNK is 8, not when it is 256): every way, the scores of
+    all windows at once."""
     _, encoder, hparams, params, _ = short_model
     ids = encoder.encode(TEXT)
     monkeypatch.setattr(threads, "CORES", 1)
-    everything_at_once = score.score_ids(ids, params, hparams["n_head"], N_CTX, 5, top=3)
+    everything_at_once = score.score_ids(ids, params, hparams["n_head"], N_CTX, 5, top=top)
+    assert len(list(score.windows(len(ids) + 1, N_CTX, 5))) == 9
     monkeypatch.setattr(threads, "CORES", cores)
+    monkeypatch.setattr(score.gpt2, "PREFILL_CHUNK", chunk)
     monkeypatch.setattr(score, "LOGITS_BUDGET", budget_rows * N_CTX * hparams["n_vocab"] * 4)
-    calls, original = [], threads.side_by_side
-    monkeypatch.setattr(threads, "side_by_side", lambda fn, items: calls.append(items) or original(fn, items))
-    batched = score.score_ids(ids, params, hparams["n_head"], N_CTX, 5, top=3)
-    assert bool(calls) == side_by_side and all(len(batch) == 1 for items in calls for batch in items)
+    side_by_side, in_turns, seen = threads.side_by_side, threads.in_turns, {"whole": [], "parts": []}
+    monkeypatch.setattr(threads, "side_by_side", lambda fn, items, **kwargs: (
+        seen["whole"].append(items) if fn.__name__ == "scores_of" else None) or side_by_side(fn, items, **kwargs))
+    monkeypatch.setattr(threads, "in_turns", lambda fn, n, shared: seen["parts"].append(n) or in_turns(fn, n, shared))
+    scored = score.score_ids(ids, params, hparams["n_head"], N_CTX, 5, top=top)
+    assert [len(items) for items in seen["whole"]] == ([whole] if whole else [])
+    assert all(len(batch) == 1 for items in seen["whole"] for batch in items)
+    assert seen["parts"] == parts
+    assert scored.keys() == everything_at_once.keys()
     for key, value in everything_at_once.items():
-        np.testing.assert_allclose(batched[key], value, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(scored[key], value, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_positions, first, n_cores, n_parts", [
+    (1024, 512, 2, 2), (1024, 0, 2, 2), (1024, 1023, 4, 4), (300, 150, 64, 2), (255, 100, 2, 1), (1024, 512, 1, 1)])
+def test_a_window_is_cut_into_one_part_per_core_of_equal_work(n_positions, first, n_cores, n_parts):
+    """As gpt2.prompt_parts cuts a prompt (one part per core, none shorter than PREFILL_CHUNK / 2 on average), but
+    a new position (from first on) also costs n_embd n_vocab multiply-adds in the LM head: each part's
+    multiply-adds, summed position by position, differ by at most two of the dearest position's."""
+    n_layer, n_embd, n_vocab = 12, 768, 50257
+    params = {"wte": np.zeros((n_vocab, n_embd), np.float32), "blocks": [{}] * n_layer}
+    bounds = score.window_parts(n_positions, first, params, n_cores)
+    assert len(bounds) == n_parts + 1 and bounds[0] == 0 and bounds[-1] == n_positions
+    assert bounds == sorted(bounds) and len(set(bounds)) == len(bounds)
+    cost = [n_layer * (12 * n_embd ** 2 + 2 * n_embd * (p + 1)) + (p >= first) * n_embd * n_vocab
+            for p in range(n_positions)]
+    work = [sum(cost[a:b]) for a, b in zip(bounds, bounds[1:])]
+    assert max(work) - min(work) <= 2 * max(cost)
+    if first == n_positions // 2 and n_parts == 2:  # the context half is cheap: the first part takes more of it
+        assert bounds[1] > first
 
 
 def test_score_ids_refuses_token_ids_outside_the_vocabulary(short_model):
@@ -417,6 +451,29 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
 def test_a_backslash_token_is_escaped_so_the_table_reads_back():
     assert score.escape(b"\\") == "\\\\" and score.escape(b"a\n\t") == "a\\n\\t"
     assert score.escape(b"\xe6\x9d") == "\\xe6\\x9d" and score.escape(" Turing".encode()) == " Turing"
+
+
+def test_an_error_in_a_part_of_a_window_is_raised_with_no_thread_left_and_blas_as_it_was(short_model, monkeypatch):
+    """A part that fails (here a KeyboardInterrupt, as Ctrl-C lands in a thread's wait) ends score_ids with that
+    error once the other part is done: no thread is left inside BLAS and BLAS's thread count is what it was."""
+    _, encoder, hparams, params, _ = short_model
+    monkeypatch.setattr(threads, "CORES", 2)
+    monkeypatch.setattr(score.gpt2, "PREFILL_CHUNK", 8)
+    original, calls = score.window_scores, []
+
+    def failing_in_the_second_part(*args):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args)
+    monkeypatch.setattr(score, "window_scores", failing_in_the_second_part)
+    controller = threads.blas_controller()
+    before = [lib.num_threads for lib in controller.lib_controllers]
+    with pytest.raises(KeyboardInterrupt):  # one window of 32 (N_CTX) tokens, read in two parts
+        score.score_ids(encoder.encode(TEXT)[:N_CTX - 1], params, hparams["n_head"], N_CTX, 5)
+    assert calls == ["side_by_side"] * 2
+    assert not [t for t in threading.enumerate() if t.name == "side_by_side"]
+    assert [lib.num_threads for lib in controller.lib_controllers] == before
 
 
 def test_a_small_stride_batches_by_attention_memory_not_only_logits():
