@@ -191,8 +191,9 @@ def score_ids(ids, params, n_head, n_ctx, stride, top=None, progress=False):
     most_new, longest = max(end - scored for _, end, scored in spans), max(end - start for start, end, _ in spans)
     wide = threads.CORES > 1 and rows_within_budget(most_new, longest, params, n_head) >= threads.CORES
     whole = len(spans) - len(spans) % threads.CORES if wide else 0
-    parted = [[span] for span in spans[whole:] if len(cuts(span)) > 2]
-    rest = list(window_batches([span for span in spans[whole:] if [span] not in parted], params, n_head))
+    cut = {span: len(cuts(span)) > 2 for span in spans[whole:]}  # (spans are distinct: each starts elsewhere)
+    parted = [[span] for span in cut if cut[span]]
+    rest = list(window_batches([span for span in cut if not cut[span]], params, n_head))
     batches = [[span] for span in spans[:whole]] + parted + rest
 
     def all_scores():  # each batch's windows' scores, in the order of batches
