@@ -220,9 +220,22 @@ def side_by_side(fn, items, stop=None):
                 yield result
         finally:
             stop.set()
-            for worker in workers:  # every thread out of BLAS before the limit is lifted or the program exits
-                if not sys.is_finalizing():  # (threads no longer run then: a join would wait for ever)
-                    worker.join()
+            join_through_ctrl_c(workers)  # every thread out of BLAS before the limit is lifted or the program exits
+
+
+def join_through_ctrl_c(workers):
+    """Waits for every worker to end, though Ctrl-C is pressed again meanwhile: the first one is what brought the
+    caller here, and a second that cut the wait short let the program exit with a thread inside BLAS (a crash in
+    OpenBLAS's exit handler, 2 of 12 double Ctrl-Cs while scoring). The Ctrl-C is raised once they have ended."""
+    interrupted = None
+    for worker in workers:
+        while worker.is_alive() and not sys.is_finalizing():  # (threads no longer run then: it would wait for ever)
+            try:
+                worker.join()
+            except KeyboardInterrupt as e:
+                interrupted = e
+    if interrupted is not None:
+        raise interrupted
 
 
 class Stopped(Exception):

@@ -248,6 +248,27 @@ def test_a_caller_that_stops_reading_waits_for_the_items_in_flight_and_takes_no_
     assert max(lib.num_threads for lib in threads.blas_controller().lib_controllers) == threads.thread_choices()[0]
 
 
+def test_a_second_ctrl_c_while_the_caller_waits_for_the_items_in_flight_still_waits_for_them(monkeypatch):
+    """Ctrl-C twice: the first stops the caller reading (close()), the second lands while close() waits for the
+    item in flight. close() still returns only once that item is done, no thread left (a program exiting with one
+    inside BLAS crashed in OpenBLAS's exit handler), and then raises the second Ctrl-C."""
+    monkeypatch.setattr(threads, "CORES", 2)
+    stop, main, finished = threading.Event(), threading.main_thread().ident, []
+
+    def fn(item):
+        if item:  # still running when the caller stops reading
+            assert stop.wait(timeout=60)
+            signal.pthread_kill(main, signal.SIGINT)  # the second Ctrl-C, into the caller's wait
+            time.sleep(0.3)
+        finished.append(item)
+        return item
+    results = threads.side_by_side(fn, range(2), stop=stop)
+    assert next(results) == 0
+    with pytest.raises(KeyboardInterrupt):
+        results.close()
+    assert sorted(finished) == [0, 1] and not side_by_side_threads()
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
 def test_cores_are_those_the_process_may_run_on():
     """Under taskset (or a container's cpuset) to one CPU, work is not shared out over cores it cannot use."""
