@@ -192,22 +192,27 @@ def side_by_side(fn, items, stop=None):
     done = queue.SimpleQueue()  # (index, result, exception) as each item is done, in any order
     stop = stop or threading.Event()  # the caller stopped reading: take no more items
 
+    running, ended = [min(CORES, len(items))], threading.Condition()  # how many workers have not ended yet
+
     def work():
-        while not stop.is_set():
-            with take:
-                index, item = next(todo, (None, None))
-            if index is None:
-                return
-            try:
-                done.put((index, fn(item), None))
-            except BaseException as e:  # the caller sees it in the item's turn
-                done.put((index, None, e))
+        try:
+            while not stop.is_set():
+                with take:
+                    index, item = next(todo, (None, None))
+                if index is None:
+                    return
+                try:
+                    done.put((index, fn(item), None))
+                except BaseException as e:  # the caller sees it in the item's turn
+                    done.put((index, None, e))
+        finally:
+            with ended:
+                running[0] -= 1
+                ended.notify_all()
 
     with limit(1):
-        workers = [threading.Thread(target=work, daemon=True, name="side_by_side")
-                   for _ in range(min(CORES, len(items)))]
-        for worker in workers:
-            worker.start()
+        for _ in range(running[0]):
+            threading.Thread(target=work, daemon=True, name="side_by_side").start()
         arrived = {}
         try:
             for index in range(len(items)):
@@ -220,20 +225,23 @@ def side_by_side(fn, items, stop=None):
                 yield result
         finally:
             stop.set()
-            join_through_ctrl_c(workers)  # every thread out of BLAS before the limit is lifted or the program exits
+            wait_through_ctrl_c(ended, lambda: running[0] == 0)  # every thread out of BLAS before the limit is lifted
 
 
-def join_through_ctrl_c(workers):
-    """Waits for every worker to end, though Ctrl-C is pressed again meanwhile: the first one is what brought the
-    caller here, and a second that cut the wait short let the program exit with a thread inside BLAS (a crash in
-    OpenBLAS's exit handler, 2 of 12 double Ctrl-Cs while scoring). The Ctrl-C is raised once they have ended."""
+def wait_through_ctrl_c(ended, all_ended):
+    """Waits until all_ended() (true under the Condition ended, which each worker notifies as it ends), though Ctrl-C
+    is pressed again meanwhile: the first one is what brought the caller here, and a second that cut the wait short
+    let the program exit with a thread inside BLAS (a crash in OpenBLAS's exit handler, 2 of 12 double Ctrl-Cs while
+    scoring). Not Thread.join: on Python 3.11 a join cut short by Ctrl-C marks a thread that still runs as ended,
+    so joining it again returns at once. The Ctrl-C is raised once every worker has ended."""
     interrupted = None
-    for worker in workers:
-        while worker.is_alive() and not sys.is_finalizing():  # (threads no longer run then: it would wait for ever)
-            try:
-                worker.join()
-            except KeyboardInterrupt as e:
-                interrupted = e
+    while not sys.is_finalizing():  # (threads no longer run then: it would wait for ever)
+        try:
+            with ended:
+                if ended.wait_for(all_ended, timeout=1):
+                    break
+        except KeyboardInterrupt as e:
+            interrupted = e
     if interrupted is not None:
         raise interrupted
 
