@@ -262,10 +262,18 @@ def test_a_second_ctrl_c_while_the_caller_waits_for_the_items_in_flight_still_wa
             time.sleep(0.3)
         finished.append(item)
         return item
-    results = threads.side_by_side(fn, range(2), stop=stop)
-    assert next(results) == 0
-    with pytest.raises(KeyboardInterrupt):
-        results.close()
+    def deadline(*_):  # not a KeyboardInterrupt, which the wait holds back: a wait that never ends fails the test
+        raise TimeoutError("close() still waiting after 60 s")
+    previous = signal.signal(signal.SIGALRM, deadline)
+    signal.alarm(60)
+    try:
+        results = threads.side_by_side(fn, range(2), stop=stop)
+        assert next(results) == 0
+        with pytest.raises(KeyboardInterrupt):
+            results.close()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     assert sorted(finished) == [0, 1] and not side_by_side_threads()
 
 
